@@ -1,0 +1,41 @@
+# memctl: `make demo` trains the demo recipe, `make test` runs the tests.
+# Both install what they need into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch that installs in seconds; GPU users install their own torch first.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_RECIPE ?= recipes/copy_lstm.yaml
+
+.PHONY: install demo test test-fast lint format clean
+
+$(BIN)/memctl: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(BIN)/memctl
+
+install: $(BIN)/memctl
+
+demo: install
+	$(BIN)/memctl train $(DEMO_RECIPE) --name demo-$$(date +%Y%m%d-%H%M%S)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,73 @@
+"""Curriculum schedules: which level (sequence length, n, pairs...) the next batch uses.
+
+``fixed``     the task's own parameter, always.
+``step``      start, then + increment every N steps, up to max (pytorch-dnc's
+              curriculum_increment / curriculum_freq).
+``adaptive``  + increment whenever the mean of a metrics.csv column over the last
+              ``window`` logged rows passes ``threshold``, up to max.
+
+The state is plain data, saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memctl.errors import UserError
+from memctl.recipe import CurriculumSection
+from memctl.tasks.base import Task
+
+
+class Curriculum:
+    def __init__(self, section: CurriculumSection, task: Task) -> None:
+        self.section = section
+        self.task = task
+        self.kind = section.type
+        self.max = section.max if section.max is not None else task.level
+        start = section.start if section.start is not None else task.min_level
+        if self.kind == "fixed":
+            start = self.max = task.level
+        if start < task.min_level:
+            raise UserError(
+                f"curriculum.start: {start} is below the task's minimum {task.min_level}"
+            )
+        if start > self.max:
+            raise UserError(f"curriculum.start: {start} exceeds curriculum.max {self.max}")
+        self.level = start
+        self.window: list[float] = []
+
+    @property
+    def min_level(self) -> int:
+        """Smallest level in a batch: the task minimum, or the level itself if not mixing."""
+        return min(self.task.min_level, self.level) if self.section.mix == "uniform" else self.level
+
+    def after_step(self, step: int) -> None:
+        if self.kind == "step" and step % self.section.every == 0:
+            self._advance()
+
+    def after_log(self, row: dict[str, float]) -> None:
+        if self.kind != "adaptive":
+            return
+        self.window = [*self.window, float(row[self.section.metric])][-self.section.window :]
+        if len(self.window) < self.section.window:
+            return
+        mean = sum(self.window) / len(self.window)
+        passed = mean < self.section.threshold
+        if self.section.mode == "above":
+            passed = mean > self.section.threshold
+        if passed:
+            self._advance()
+
+    def _advance(self) -> None:
+        if self.level < self.max:
+            self.level = min(self.level + self.section.increment, self.max)
+            self.window = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"level": self.level, "window": list(self.window)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.kind == "fixed":
+            return  # the task's parameter is the level, also when an override changed it
+        self.level = min(int(state["level"]), self.max)
+        self.window = [float(v) for v in state["window"]]

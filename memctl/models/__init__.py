@@ -1,0 +1,19 @@
+"""Models, registered by name in ``memctl.registry.MODELS``.
+
+Every registered class is also importable from here: ``from memctl.models import LSTM``.
+"""
+
+import sys
+
+from memctl.models.base import ModelConfig, detach_state, parameter_count
+from memctl.registry import MODELS, import_submodules
+
+import_submodules(sys.modules[__name__])
+
+for _name in MODELS.names():
+    _cls = MODELS.get(_name).cls
+    globals()[_cls.__name__] = _cls
+
+__all__ = ["MODELS", "ModelConfig", "detach_state", "parameter_count"] + [  # noqa: PLE0604
+    MODELS.get(n).cls.__name__ for n in MODELS.names()
+]

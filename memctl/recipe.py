@@ -1,0 +1,224 @@
+"""Recipe schema, YAML loading, dotted ``--set`` overrides, errors that name the field.
+
+A recipe is validated in two phases: the ``model`` and ``task`` sections by the schema
+their ``type`` names in the registries, then everything else by ``Recipe``. Any problem
+becomes one ``UserError`` line: ``<file>: <dotted.field>: <what was expected>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+
+import memctl.models  # noqa: F401  (registers the models)
+import memctl.tasks  # noqa: F401  (registers the tasks)
+from memctl.errors import UserError
+from memctl.models.base import ModelConfig
+from memctl.registry import MODELS, TASKS, Registry
+from memctl.tasks.base import TaskConfig
+
+# Run and trial names become directory names: no separators, no leading dot.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._=+,-]{0,127}$"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimizerSection(Section):
+    name: Literal["adam", "rmsprop", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="rmsprop and sgd")
+    alpha: float = Field(0.99, gt=0, lt=1, description="rmsprop smoothing constant")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class ClipSection(Section):
+    value: float | None = Field(None, gt=0, description="element-wise gradient clip")
+    norm: float | None = Field(None, gt=0, description="global gradient-norm clip")
+
+
+class TrainSection(Section):
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(32, gt=0)
+    optimizer: OptimizerSection = OptimizerSection()
+    clip: ClipSection = ClipSection()
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0, description="0: evaluate at the end only")
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(3, ge=1)
+    on_nan: Literal["skip", "rollback", "stop"] = "rollback"
+    max_nan_in_a_row: int = Field(3, ge=1)
+
+
+class CurriculumSection(Section):
+    type: Literal["fixed", "step", "adaptive"] = "fixed"
+    start: int | None = Field(None, ge=1, description="default: the task's minimum")
+    increment: int = Field(1, ge=1)
+    every: int = Field(1000, ge=1, description="step: steps between increments")
+    max: int | None = Field(None, ge=1, description="default: the task's own parameter")
+    metric: str = Field("bit_errors", description="adaptive: metrics.csv column watched")
+    threshold: float = 0.1
+    mode: Literal["below", "above"] = Field("below", description="adaptive: pass direction")
+    window: int = Field(10, ge=1, description="adaptive: logged rows averaged")
+    mix: Literal["uniform", "level"] = Field(
+        "uniform", description="uniform: levels from the task minimum up to the level"
+    )
+
+
+class EvalSection(Section):
+    lengths: list[int] = Field(default_factory=list, description="extra levels to evaluate")
+    batches: int = Field(10, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="default: train.batch_size")
+    seed: int = 12345
+
+
+class Recipe(Section):
+    name: str = Field(pattern=NAME_PATTERN)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: SerializeAsAny[ModelConfig]
+    task: SerializeAsAny[TaskConfig]
+    curriculum: CurriculumSection = CurriculumSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+
+    def resolved(self) -> dict[str, Any]:
+        """Every setting, defaults included, as plain data."""
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        text = json.dumps(self.resolved(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) schema that ``loc`` points into."""
+    for part in loc:
+        field = schema.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        schema = annotation
+    return list(schema.model_fields)
+
+
+def _format_error(schema: type[BaseModel], error: dict, prefix: str) -> str:
+    loc = tuple(error["loc"])
+    path = ".".join(str(p) for p in (*([prefix] if prefix else []), *loc)) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        known = _fields_at(schema, loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        return f"{path}: unknown key{suggestion} (known: {', '.join(known)})"
+    message = error["msg"]
+    if error["type"] != "missing" and not isinstance(error.get("input", {}), dict):
+        message += f" (got {error['input']!r})"
+    return f"{path}: {message}"
+
+
+def _validate(schema: type[BaseModel], data: Any, prefix: str, source: str) -> Any:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {_format_error(schema, exc.errors()[0], prefix)}") from None
+
+
+def _section_config(registry: Registry, data: Any, source: str) -> BaseModel:
+    kind = registry.kind
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: {kind}: expected a mapping with a 'type' key")
+    if "type" not in data:
+        raise UserError(f"{source}: {kind}.type: missing (known: {', '.join(registry.names())})")
+    try:
+        entry = registry.get(data["type"])
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    return _validate(entry.config, data, kind, source)
+
+
+def validate_recipe(data: Any, source: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of recipe sections at the top level")
+    for section in ("model", "task"):
+        if section not in data:
+            raise UserError(f"{source}: {section}: missing section")
+    rest = {k: v for k, v in data.items() if k not in ("model", "task")}
+    rest["model"] = _section_config(MODELS, data["model"], source)
+    rest["task"] = _section_config(TASKS, data["task"], source)
+    return _validate(Recipe, rest, "", source)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file safely; any problem is one UserError naming the file (and line)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a YAML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: {where}YAML syntax error: {problem}") from None
+    if data is None:
+        raise UserError(f"{path}: empty file")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-3`` -> (["train", "lr"], 0.001); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or not re.fullmatch(r"[A-Za-z0-9_.]+", key.strip()):
+        raise UserError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Set dotted keys in a resolved recipe; every key must already exist there."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for depth, part in enumerate(path):
+            if not isinstance(node, dict) or part not in node:
+                known = list(node) if isinstance(node, dict) else []
+                hint = difflib.get_close_matches(part, known, n=1)
+                where = ".".join(path[: depth + 1])
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise UserError(f"--set {where}: no such key in {source}{suggestion}")
+            if depth == len(path) - 1:
+                node[part] = value
+            else:
+                node = node[part]
+    return data
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, validate, apply ``--set`` overrides, validate again."""
+    source = str(path)
+    recipe = validate_recipe(read_yaml(path), source)
+    if overrides:
+        recipe = validate_recipe(
+            apply_overrides(recipe.resolved(), overrides, source), f"{source} with --set"
+        )
+    return recipe

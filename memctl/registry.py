@@ -1,0 +1,67 @@
+"""Name -> (class, config schema) registries for models and tasks.
+
+Model and task modules register themselves with a decorator; the packages import every
+module in their folder, so adding a model is adding one file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from pydantic import BaseModel
+
+from memctl.errors import UserError
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    cls: type
+    config: type[BaseModel]
+
+
+class Registry:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, config: type[BaseModel]):
+        def decorate(cls: type) -> type:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._entries[name] = Entry(name, cls, config)
+            return cls
+
+        return decorate
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            hint = difflib.get_close_matches(str(name), self.names(), n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise UserError(
+                f"{self.kind}.type: unknown {self.kind} {name!r}{did_you_mean}; "
+                f"known: {', '.join(self.names())}"
+            ) from None
+
+    def __contains__(self, name: Any) -> bool:
+        return name in self._entries
+
+
+def import_submodules(package: ModuleType) -> None:
+    """Import every module of a package so that their registrations run."""
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+MODELS = Registry("model")
+TASKS = Registry("task")

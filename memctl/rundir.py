@@ -1,0 +1,197 @@
+"""The ``runs/<name>/`` layout, atomic writes, run.json and the CSV logs.
+
+    recipe.yaml     the fully resolved recipe (updated by ``resume --set``)
+    run.json        status, versions, device, seed, lineage of trains/resumes, events
+    metrics.csv     one row per logged step, appended and flushed
+    eval.csv        one row per (evaluation, level)
+    checkpoints/    step_<N>.pt (last K), last.pt, best.pt
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from memctl.errors import UserError
+
+STATUSES = ("running", "finished", "interrupted", "failed")
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a temporary file in the same folder, fsync, rename over ``path``."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(raw)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CsvLog:
+    """An append-only CSV whose first column is ``step``; flushed after every row."""
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path = path
+        self.columns = columns
+        if not path.exists() or path.stat().st_size == 0:
+            atomic_write(path, ",".join(columns) + "\n")
+        else:
+            header = path.read_text().splitlines()[0].split(",")
+            if header != columns:
+                # A resumed run whose columns changed keeps its file; new columns are dropped.
+                self.columns = header
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, self.columns, extrasaction="ignore", lineterminator="\n")
+        writer.writerows(rows)
+        with self.path.open("a") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def truncate_after(self, step: int) -> int:
+        """Drop rows past ``step`` and any torn last line; return the rows kept."""
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = lines[:1]
+        for line in lines[1:]:
+            fields = line.rstrip("\n").split(",")
+            complete = line.endswith("\n") and len(fields) == len(self.columns)
+            if complete and int(fields[0]) <= step:
+                kept.append(line)
+        if kept != lines:
+            atomic_write(self.path, "".join(kept))
+        return len(kept) - 1
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    recipe_file = property(lambda self: self.path / "recipe.yaml")
+    run_file = property(lambda self: self.path / "run.json")
+    metrics_file = property(lambda self: self.path / "metrics.csv")
+    eval_file = property(lambda self: self.path / "eval.csv")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+
+    @classmethod
+    def create(cls, runs_dir: Path, name: str) -> RunDir:
+        """Make a new run directory; an existing run of that name is never overwritten."""
+        path = Path(runs_dir) / name
+        if path.exists():
+            raise UserError(
+                f"{path}: a run with this name exists; choose another --name "
+                f"or continue it with `memctl resume {path}`"
+            )
+        try:
+            (path / "checkpoints").mkdir(parents=True)
+        except OSError as exc:
+            raise UserError(f"{path}: cannot create run directory ({exc.strerror})") from None
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        """An existing run; anything that is not one is a UserError naming the path."""
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"{path}: no such run directory")
+        run = cls(path)
+        for required in (run.recipe_file, run.run_file):
+            if not required.is_file():
+                raise UserError(f"{path}: not a memctl run (no {required.name})")
+        run.read_info()
+        return run
+
+    def read_info(self) -> dict[str, Any]:
+        try:
+            info = json.loads(self.run_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{self.run_file}: unreadable run.json ({exc})") from None
+        if not isinstance(info, dict) or info.get("status") not in STATUSES:
+            raise UserError(f"{self.run_file}: not a memctl run.json (no valid status)")
+        return info
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        info["updated"] = now()
+        atomic_write(self.run_file, json.dumps(info, indent=2) + "\n")
+
+    def update_info(self, **changes: Any) -> dict[str, Any]:
+        info = self.read_info()
+        info.update(changes)
+        self.write_info(info)
+        return info
+
+    def add_event(self, kind: str, **details: Any) -> None:
+        info = self.read_info()
+        info.setdefault("events", []).append({"event": kind, "time": now(), **details})
+        self.write_info(info)
+
+    def status(self) -> str:
+        """run.json's status, with 'running' corrected when its process is gone."""
+        info = self.read_info()
+        status = info["status"]
+        if status == "running" and info.get("host") == socket.gethostname():
+            pid = info.get("pid")
+            if isinstance(pid, int) and not pid_alive(pid):
+                return "interrupted"
+        return status
+
+    def write_recipe(self, resolved: dict[str, Any]) -> None:
+        atomic_write(self.recipe_file, yaml.safe_dump(resolved, sort_keys=False))
+
+    def checkpoint_path(self, which: str) -> Path:
+        """``last``, ``best``, or a step number."""
+        if which in ("last", "best"):
+            return self.checkpoints / f"{which}.pt"
+        if which.isdigit():
+            return self.checkpoints / f"step_{int(which)}.pt"
+        raise UserError(f"--checkpoint {which!r}: expected last, best or a step number")
+
+    def step_checkpoints(self) -> list[tuple[int, Path]]:
+        found = []
+        for path in self.checkpoints.glob("step_*.pt"):
+            suffix = path.stem.removeprefix("step_")
+            if suffix.isdigit():
+                found.append((int(suffix), path))
+        return sorted(found)

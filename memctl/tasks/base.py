@@ -1,0 +1,106 @@
+"""The task contract shared by every task family.
+
+A task knows its input/output widths and its curriculum parameter (``level_field``: the
+config field that the curriculum's level sets, e.g. ``max_length`` for copy).
+``sample`` returns a fully vectorised batch, deterministic for a given generator.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+
+
+class TaskConfig(BaseModel):
+    """Base of every task's config: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Batch(NamedTuple):
+    """One batch, time first.
+
+    inputs:  ``[T, B, input_size]``
+    targets: ``[T, B, output_size]``
+    mask:    ``[T, B]``, 1 where the output is scored
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device) for t in self))
+
+
+class Task:
+    """Base class. Subclasses set the widths and implement ``sample``.
+
+    The default loss and metrics are those of binary-vector outputs (the NTM tasks):
+    sigmoid cross-entropy on logits, scored where ``mask`` is 1.
+    """
+
+    level_field: ClassVar[str]
+    # The metric that decides best.pt and that "lower is better" applies to.
+    primary_metric: ClassVar[str] = "bit_errors"
+    higher_is_better: ClassVar[bool] = False
+    metric_names: ClassVar[tuple[str, ...]] = ("cost_bits", "bit_errors", "accuracy")
+
+    input_size: int
+    output_size: int
+
+    def __init__(self, config: TaskConfig) -> None:
+        self.config = config
+
+    @property
+    def level(self) -> int:
+        """The task's own setting of its curriculum parameter."""
+        return int(getattr(self.config, self.level_field))
+
+    @property
+    def min_level(self) -> int:
+        """Smallest level the task can generate (lower bound of mixed-length batches)."""
+        return 1
+
+    def sample(
+        self, batch_size: int, max_level: int, generator: torch.Generator, min_level: int
+    ) -> Batch:
+        """A batch whose sequences have levels drawn uniformly from [min_level, max_level]."""
+        raise NotImplementedError
+
+    def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Mean sigmoid cross-entropy per scored bit (what the optimiser sees)."""
+        bce = F.binary_cross_entropy_with_logits(outputs, batch.targets, reduction="none")
+        mask = batch.mask.unsqueeze(-1).expand_as(bce)
+        return (bce * mask).sum() / mask.sum().clamp_min(1)
+
+    @torch.no_grad()
+    def metrics(self, outputs: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-sequence means over the batch, as 0-d tensors (no device sync here).
+
+        cost_bits:  cross-entropy in bits per sequence
+        bit_errors: wrong bits per sequence after thresholding at 0.5
+        accuracy:   fraction of sequences with every scored bit right
+        """
+        batch_size = outputs.shape[1]
+        mask = batch.mask.unsqueeze(-1)
+        bce = F.binary_cross_entropy_with_logits(outputs, batch.targets, reduction="none")
+        cost_bits = (bce * mask).sum() / batch_size / math.log(2)
+        wrong = ((outputs > 0).to(batch.targets.dtype) != batch.targets) * mask
+        errors_per_sequence = wrong.sum(dim=(0, 2))
+        return {
+            "cost_bits": cost_bits,
+            "bit_errors": errors_per_sequence.mean(),
+            "accuracy": (errors_per_sequence == 0).float().mean(),
+        }
+
+
+def draw_levels(
+    batch_size: int, min_level: int, max_level: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Per-sequence levels, uniform over [min_level, max_level], shape ``[B]``."""
+    return torch.randint(min_level, max_level + 1, (batch_size,), generator=generator)
