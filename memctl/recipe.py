@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
 
-import memctl.models  # noqa: F401  (registers the models)
+import memctl.models
 import memctl.tasks  # noqa: F401  (registers the tasks)
 from memctl.errors import UserError
 from memctl.models.base import ModelConfig

@@ -1,10 +1,10 @@
 """The ``runs/<name>/`` layout, atomic writes, run.json and the CSV logs.
 
-    recipe.yaml     the fully resolved recipe (updated by ``resume --set``)
-    run.json        status, versions, device, seed, lineage of trains/resumes, events
-    metrics.csv     one row per logged step, appended and flushed
-    eval.csv        one row per (evaluation, level)
-    checkpoints/    step_<N>.pt (last K), last.pt, best.pt
+recipe.yaml     the fully resolved recipe (updated by ``resume --set``)
+run.json        status, versions, device, seed, lineage of trains/resumes, events
+metrics.csv     one row per logged step, appended and flushed
+eval.csv        one row per (evaluation, level)
+checkpoints/    step_<N>.pt (last K), last.pt, best.pt
 """
 
 from __future__ import annotations

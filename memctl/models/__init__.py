@@ -14,6 +14,6 @@ for _name in MODELS.names():
     _cls = MODELS.get(_name).cls
     globals()[_cls.__name__] = _cls
 
-__all__ = ["MODELS", "ModelConfig", "detach_state", "parameter_count"] + [  # noqa: PLE0604
+__all__ = ["MODELS", "ModelConfig", "detach_state", "parameter_count"] + [
     MODELS.get(n).cls.__name__ for n in MODELS.names()
 ]
