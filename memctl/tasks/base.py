@@ -78,6 +78,12 @@ class Task:
         mask = batch.mask.unsqueeze(-1).expand_as(bce)
         return (bce * mask).sum() / mask.sum().clamp_min(1)
 
+    def sequence_losses(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Summed cross-entropy of each sequence, ``[B]``: the reward signal for models
+        trained partly by REINFORCE (their ``auxiliary_loss`` receives it, detached)."""
+        bce = F.binary_cross_entropy_with_logits(outputs, batch.targets, reduction="none")
+        return (bce * batch.mask.unsqueeze(-1)).sum(dim=(0, 2))
+
     @torch.no_grad()
     def metrics(self, outputs: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         """Per-sequence means over the batch, as 0-d tensors (no device sync here).
