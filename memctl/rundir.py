@@ -24,6 +24,9 @@ import yaml
 
 from memctl.errors import UserError
 
+# metrics.csv columns that are not task metrics (for the runs summary).
+SUMMARY_SKIP = {"step", "samples", "wall_s", "level", "loss", "cost_bits", "grad_norm", "lr",
+                "steps_per_s"}  # fmt: skip
 STATUSES = ("running", "finished", "interrupted", "failed")
 
 
@@ -176,6 +179,38 @@ class RunDir:
             if isinstance(pid, int) and not pid_alive(pid):
                 return "interrupted"
         return status
+
+    def last_metrics(self) -> dict[str, str]:
+        """The last complete row of metrics.csv ({} when there is none)."""
+        if not self.metrics_file.is_file():
+            return {}
+        lines = self.metrics_file.read_text().splitlines()
+        header = lines[0].split(",") if lines else []
+        for line in reversed(lines[1:]):
+            fields = line.split(",")
+            if len(fields) == len(header):
+                return dict(zip(header, fields))
+        return {}
+
+    def summary(self) -> dict[str, str]:
+        """One line of ``memctl runs``; an unreadable run says so instead of failing."""
+        try:
+            info = self.read_info()
+            status = self.status()
+        except UserError:
+            return {"name": self.name, "model": "?", "task": "?", "status": "unreadable"}
+        last = self.last_metrics()
+        metric_columns = [c for c in last if c not in SUMMARY_SKIP]
+        return {
+            "name": self.name,
+            "model": str(info.get("model", "?")),
+            "task": str(info.get("task", "?")),
+            "status": status,
+            "step": last.get("step", "0"),
+            "level": last.get("level", "-"),
+            "loss": last.get("loss", "-"),
+            "metric": f"{metric_columns[0]}={last[metric_columns[0]]}" if metric_columns else "-",
+        }
 
     def write_recipe(self, resolved: dict[str, Any]) -> None:
         atomic_write(self.recipe_file, yaml.safe_dump(resolved, sort_keys=False))

@@ -88,6 +88,15 @@ def bayes_predictions(
     return (ones_here + 0.5) / (seen_here + 1)
 
 
+def draw_tables(batch_size: int, contexts: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-sequence N-gram tables ``[B, contexts]``, each entry from Beta(1/2, 1/2).
+
+    Inverse-CDF sampling of the arcsine distribution: ``p = sin^2(pi u / 2)``, ``u ~ U[0, 1)``.
+    """
+    uniform = torch.rand(batch_size, contexts, generator=generator)
+    return torch.sin(0.5 * math.pi * uniform) ** 2
+
+
 @TASKS.register("ngrams", NGramsConfig)
 class NGramsTask(Task):
     level_field = "length"
@@ -116,8 +125,7 @@ class NGramsTask(Task):
         lengths = draw_levels(batch_size, min_level, max_level, generator)
         longest = int(lengths.max())
         contexts = 2**context_bits
-        uniform = torch.rand(batch_size, contexts, generator=generator)
-        table = torch.sin(0.5 * math.pi * uniform) ** 2  # Beta(1/2, 1/2) per sequence
+        table = draw_tables(batch_size, contexts, generator)
         draws = torch.rand(longest, batch_size, generator=generator)
 
         # The chain is sequential in time; each step is one vectorised draw for the batch.

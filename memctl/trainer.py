@@ -1,0 +1,560 @@
+"""The training loop: sample at the curriculum's level, forward, loss, backward, clip,
+step, then log / evaluate / checkpoint. It owns the random streams, the device, the
+non-finite policy and the signal handling; it knows nothing of the command line.
+
+Exact resume: everything that decides the next step (weights, optimizer, curriculum,
+every random stream, the partly accumulated log interval) is in the checkpoint, and the
+CSV logs are cut back to the checkpoint's step before training continues.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+import memctl
+from memctl import checkpoint
+from memctl.curriculum import Curriculum
+from memctl.errors import UserError
+from memctl.models.base import parameter_count
+from memctl.recipe import Recipe, apply_overrides, read_yaml, validate_recipe
+from memctl.registry import MODELS, TASKS
+from memctl.rundir import CsvLog, RunDir, now, pid_alive
+
+STOP_SIGNALS = {signal.SIGTERM: 0, signal.SIGINT: 130}
+if hasattr(signal, "SIGUSR1"):  # SLURM's usual warning before a time limit
+    STOP_SIGNALS[signal.SIGUSR1] = 0
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. non-finite loss past the policy's patience)."""
+
+
+class Reporter(Protocol):
+    """What the trainer tells whoever watches it (the CLI draws progress from this)."""
+
+    def start(self, step: int, total: int, level: int) -> None: ...
+    def log(self, row: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+class SilentReporter:
+    def start(self, step: int, total: int, level: int) -> None:
+        pass
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was asked for but CUDA is not available here")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_commit() -> str | None:
+    source = Path(memctl.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def format_value(value: Any) -> Any:
+    return float(f"{value:.10g}") if isinstance(value, float) else value
+
+
+class Trainer:
+    """Builds task, model, optimizer and curriculum from a recipe and runs the loop.
+
+    Constructing a Trainer validates everything that can be wrong with a recipe before
+    any file is written; ``attach`` then binds it to a run directory.
+    """
+
+    def __init__(self, recipe: Recipe, device: str | None = None, reporter: Reporter | None = None):
+        self.recipe = recipe
+        self.reporter = reporter or SilentReporter()
+        self.device = resolve_device(device or recipe.device)
+        seed_everything(recipe.seed)
+        self.task = TASKS.get(recipe.task.type).cls(recipe.task)
+        model_cls = MODELS.get(recipe.model.type).cls
+        self.model = model_cls(recipe.model, self.task.input_size, self.task.output_size)
+        self.model.to(self.device)
+        self.optimizer = self._make_optimizer()
+        self.curriculum = Curriculum(recipe.curriculum, self.task)
+        self.columns = [
+            "step", "samples", "wall_s", "level", "loss",
+            *self.task.metric_names, "grad_norm", "lr", "steps_per_s",
+        ]  # fmt: skip
+        self.eval_columns = [
+            "step",
+            "checkpoint",
+            "level",
+            "loss",
+            *self.task.metric_names,
+            "sequences",
+        ]
+        watched = recipe.curriculum.metric
+        if recipe.curriculum.type == "adaptive" and watched not in self.columns:
+            raise UserError(
+                f"curriculum.metric: {watched!r} is not a metrics.csv column of task "
+                f"{recipe.task.type!r} (columns: {', '.join(self.columns[4:])})"
+            )
+        self.data_generator = torch.Generator().manual_seed(recipe.seed)
+        self.step = 0
+        self.samples = 0
+        self.wall_s = 0.0
+        self.lr_scale = 1.0
+        self.best: float | None = None
+        self.nan_in_a_row = 0
+        self.last_nan_step = -1
+        self._reset_interval()
+        self.stop_signal: int | None = None
+        self.run: RunDir | None = None
+
+    # -- construction -------------------------------------------------------------
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        spec = self.recipe.train.optimizer
+        params = self.model.parameters()
+        if spec.name == "adam":
+            return torch.optim.Adam(
+                params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay
+            )
+        if spec.name == "rmsprop":
+            return torch.optim.RMSprop(
+                params,
+                lr=spec.lr,
+                alpha=spec.alpha,
+                eps=spec.eps,
+                momentum=spec.momentum,
+                weight_decay=spec.weight_decay,
+            )
+        return torch.optim.SGD(
+            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+        )
+
+    def _set_lr(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.recipe.train.optimizer.lr * self.lr_scale
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def attach(self, run: RunDir) -> None:
+        self.run = run
+        self.metrics_log = CsvLog(run.metrics_file, self.columns)
+        self.eval_log = CsvLog(run.eval_file, self.eval_columns)
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "samples": self.samples,
+            "wall_s": self.wall_s,
+            "lr_scale": self.lr_scale,
+            "best": self.best,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_name": self.recipe.train.optimizer.name,
+            "curriculum": self.curriculum.state_dict(),
+            "rng": checkpoint.rng_state(self.data_generator),
+            "interval": {k: v.cpu() for k, v in self.sums.items()} | {"_count": self.count},
+            "recipe_digest": self.recipe.digest(),
+        }
+
+    def load_state(self, state: dict[str, Any], source: str, overrides: list[str]) -> None:
+        """Restore a checkpoint; refuse one whose weights do not fit this recipe's model."""
+        saved = state["model"]
+        current = self.model.state_dict()
+        for key, tensor in current.items():
+            old = saved.get(key)
+            if old is None or old.shape != tensor.shape:
+                old_shape = "missing" if old is None else tuple(old.shape)
+                cause = f"--set {' '.join(overrides)}" if overrides else "the recipe"
+                raise UserError(
+                    f"{source}: refused: {cause} changes the model's shape "
+                    f"({key}: checkpoint {old_shape}, now {tuple(tensor.shape)}); "
+                    f"start a new run instead"
+                )
+        self.model.load_state_dict(saved)
+        if state["optimizer_name"] == self.recipe.train.optimizer.name:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.samples = int(state["samples"])
+        self.wall_s = float(state["wall_s"])
+        self.lr_scale = float(state["lr_scale"])
+        self.best = state["best"]
+        self._set_lr()
+        self.curriculum.load_state_dict(state["curriculum"])
+        checkpoint.set_rng_state(state["rng"], self.data_generator)
+        interval = dict(state["interval"])
+        self.count = int(interval.pop("_count"))
+        self.sums = {k: v.to(self.device) for k, v in interval.items()}
+
+    def save_checkpoint(self) -> None:
+        assert self.run is not None
+        state = self.state()
+        checkpoint.save(self.run.checkpoints / f"step_{self.step}.pt", state)
+        checkpoint.save(self.run.checkpoint_path("last"), state)
+        for _, path in self.run.step_checkpoints()[: -self.recipe.train.keep_checkpoints]:
+            path.unlink(missing_ok=True)
+
+    # -- the loop -----------------------------------------------------------------
+
+    def _reset_interval(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.interval_start = time.perf_counter()
+        self.interval_step = self.step
+
+    def _accumulate(self, values: dict[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach().to(torch.float64)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+
+    def _handle_nonfinite(self, loss: torch.Tensor) -> None:
+        policy = self.recipe.train.on_nan
+        step = self.step + 1
+        self.nan_in_a_row += 1
+        self.last_nan_step = max(self.last_nan_step, step)
+        assert self.run is not None
+        self.run.add_event("nonfinite", step=step, loss=float(loss), policy=policy)
+        limit = self.recipe.train.max_nan_in_a_row
+        if policy == "stop" or self.nan_in_a_row > limit:
+            why = "train.on_nan is stop" if policy == "stop" else f"{limit} times in a row"
+            raise TrainingError(f"non-finite loss or gradient at step {step} ({why})")
+        self.optimizer.zero_grad(set_to_none=True)
+        if policy == "skip":
+            self.reporter.message(f"step {step}: non-finite loss or gradient; step skipped")
+            self.step = step
+            self.samples += self.recipe.train.batch_size
+            return
+        halved = self.lr_scale / 2
+        nan_in_a_row, last_nan_step = self.nan_in_a_row, self.last_nan_step
+        restored = self._restore_last()
+        self.lr_scale = halved
+        self.nan_in_a_row, self.last_nan_step = nan_in_a_row, last_nan_step
+        self._set_lr()
+        self.run.add_event("rollback", step=step, to_step=restored, lr=self.lr)
+        self.reporter.message(
+            f"step {step}: non-finite loss or gradient; rolled back to step {restored}, "
+            f"learning rate now {self.lr:.3g}"
+        )
+
+    def _restore_last(self) -> int:
+        assert self.run is not None
+        path = self.run.checkpoint_path("last")
+        self.load_state(checkpoint.load(path), str(path), [])
+        self.metrics_log.truncate_after(self.step)
+        self.eval_log.truncate_after(self.step)
+        self.interval_start = time.perf_counter()
+        self.interval_step = self.step - self.count
+        return self.step
+
+    def train_step(self) -> None:
+        train = self.recipe.train
+        level = self.curriculum.level
+        batch = self.task.sample(
+            train.batch_size, level, self.data_generator, self.curriculum.min_level
+        ).to(self.device)
+        outputs, _ = self.model(batch.inputs)
+        loss = self.task.loss(outputs, batch)
+        total = loss
+        auxiliary = getattr(self.model, "auxiliary_loss", None)
+        if auxiliary is not None:
+            total = loss + auxiliary(self.task.sequence_losses(outputs, batch).detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        max_norm = train.clip.norm if train.clip.norm is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):
+            self._handle_nonfinite(total)
+            return
+        if train.clip.value is not None:
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), train.clip.value)
+        self.optimizer.step()
+        self.step += 1
+        self.samples += train.batch_size
+        if self.step > self.last_nan_step:
+            self.nan_in_a_row = 0
+        metrics = self.task.metrics(outputs.detach(), batch)
+        self._accumulate({"loss": loss, **metrics, "grad_norm": grad_norm})
+        self.level_used = level
+        self.curriculum.after_step(self.step)
+
+    def _log_row(self, segment_start: float) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.interval_start
+        means = {k: float(v) / self.count for k, v in self.sums.items()}
+        row = {
+            "step": self.step,
+            "samples": self.samples,
+            "wall_s": self.wall_s + time.perf_counter() - segment_start,
+            "level": self.level_used,
+            **means,
+            "lr": self.lr,
+            "steps_per_s": (self.step - self.interval_step) / max(elapsed, 1e-9),
+        }
+        row = {k: format_value(v) for k, v in row.items()}
+        self.metrics_log.append([row])
+        self._reset_interval()
+        return row
+
+    def train(self, until_step: int) -> str:
+        """Train up to ``until_step``; return 'finished' or 'interrupted'."""
+        assert self.run is not None
+        train = self.recipe.train
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        segment_start = time.perf_counter()
+        self.interval_start = segment_start
+        self.interval_step = self.step - self.count
+        self.level_used = self.curriculum.level
+        self.reporter.start(self.step, until_step, self.curriculum.level)
+        try:
+            while self.step < until_step and self.stop_signal is None:
+                self.train_step()
+                if self.count and self.step % train.log_every == 0:
+                    row = self._log_row(segment_start)
+                    self.curriculum.after_log(row)
+                    self.reporter.log(row)
+                if train.eval_every and self.step % train.eval_every == 0:
+                    self.evaluate_and_record("train")
+                if self.step % train.checkpoint_every == 0:
+                    self.wall_s += time.perf_counter() - segment_start
+                    segment_start = time.perf_counter()
+                    self.save_checkpoint()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.wall_s += time.perf_counter() - segment_start
+            self.reporter.stop()
+        if self.step % train.checkpoint_every != 0:
+            self.save_checkpoint()
+        return "interrupted" if self.stop_signal is not None else "finished"
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        self.reporter.message(
+            f"{signal.Signals(signum).name} received: finishing this step and checkpointing"
+        )
+
+    # -- evaluation -----------------------------------------------------------------
+
+    def eval_levels(self, extra: list[int] | None = None) -> list[int]:
+        lengths = self.recipe.eval.lengths if extra is None else extra
+        return sorted({self.curriculum.level, *lengths})
+
+    @torch.no_grad()
+    def evaluate(self, levels: list[int], label: str) -> list[dict[str, Any]]:
+        """Held-out batches from the recipe's eval seed: the same data at every call."""
+        spec = self.recipe.eval
+        batch_size = spec.batch_size or self.recipe.train.batch_size
+        rows = []
+        was_training = self.model.training
+        self.model.eval()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for level in levels:
+                if level < self.task.min_level:
+                    raise UserError(
+                        f"--lengths: {level} is below the task's minimum {self.task.min_level}"
+                    )
+                generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + level)
+                sums: dict[str, float] = {}
+                for _ in range(spec.batches):
+                    batch = self.task.sample(batch_size, level, generator, level).to(self.device)
+                    outputs, _ = self.model(batch.inputs)
+                    values = {
+                        "loss": self.task.loss(outputs, batch),
+                        **self.task.metrics(outputs, batch),
+                    }
+                    for key, value in values.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                means = {k: v / spec.batches for k, v in sums.items()}
+                row = {"step": self.step, "checkpoint": label, "level": level, **means}
+                row["sequences"] = spec.batches * batch_size
+                rows.append({k: format_value(v) for k, v in row.items()})
+        self.model.train(was_training)
+        return rows
+
+    def evaluate_and_record(self, label: str) -> list[dict[str, Any]]:
+        """Evaluate, append to eval.csv, and keep best.pt by the training level's metric."""
+        assert self.run is not None
+        rows = self.evaluate(self.eval_levels(), label)
+        self.eval_log.append(rows)
+        current = next(r for r in rows if r["level"] == self.curriculum.level)
+        value = float(current[self.task.primary_metric])
+        sign = -1.0 if self.task.higher_is_better else 1.0
+        if self.best is None or sign * value < sign * self.best:
+            self.best = value
+            checkpoint.save(self.run.checkpoint_path("best"), self.state())
+        return rows
+
+
+# -- run-level operations (what the CLI commands call) ---------------------------------
+
+
+def run_info(recipe: Recipe, trainer: Trainer, overrides: list[str]) -> dict[str, Any]:
+    return {
+        "name": recipe.name,
+        "status": "running",
+        "created": now(),
+        "model": recipe.model.type,
+        "task": recipe.task.type,
+        "parameters": parameter_count(trainer.model),
+        "seed": recipe.seed,
+        "device": str(trainer.device),
+        "versions": {
+            "memctl": memctl.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "git_commit": git_commit(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "recipe_digest": recipe.digest(),
+        "lineage": [
+            {"event": "train", "time": now(), "step": 0, "overrides": overrides, "argv": sys.argv}
+        ],
+        "events": [],
+    }
+
+
+def _finish(trainer: Trainer, run: RunDir) -> str:
+    """Run the loop to the recipe's step count and record how it ended."""
+    try:
+        status = trainer.train(trainer.recipe.train.steps)
+    except TrainingError as exc:
+        run.update_info(status="failed", error=str(exc), step=trainer.step)
+        raise
+    except BaseException as exc:
+        run.update_info(status="failed", error=f"{exc.__class__.__name__}: {exc}")
+        raise
+    if status == "finished":
+        trainer.final_eval = trainer.evaluate_and_record("final")
+    run.update_info(status=status, step=trainer.step, level=trainer.curriculum.level)
+    return status
+
+
+def start_run(
+    recipe: Recipe,
+    runs_dir: Path,
+    overrides: list[str],
+    device: str | None = None,
+    reporter: Reporter | None = None,
+) -> tuple[Trainer, str]:
+    trainer = Trainer(recipe, device, reporter)
+    run = RunDir.create(runs_dir, recipe.name)
+    run.write_recipe(recipe.resolved())
+    run.write_info(run_info(recipe, trainer, overrides))
+    trainer.attach(run)
+    trainer.reporter.message(
+        f"{recipe.model.type} on {recipe.task.type}: "
+        f"{parameter_count(trainer.model):,} parameters, device {trainer.device}"
+    )
+    trainer.save_checkpoint()  # step 0: the rollback target before the first checkpoint
+    return trainer, _finish(trainer, run)
+
+
+def load_run_recipe(run: RunDir) -> Recipe:
+    return validate_recipe(read_yaml(run.recipe_file), str(run.recipe_file))
+
+
+def resume_run(
+    path: Path,
+    overrides: list[str],
+    more_steps: int | None = None,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+) -> tuple[Trainer, str]:
+    run = RunDir.open(path)
+    info = run.read_info()
+    if run.status() == "running" and pid_alive(int(info.get("pid", -1))):
+        raise UserError(f"{path}: still running (pid {info['pid']}); stop it before resuming")
+    recipe = load_run_recipe(run)
+    ckpt_path = run.checkpoint_path("last")
+    state = checkpoint.load(ckpt_path)
+    data = apply_overrides(recipe.resolved(), overrides, str(run.recipe_file))
+    if more_steps is not None:
+        data["train"]["steps"] = int(state["step"]) + more_steps
+    recipe = validate_recipe(data, f"{run.recipe_file} with --set")
+    trainer = Trainer(recipe, device, reporter)
+    trainer.load_state(state, str(ckpt_path), overrides)
+    if trainer.step >= recipe.train.steps:
+        raise UserError(
+            f"{path}: already at step {trainer.step} of train.steps={recipe.train.steps}; "
+            f"use --steps N to train N more"
+        )
+    trainer.attach(run)
+    trainer.metrics_log.truncate_after(trainer.step)
+    trainer.eval_log.truncate_after(trainer.step)
+    run.write_recipe(recipe.resolved())
+    info["lineage"].append(
+        {
+            "event": "resume",
+            "time": now(),
+            "step": trainer.step,
+            "overrides": overrides + ([f"train.steps={recipe.train.steps}"] if more_steps else []),
+            "argv": sys.argv,
+        }
+    )
+    info.update(status="running", pid=os.getpid(), host=socket.gethostname())
+    info.update(device=str(trainer.device), recipe_digest=recipe.digest())
+    run.write_info(info)
+    trainer.reporter.message(f"resuming {run.name} at step {trainer.step}")
+    return trainer, _finish(trainer, run)
+
+
+def evaluate_run(
+    path: Path, which: str, lengths: list[int] | None, device: str | None = None
+) -> list[dict[str, Any]]:
+    run = RunDir.open(path)
+    recipe = load_run_recipe(run)
+    ckpt_path = run.checkpoint_path(which)
+    state = checkpoint.load(ckpt_path)
+    trainer = Trainer(recipe, device)
+    trainer.load_state(state, str(ckpt_path), [])
+    trainer.attach(run)
+    label = which if which in ("last", "best") else f"step_{int(which)}"
+    rows = trainer.evaluate(trainer.eval_levels(lengths), label)
+    trainer.eval_log.append(rows)
+    return rows
