@@ -7,12 +7,16 @@ Python (the tasks themselves never loop over the batch).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from memctl.models.lstm import LSTM, LSTMConfig
+from memctl.recipe import load_recipe
+from memctl.registry import MODELS
+from memctl.registry import TASKS as TASK_REGISTRY
 from memctl.tasks.associative_recall import AssociativeRecallConfig, AssociativeRecallTask
 from memctl.tasks.ngrams import NGramsConfig, NGramsTask, bayes_predictions, draw_tables
 from memctl.tasks.priority_sort import PrioritySortConfig, PrioritySortTask
@@ -299,3 +303,26 @@ def test_ngram_floor_is_below_a_trained_lstm() -> None:
     untrained = 95.0  # 95 scored predictions at p = 1/2
     assert metrics["cost_bits"] < 0.97 * untrained  # it learned something
     assert metrics["bayes_cost_bits"] < metrics["cost_bits"]
+
+
+# Recipes
+
+RECIPES = sorted(
+    f"{prefix}_{task}{suffix}.yaml"
+    for task in ("repeat_copy", "associative_recall", "ngrams", "priority_sort")
+    for prefix, suffix in (("ntm", ""), ("ntm", "_small"), ("lstm", ""))
+)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_build_and_run_one_batch(name: str) -> None:
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / name)
+    task = TASK_REGISTRY.get(recipe.task.type).cls(recipe.task)
+    model = MODELS.get(recipe.model.type).cls(recipe.model, task.input_size, task.output_size)
+    batch = task.sample(2, task.min_level, generator(), task.min_level)
+    with torch.no_grad():
+        outputs, _ = model(batch.inputs)
+    assert outputs.shape == batch.targets.shape
+    assert recipe.train.optimizer.name == "adam" and recipe.train.clip.norm == 50
+    if recipe.model.type == "ntm" and "_small" not in name:
+        assert (recipe.model.memory_size, recipe.model.word_size) == (128, 20)
