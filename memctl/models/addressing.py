@@ -15,28 +15,29 @@ from __future__ import annotations
 
 import torch
 
-# Added wherever a value that can be zero is divided by or raised to a learned power:
-# zero memory rows or keys in the cosine similarity (their norm's gradient is infinite at
-# 0), and weights that underflow to 0 before sharpening (d/dgamma w^gamma = w^gamma ln w).
+# Keeps two possibly-zero quantities finite: squared norms of keys and memory rows in the
+# cosine similarity (zero rows are common: memory starts near 0, and the norm's
+# gradient is infinite at 0), and weights that underflow to 0 before sharpening takes
+# their logarithm (d/dgamma w^gamma = w^gamma ln w).
 EPSILON = 1e-6
 
 
-def vector_norms(vectors: torch.Tensor) -> torch.Tensor:
-    """Euclidean norms that stay differentiable at zero: ``sqrt(sum_j v_j^2 + EPSILON)``.
+def inverse_norms(vectors: torch.Tensor) -> torch.Tensor:
+    """``1 / sqrt(sum_j v_j^2 + EPSILON)``: inverse Euclidean norms, finite at zero.
 
     vectors: ``[..., M]`` -> ``[...]``
     """
-    return torch.sqrt(vectors.square().sum(dim=-1) + EPSILON)
+    return torch.rsqrt(torch.linalg.vecdot(vectors, vectors) + EPSILON)
 
 
 def cosine_similarity(memory: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Eq. (6): ``K[u, v] = u . v / (||u|| ||v||)``, between every key and every row.
+    """Eq. (6): ``K[u, v] = u . v / (||u|| ||v||)``, between every key and every row,
+    with both norms taken as ``sqrt(||.||^2 + EPSILON)``.
 
     memory: ``[B, N, M]``, keys: ``[B, H, M]`` -> ``[B, H, N]``
     """
-    dot = torch.bmm(keys, memory.transpose(1, 2))
-    norms = vector_norms(keys).unsqueeze(2) * vector_norms(memory).unsqueeze(1)
-    return dot / (norms + EPSILON)
+    unit_keys = keys * inverse_norms(keys).unsqueeze(-1)
+    return torch.bmm(unit_keys, memory.transpose(1, 2)) * inverse_norms(memory).unsqueeze(1)
 
 
 def content_weights(
@@ -56,8 +57,7 @@ def interpolate(content: torch.Tensor, previous: torch.Tensor, gates: torch.Tens
 
     content, previous: ``[B, H, N]``, gates (g in [0, 1]): ``[B, H]`` -> ``[B, H, N]``
     """
-    gates = gates.unsqueeze(-1)
-    return gates * content + (1 - gates) * previous
+    return torch.lerp(previous, content, gates.unsqueeze(-1))
 
 
 def shift(weights: torch.Tensor, shift_weights: torch.Tensor) -> torch.Tensor:
@@ -69,24 +69,25 @@ def shift(weights: torch.Tensor, shift_weights: torch.Tensor) -> torch.Tensor:
     weights: ``[B, H, N]``, shift_weights: ``[B, H, S]`` with ``S = 2 max_shift + 1 <= N``
     -> ``[B, H, N]``
     """
-    max_shift = (shift_weights.shape[-1] - 1) // 2
+    offsets = shift_weights.shape[-1]
+    max_shift = (offsets - 1) // 2
+    slots = weights.shape[-1]
     # padded[..., i + m] = w((i + m - max_shift) mod N): the window at i holds
     # w(i - k) for k = max_shift - m, so it meets the offsets in reverse order.
     padded = torch.cat(
-        [weights[..., weights.shape[-1] - max_shift :], weights, weights[..., :max_shift]],
-        dim=-1,
+        [weights[..., slots - max_shift :], weights, weights[..., :max_shift]], dim=-1
     )
-    windows = padded.unfold(-1, shift_weights.shape[-1], 1)  # [B, H, N, S]
-    return torch.matmul(windows, shift_weights.flip(-1).unsqueeze(-1)).squeeze(-1)
+    windows = padded.unfold(-1, offsets, 1)  # [B, H, N, S]
+    return (windows * shift_weights.flip(-1).unsqueeze(-2)).sum(dim=-1)
 
 
 def sharpen(weights: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
-    """Eq. (9): ``w(i) = w~(i)^gamma / sum_j w~(j)^gamma``.
+    """Eq. (9): ``w(i) = w~(i)^gamma / sum_j w~(j)^gamma``, as
+    ``softmax(gamma log(w~ + EPSILON))``: no underflow to 0 / 0 when gamma is large.
 
     weights: ``[B, H, N]``, gammas (gamma >= 1): ``[B, H]`` -> ``[B, H, N]``
     """
-    powered = (weights + EPSILON).pow(gammas.unsqueeze(-1))
-    return powered / (powered.sum(dim=-1, keepdim=True) + EPSILON)
+    return torch.softmax(gammas.unsqueeze(-1) * torch.log(weights + EPSILON), dim=-1)
 
 
 def address(
@@ -126,8 +127,9 @@ def write(
     memory: ``[B, N, M]``, weights: ``[B, W, N]``, erase (in [0, 1]), add: ``[B, W, M]``
     -> ``[B, N, M]``
     """
+    slot_weights = weights.transpose(1, 2)  # [B, N, W]
     if weights.shape[1] == 1:
-        keep = 1 - torch.bmm(weights.transpose(1, 2), erase)
+        keep = 1 - torch.bmm(slot_weights, erase)
     else:
-        keep = (1 - weights.unsqueeze(-1) * erase.unsqueeze(2)).prod(dim=1)
-    return memory * keep + torch.bmm(weights.transpose(1, 2), add)
+        keep = (1 - slot_weights.unsqueeze(-1) * erase.unsqueeze(1)).prod(dim=2)
+    return torch.baddbmm(memory * keep, slot_weights, add)

@@ -81,30 +81,52 @@ class NTMState(NamedTuple):
 RANDOM_MEMORY_STD = 0.5
 
 
+def lstm_update(gates: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSTM cell update from pre-activations ``gates`` ``[B, 4C]`` (input, forget and
+    output gates, then the candidate) and the previous cell ``[B, C]``:
+    ``c' = f c + i tanh(g)``, ``h' = o tanh(c')`` -> (h', c'), each ``[B, C]``."""
+    size = cell.shape[1]
+    input_gate, forget_gate, output_gate = torch.sigmoid(gates[:, : 3 * size]).split(size, 1)
+    cell = torch.addcmul(forget_gate * cell, input_gate, torch.tanh(gates[:, 3 * size :]))
+    return output_gate * torch.tanh(cell), cell
+
+
 @MODELS.register("ntm", NTMConfig)
 class NTM(nn.Module):
     def __init__(self, config: NTMConfig, input_size: int, output_size: int) -> None:
         super().__init__()
         self.config = config
-        size, layers = config.controller_size, config.controller_layers
-        word, heads = config.word_size, config.read_heads + config.write_heads
+        self.lstm = config.controller == "lstm"
+        size, word = config.controller_size, config.word_size
+        read_heads, write_heads = config.read_heads, config.write_heads
+        heads = read_heads + write_heads
         self.shifts = 2 * config.max_shift + 1
-        controller_input = input_size + config.read_heads * word
-        if config.controller == "lstm":
-            self.controller = nn.ModuleList(
-                nn.LSTMCell(controller_input if i == 0 else size, size) for i in range(layers)
-            )
-        else:
-            self.controller = nn.ModuleList(
-                nn.Linear(controller_input if i == 0 else size, size) for i in range(layers)
-            )
-        # Per head: key [M], strength and sharpening [2], gate [1], shift [S];
-        # per write head also erase and add [2M].
-        self.addressing_size = word + 3 + self.shifts
-        self.heads = nn.Linear(size, heads * self.addressing_size + config.write_heads * 2 * word)
-        self.readout = nn.Linear(size + config.read_heads * word, output_size)
+        gate_width = 4 * size if self.lstm else size
+        # Layer 0's weights on the external input apply to the whole sequence in one
+        # matrix product before the time loop; its recurrent weights see the previous
+        # read vectors (and, for an LSTM, its own previous output).
+        self.input_projection = nn.Linear(input_size, gate_width)
+        recurrent_inputs = [read_heads * word] + [size] * (config.controller_layers - 1)
+        self.recurrent = nn.ModuleList(
+            nn.Linear(width + (size if self.lstm else 0), gate_width, bias=layer > 0)
+            for layer, width in enumerate(recurrent_inputs)
+        )
+        # LSTM outputs lie in (-1, 1): clamping them at +-1 or wider changes nothing.
+        clip = config.controller_clip
+        self.controller_clip = clip if clip is not None and (clip < 1 or not self.lstm) else None
+        # The head parameters, grouped by activation so that each is one op:
+        # tanh (keys [H, M], add vectors [W, M]), sigmoid (gates [H], erase [W, M]),
+        # softplus (strengths [H], sharpening [H]), softmax (shifts [H, S]).
+        self.head_sizes = [
+            heads * word + write_heads * word,
+            heads + write_heads * word,
+            2 * heads,
+            heads * self.shifts,
+        ]
+        self.heads = nn.Linear(size, sum(self.head_sizes))
+        self.readout = nn.Linear(size + read_heads * word, output_size)
 
-        self.initial_reads = nn.Parameter(0.1 * torch.randn(config.read_heads, word))
+        self.initial_reads = nn.Parameter(0.1 * torch.randn(read_heads, word))
         # Random logits: a uniform start would stay uniform on a constant memory, where
         # every slot looks the same to every head (the gradient is symmetric too).
         self.initial_weight_logits = nn.Parameter(torch.randn(heads, config.memory_size))
@@ -124,8 +146,9 @@ class NTM(nn.Module):
         else:
             memory = RANDOM_MEMORY_STD * torch.randn(shape, device=device, dtype=dtype)
         weights = torch.softmax(self.initial_weight_logits.to(dtype), dim=-1)
-        layers = config.controller_layers
-        zeros = torch.zeros(layers, batch_size, config.controller_size, device=device, dtype=dtype)
+        zeros = torch.zeros(
+            config.controller_layers, batch_size, config.controller_size, device=device, dtype=dtype
+        )
         return NTMState(
             memory=memory,
             reads=self.initial_reads.to(dtype).expand(batch_size, -1, -1),
@@ -134,54 +157,57 @@ class NTM(nn.Module):
             cell=zeros,
         )
 
-    def step(self, inputs: torch.Tensor, state: NTMState) -> tuple[torch.Tensor, NTMState]:
-        """One time step. inputs ``[B, I]`` -> (features ``[B, C + R M]`` for the output
-        layer, the next state)."""
-        config = self.config
-        batch, word = inputs.shape[0], config.word_size
-        heads, reads_count = state.weights.shape[1], config.read_heads
+    def step(
+        self, projected_inputs: torch.Tensor, state: NTMState
+    ) -> tuple[torch.Tensor, NTMState]:
+        """One time step. ``projected_inputs``: ``self.input_projection`` of this step's
+        inputs, ``[B, 4C]`` (LSTM) or ``[B, C]``. Returns (the controller's output
+        ``[B, C]``, the next state); the new read vectors are ``state.reads``."""
+        batch, word = projected_inputs.shape[0], self.config.word_size
+        heads, write_heads = state.weights.shape[1], self.config.write_heads
 
-        layer_input = torch.cat([inputs, state.reads.flatten(1)], dim=1)
+        below = state.reads.flatten(1)
         hiddens, cells = [], []
-        for layer, cell in enumerate(self.controller):
-            if config.controller == "lstm":
-                hidden, memory_cell = cell(layer_input, (state.hidden[layer], state.cell[layer]))
-                cells.append(memory_cell)
+        for layer, recurrent in enumerate(self.recurrent):
+            layer_input = torch.cat([below, state.hidden[layer]], 1) if self.lstm else below
+            if layer == 0:
+                gates = torch.addmm(projected_inputs, layer_input, recurrent.weight.t())
             else:
-                hidden = torch.tanh(cell(layer_input))
-                cells.append(state.cell[layer])
-            hiddens.append(hidden)
-            layer_input = hidden
-        output = layer_input
-        if config.controller_clip is not None:
-            output = output.clamp(-config.controller_clip, config.controller_clip)
+                gates = recurrent(layer_input)
+            if self.lstm:
+                below, cell = lstm_update(gates, state.cell[layer])
+            else:
+                below, cell = torch.tanh(gates), state.cell[layer]
+            hiddens.append(below)
+            cells.append(cell)
+        output = below
+        if self.controller_clip is not None:
+            output = output.clamp(-self.controller_clip, self.controller_clip)
 
-        params = self.heads(output)
-        addressing_params, write_params = params.split(
-            [heads * self.addressing_size, params.shape[1] - heads * self.addressing_size], 1
-        )
-        keys, sharpness, gates, shift_logits = addressing_params.view(
-            batch, heads, self.addressing_size
-        ).split([word, 2, 1, self.shifts], dim=-1)
-        strengths, gammas = F.softplus(sharpness).unbind(-1)
+        squashed, gated, softplussed, shift_logits = self.heads(output).split(self.head_sizes, 1)
+        squashed, gated = torch.tanh(squashed), torch.sigmoid(gated)
+        keys, add = squashed.split([heads * word, write_heads * word], 1)
+        gates, erase = gated.split([heads, write_heads * word], 1)
+        strengths, sharpening = F.softplus(softplussed).view(batch, 2, heads).unbind(1)
         weights = addressing.address(
             state.memory,
             state.weights,
-            keys=torch.tanh(keys),
+            keys=keys.view(batch, heads, word),
             strengths=strengths,
-            gates=torch.sigmoid(gates.squeeze(-1)),
-            shift_weights=torch.softmax(shift_logits, dim=-1),
-            gammas=1 + gammas,
+            gates=gates,
+            shift_weights=torch.softmax(shift_logits.view(batch, heads, self.shifts), dim=-1),
+            gammas=1 + sharpening,
         )
-        read_weights, write_weights = weights.split([reads_count, heads - reads_count], 1)
-        erase, add = write_params.view(batch, heads - reads_count, 2, word).unbind(2)
+        read_weights, write_weights = weights.split([heads - write_heads, write_heads], 1)
         reads = addressing.read(state.memory, read_weights)
         memory = addressing.write(
-            state.memory, write_weights, torch.sigmoid(erase), torch.tanh(add)
+            state.memory,
+            write_weights,
+            erase.view(batch, write_heads, word),
+            add.view(batch, write_heads, word),
         )
-        features = torch.cat([output, reads.flatten(1)], dim=1)
-        next_state = NTMState(memory, reads, weights, torch.stack(hiddens), torch.stack(cells))
-        return features, next_state
+        stack = torch.stack if len(hiddens) > 1 else lambda parts: parts[0].unsqueeze(0)
+        return output, NTMState(memory, reads, weights, stack(hiddens), stack(cells))
 
     def forward(
         self, inputs: torch.Tensor, state: NTMState | None = None
@@ -189,14 +215,15 @@ class NTM(nn.Module):
         """inputs ``[T, B, I]`` -> (logits ``[T, B, O]``, final state)."""
         if state is None:
             state = self.initial_state(inputs.shape[1], inputs.device, inputs.dtype)
-        features = []
-        for step_inputs in inputs.unbind(0):
-            step_features, state = self._step(step_inputs, state)
-            features.append(step_features)
-        outputs = self.readout(torch.stack(features))
+        outputs, reads = [], []
+        for projected in self.input_projection(inputs).unbind(0):
+            output, state = self._step(projected, state)
+            outputs.append(output)
+            reads.append(state.reads.flatten(1))
+        logits = self.readout(torch.cat([torch.stack(outputs), torch.stack(reads)], dim=-1))
         if self.config.output_clip is not None:
-            outputs = outputs.clamp(-self.config.output_clip, self.config.output_clip)
-        return outputs, state
+            logits = logits.clamp(-self.config.output_clip, self.config.output_clip)
+        return logits, state
 
     def compile_step(self, **options: Any) -> None:
         """Run ``forward``'s time steps through ``torch.compile(self.step, **options)``.

@@ -1,0 +1,129 @@
+"""NTM training throughput on the copy configuration of Graves et al. 2014.
+
+LSTM controller 100, memory 128 x 20, 1 read + 1 write head, 8-bit vectors. One training
+step = sample a batch, forward, sigmoid cross-entropy, backward, global-norm clip 50,
+Adam step: what ``memctl train recipes/ntm_copy.yaml`` does per step.
+
+Reports sequences per second at batch 1 and 32, for lengths 1..20 and fixed length 20,
+eager and (``--compile``) with the per-step cell compiled, whose first-call compile time
+is reported separately. Results are saved as JSON with the machine they came from.
+
+    OMP_NUM_THREADS=2 python benchmarks/ntm_speed.py --compile --out benchmarks/ntm_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from memctl.models.base import parameter_count
+from memctl.models.ntm import NTM, NTMConfig
+from memctl.tasks.copy import CopyConfig, CopyTask
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def measure(
+    batch_size: int, min_length: int, steps: int, warmup: int, compiled: bool, seed: int = 0
+) -> dict:
+    torch.manual_seed(seed)
+    task = CopyTask(CopyConfig(width=8, max_length=20))
+    model = NTM(NTMConfig(), task.input_size, task.output_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    generator = torch.Generator().manual_seed(seed)
+
+    def train_step() -> float:
+        batch = task.sample(batch_size, 20, generator, min_length)
+        outputs, _ = model(batch.inputs)
+        loss = task.loss(outputs, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 50.0, foreach=True)
+        optimizer.step()
+        return loss.item()
+
+    compile_seconds = None
+    if compiled:
+        model.compile_step()
+        start = time.perf_counter()
+        train_step()
+        compile_seconds = time.perf_counter() - start
+    for _ in range(warmup):
+        train_step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step()
+        times.append(time.perf_counter() - start)
+    return {
+        "mode": "compiled" if compiled else "eager",
+        "batch_size": batch_size,
+        "lengths": f"{min_length}..20",
+        "steps": steps,
+        "sequences_per_second": round(batch_size * steps / sum(times), 1),
+        "median_step_ms": round(1000 * statistics.median(times), 2),
+        "compile_seconds": None if compile_seconds is None else round(compile_seconds, 1),
+        "parameters": parameter_count(model),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per case")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled step")
+    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--out", type=Path, default=None, help="save results as JSON")
+    parser.add_argument("--note", default="", help="saved with the results (e.g. machine load)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = []
+    modes = [False, True] if args.compile else [False]
+    for compiled in modes:
+        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+            for min_length in (1, 20):
+                # Batch 1 steps are short: time more of them for a stable figure.
+                steps = args.steps * (4 if batch_size == 1 else 1)
+                row = measure(batch_size, min_length, steps, args.warmup, compiled)
+                print(json.dumps(row), flush=True)
+                results.append(row)
+
+    report = {
+        "benchmark": "ntm_copy_training_throughput",
+        "machine": {
+            "cpu": cpu_name(),
+            "logical_cpus": os.cpu_count(),
+            "affinity_cpus": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "note": args.note,
+        "results": results,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
