@@ -195,7 +195,7 @@ def train(
         reporter = ConsoleReporter(TASKS.get(loaded.task.type).cls.primary_metric)
 
         def start() -> tuple[Any, str, Path]:
-            trainer, status = start_run(loaded, runs_dir, settings, device, reporter)
+            trainer, status = start_run(loaded, runs_dir, settings, device, reporter, str(recipe))
             return trainer, status, runs_dir / loaded.name
 
         _run_training(start)

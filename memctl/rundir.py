@@ -189,7 +189,7 @@ class RunDir:
         for line in reversed(lines[1:]):
             fields = line.split(",")
             if len(fields) == len(header):
-                return dict(zip(header, fields))
+                return dict(zip(header, fields, strict=True))
         return {}
 
     def summary(self) -> dict[str, str]:

@@ -256,10 +256,12 @@ class Trainer:
         self.nan_in_a_row += 1
         self.last_nan_step = max(self.last_nan_step, step)
         assert self.run is not None
-        self.run.add_event("nonfinite", step=step, loss=float(loss), policy=policy)
+        self.run.add_event("nonfinite", step=step, loss=float(loss.detach()), policy=policy)
         limit = self.recipe.train.max_nan_in_a_row
         if policy == "stop" or self.nan_in_a_row > limit:
-            why = "train.on_nan is stop" if policy == "stop" else f"{limit} times in a row"
+            why = (
+                "train.on_nan is stop" if policy == "stop" else f"after {limit} {policy}s in a row"
+            )
             raise TrainingError(f"non-finite loss or gradient at step {step} ({why})")
         self.optimizer.zero_grad(set_to_none=True)
         if policy == "skip":
@@ -481,8 +483,12 @@ def start_run(
     overrides: list[str],
     device: str | None = None,
     reporter: Reporter | None = None,
+    source: str = "recipe",
 ) -> tuple[Trainer, str]:
-    trainer = Trainer(recipe, device, reporter)
+    try:
+        trainer = Trainer(recipe, device, reporter)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
     run = RunDir.create(runs_dir, recipe.name)
     run.write_recipe(recipe.resolved())
     run.write_info(run_info(recipe, trainer, overrides))

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny copy recipe, and running the CLI in-process or as a process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from memctl.cli import app
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "device": "cpu",
+    "model": {"type": "lstm", "hidden": 16},
+    "task": {"type": "copy", "width": 4, "min_length": 1, "max_length": 4},
+    "curriculum": {"type": "step", "start": 2, "increment": 1, "every": 15},
+    "train": {
+        "steps": 40,
+        "batch_size": 8,
+        "log_every": 5,
+        "eval_every": 20,
+        "checkpoint_every": 10,
+        "keep_checkpoints": 2,
+    },
+    "eval": {"lengths": [6], "batches": 2},
+}
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path) -> Path:
+    return write_recipe(tmp_path / "tiny.yaml", TINY)
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "runs"
+    path.mkdir()
+    return path
+
+
+def cli(*args: str):
+    """Run memctl in this process; returns click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def cli_process(*args: str, **kwargs) -> subprocess.Popen:
+    """Run memctl as its own process (for signals and fresh-process resume)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "memctl", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root and its bytes: to assert nothing was created or changed."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
