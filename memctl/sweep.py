@@ -386,7 +386,9 @@ def prepare(plan: Plan) -> list[dict[str, Any]]:
         rows.append({**{c: row.get(c, "") for c in TRIAL_COLUMNS}, "trial": trial.name,
                      **{k: format_value(v) for k, v in trial.params.items()}})  # fmt: skip
     rows.extend(previous.values())  # trials of an earlier version of the sweep stay listed
-    return [refresh_row(sweep_dir, row, None) for row in rows]
+    rows = [refresh_row(sweep_dir, row, None) for row in rows]
+    write_trials_csv(sweep_dir, rows)
+    return rows
 
 
 def refresh_row(sweep_dir: Path, row: dict[str, Any], state: TrialState | None) -> dict[str, Any]:
