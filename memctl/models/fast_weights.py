@@ -10,6 +10,7 @@ the Recent Past", arXiv 1610.06258) and the recurrent baselines of its section 4
                the H x H matrix, as the paper's section 3 describes:
                    A(t) h = eta sum_{tau=1..t} lambda^(t-tau) h(tau) (h(tau)^T h)
                (``explicit: true`` keeps the matrix instead; both give the same numbers).
+               ``attend_current: false`` attends with A(t-1) instead of A(t).
 ``rnn_ln``     the same network without fast weights: h(t+1) = f(LN[W h(t) + C x(t)]).
 ``control``    plain ReLU RNN without layer normalisation, W = I at start (the paper's
                IRNN baseline, Le, Jaitly & Hinton 2015): h(t+1) = f(W h(t) + C x(t)).
@@ -77,6 +78,10 @@ class FastWeightsConfig(RNNLNConfig):
     fast_lr: float = Field(0.5, gt=0, description="eta, fast-weight learning rate")
     inner_steps: int = Field(1, ge=1, description="S, inner-loop iterations per step")
     explicit: bool = Field(False, description="keep the H x H matrix A(t) per sequence")
+    # Eq. 1 puts h(t) h(t)^T into the A(t) that computes h(t+1). The public reproduction
+    # jxwufan/AssociativeRetrieval attends with A(t-1) instead; in our runs that escaped
+    # the chance-among-the-values plateau much sooner (docs/fast_weights.md).
+    attend_current: bool = Field(True, description="attend with A(t) (eq. 1); false: A(t-1)")
 
 
 class ControlConfig(ModelConfig):
@@ -203,11 +208,12 @@ class FastWeightsRNN(_ReluRNN):
     def step(
         self, driven: torch.Tensor, state: FastWeightsMatrixState | FastWeightsHistoryState
     ) -> FastWeightsMatrixState | FastWeightsHistoryState:
-        memory = self.remember(state)
+        memory = self.remember(state)  # A(t)
+        attended = memory if self.config.attend_current else state[1]  # A(t) or A(t-1)
         boundary = state.hidden @ self.recurrent.T + driven  # W h(t) + C x(t) + b
         hidden = torch.relu(self.norm(boundary))  # h_0(t+1)
         for _ in range(self.config.inner_steps):
-            hidden = torch.relu(self.norm(boundary + self.recall(memory, hidden)))
+            hidden = torch.relu(self.norm(boundary + self.recall(attended, hidden)))
         return type(state)(hidden, memory)
 
 
