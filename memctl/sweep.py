@@ -286,15 +286,28 @@ def load_sweep(path: Path) -> SweepFile:
 
 
 def plan_sweep(path: Path, runs_dir: Path, name: str | None = None) -> Plan:
-    """Validate a sweep file and expand it into resolved trial recipes (nothing is written)."""
+    """Validate a sweep file and expand it into resolved trial recipes (nothing is written).
+
+    ``path`` may also be an existing sweep folder (``runs/<sweep>``): its sweep.yaml is
+    expanded again, so that running it continues the sweep.
+    """
     path = Path(path)
-    sweep = load_sweep(path)
+    if path.is_dir():
+        stored = path / "sweep.yaml"
+        if not stored.is_file():
+            raise UserError(f"{path}: not a memctl sweep folder (no sweep.yaml)")
+        data = read_yaml(stored)
+        source = Path(data.pop("source", stored)) if isinstance(data, dict) else stored
+        sweep = _validate(SweepFile, data, "", str(stored))
+        runs_dir, name = path.parent, name or path.name
+    else:
+        sweep, source = load_sweep(path), path
     sweep_name = name or sweep.name or path.stem
     if not re.match(NAME_PATTERN, sweep_name):
         raise UserError(f"{path}: name: {sweep_name!r} is not a valid sweep name")
     base_path = (path.parent / sweep.base).resolve()
     base = validate_recipe(read_yaml(base_path), str(base_path)).resolved()
-    plan = Plan(sweep_name, sweep, path, base_path, Path(runs_dir) / sweep_name)
+    plan = Plan(sweep_name, sweep, source, base_path, Path(runs_dir) / sweep_name)
 
     grid_keys = list(sweep.grid)
     random_keys = list(sweep.random)
@@ -433,9 +446,29 @@ def sweep_status(sweep_dir: Path) -> list[dict[str, Any]]:
     return [refresh_row(sweep_dir, row, None) for row in read_trials_csv(sweep_dir)]
 
 
-def make_executor(plan: Plan, kind: str, workers: int) -> LocalExecutor | SlurmExecutor:
+def configure(
+    plan: Plan,
+    executor: str | None = None,
+    workers: int | None = None,
+    slurm: dict[str, Any] | None = None,
+) -> None:
+    """Apply command-line settings over the sweep file's, validated the same way."""
+    data = plan.sweep.model_dump(by_alias=True)
+    if executor is not None:
+        data["executor"] = executor
+    if workers is not None:
+        data["workers"] = workers
+    data["slurm"].update(slurm or {})
+    plan.sweep = _validate(SweepFile, data, "", "command line")
+
+
+def make_executor(
+    plan: Plan, kind: str | None = None, workers: int | None = None
+) -> LocalExecutor | SlurmExecutor:
+    """The sweep's executor (the sweep file's unless ``kind``/``workers`` say otherwise)."""
+    kind = kind or plan.sweep.executor
     if kind == "local":
-        return LocalExecutor(workers)
+        return LocalExecutor(workers or plan.sweep.workers)
     if kind == "slurm":
         return SlurmExecutor(plan.sweep_dir, plan.name, plan.sweep.slurm.settings())
     raise UserError(f"--executor {kind!r}: expected local or slurm")
