@@ -507,7 +507,6 @@ def run_sweep(
         if status == "failed" and not retry_failed:
             continue
         todo.append(trial)
-    executor.submit(todo)
 
     def update() -> None:
         states = executor.poll()
@@ -519,6 +518,7 @@ def run_sweep(
             on_update(current)
 
     try:
+        executor.submit(todo)
         update()
         while executor.active():
             time.sleep(poll_s)
