@@ -24,9 +24,6 @@ import yaml
 
 from memctl.errors import UserError
 
-# metrics.csv columns that are not task metrics (for the runs summary).
-SUMMARY_SKIP = {"step", "samples", "wall_s", "level", "loss", "cost_bits", "grad_norm", "lr",
-                "steps_per_s"}  # fmt: skip
 STATUSES = ("running", "finished", "interrupted", "failed")
 
 
@@ -200,7 +197,7 @@ class RunDir:
         except UserError:
             return {"name": self.name, "model": "?", "task": "?", "status": "unreadable"}
         last = self.last_metrics()
-        metric_columns = [c for c in last if c not in SUMMARY_SKIP]
+        metric = str(info.get("metric", ""))
         return {
             "name": self.name,
             "model": str(info.get("model", "?")),
@@ -209,7 +206,7 @@ class RunDir:
             "step": last.get("step", "0"),
             "level": last.get("level", "-"),
             "loss": last.get("loss", "-"),
-            "metric": f"{metric_columns[0]}={last[metric_columns[0]]}" if metric_columns else "-",
+            "metric": f"{metric}={last[metric]}" if metric in last else "-",
         }
 
     def write_recipe(self, resolved: dict[str, Any]) -> None:

@@ -442,6 +442,7 @@ def run_info(recipe: Recipe, trainer: Trainer, overrides: list[str]) -> dict[str
         "created": now(),
         "model": recipe.model.type,
         "task": recipe.task.type,
+        "metric": trainer.task.primary_metric,
         "parameters": parameter_count(trainer.model),
         "seed": recipe.seed,
         "device": str(trainer.device),

@@ -234,11 +234,11 @@ def test_lstm_learns_short_copies(tmp_path: Path, runs_dir: Path):
     """Learning smoke test: bit errors fall by a large factor in well under a minute."""
     result = cli(
         "train", "recipes/copy_lstm.yaml", "--runs-dir", runs_dir, "--device", "cpu",
-        "--set", "train.steps=600", "--set", "curriculum.type=fixed",
-        "--set", "task.max_length=3", "--set", "model.hidden=64", "--set", "train.eval_every=0",
+        "--set", "train.steps=800", "--set", "curriculum.type=fixed", "--set", "train.log_every=50",
+        "--set", "task.max_length=3", "--set", "model.hidden=128", "--set", "train.eval_every=0",
         "--set", "train.optimizer.lr=0.003",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(runs_dir / "copy_lstm" / "metrics.csv")
-    assert frame["bit_errors"].iloc[0] > 5
+    assert frame["bit_errors"].iloc[0] > 4
     assert frame["bit_errors"].iloc[-1] < frame["bit_errors"].iloc[0] / 10
