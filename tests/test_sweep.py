@@ -222,7 +222,9 @@ def test_local_sweep_survives_a_failing_trial_ctrl_c_and_continues(tmp_path):
     sweep_dir = plan.sweep_dir
 
     def interrupt_once_training(rows: list[dict]) -> None:
-        if rows[0]["status"] == "running" and int(rows[0]["step"] or 0) >= 10:
+        # Ctrl-C once the bad trial has failed and the good one is training.
+        training = rows[0]["status"] == "running" and int(rows[0]["step"] or 0) >= 10
+        if training and rows[1]["status"] == "failed":
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
