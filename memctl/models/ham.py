@@ -26,8 +26,10 @@ step on (input channel ``is_go``, the last) every step is one memory access:
 ``mode: hard`` (section 3.1): from the root, go right with probability
 ``p_e = sigma(SEARCH(h_e, s))``, sampled while training and greedy (``p_e > 1/2``) in
 eval mode; read the reached leaf ``a``; ``h_a <- WRITE(h_a, s)``; JOIN recomputes the
-``log2 N`` nodes on the path back to the root. An access does O(log N) work: log2 N
-SEARCH and JOIN calls of batch size B and in-place row updates. SEARCH is trained by
+``log2 N`` nodes on the path back to the root. An access's forward pass does O(log N)
+work: log2 N SEARCH and JOIN calls of batch size B and in-place row updates (the
+backward pass of each row update or read allocates a tree-sized gradient, so training
+costs O(N log N) per access; see benchmarks/ham_access.py). SEARCH is trained by
 REINFORCE (``auxiliary_loss``) with a learned baseline and an entropy bonus.
 
 ``mode: soft`` (DHAM, Appendix A): the attention splits at every node,
@@ -208,6 +210,12 @@ def hard_write(
 
 @MODELS.register("ham", HAMConfig)
 class HAM(nn.Module):
+    """Raw HAM or LSTM+HAM, soft or hard attention (see the module docstring).
+
+    In training mode a hard forward keeps its ``PathTrace`` in ``self.trace`` for
+    ``auxiliary_loss``; in eval mode paths are greedy and nothing is kept.
+    """
+
     def __init__(self, config: HAMConfig, input_size: int, output_size: int) -> None:
         super().__init__()
         if input_size < 3:
