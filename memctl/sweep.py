@@ -559,8 +559,9 @@ def _higher_is_better(metric: str, task_type: str) -> bool:
 
 def trial_table(sweep_dir: Path, metric: str | None = None,
                 keys: list[str] | None = None) -> pd.DataFrame:  # fmt: skip
-    """One row per trial: status, step, final and best ``metric`` in metrics.csv, and the
-    final evaluation's value at the trained level from eval.csv (``eval``).
+    """One row per trial: status, step, the last logged curriculum level, the final and
+    best ``metric`` in metrics.csv (best among the rows at that last level: a curriculum's
+    easier levels do not count), and the final evaluation at that level from eval.csv.
 
     ``keys`` adds recipe settings (dotted) as columns, e.g. ``model.type``.
     """
@@ -576,7 +577,7 @@ def trial_table(sweep_dir: Path, metric: str | None = None,
             if key not in recipe:
                 raise UserError(f"--group-by {key}: no such recipe setting in {recipe_file}")
             record[key] = recipe[key]
-        record.update(final=math.nan, best=math.nan, eval=math.nan)
+        record.update(level=math.nan, final=math.nan, best=math.nan, eval=math.nan)
         metrics_file = sweep_dir / row["trial"] / "metrics.csv"
         if metrics_file.is_file():
             frame = pd.read_csv(metrics_file)
@@ -585,9 +586,11 @@ def trial_table(sweep_dir: Path, metric: str | None = None,
                 raise UserError(f"--metric {name}: not a column of {metrics_file} ({known})")
             if len(frame):
                 higher = _higher_is_better(name, recipe["task.type"])
-                record["final"] = float(frame[name].iloc[-1])
-                record["best"] = float(frame[name].max() if higher else frame[name].min())
                 level = int(frame["level"].iloc[-1])
+                at_level = frame.loc[frame["level"] == level, name]
+                record["level"] = level
+                record["final"] = float(frame[name].iloc[-1])
+                record["best"] = float(at_level.max() if higher else at_level.min())
                 eval_file = sweep_dir / row["trial"] / "eval.csv"
                 if eval_file.is_file():
                     evals = pd.read_csv(eval_file)
@@ -621,6 +624,7 @@ def summarise(sweep_dir: Path, metric: str | None = None,
         metric=("metric", "first"),
         n=("trial", "count"),
         finished=("status", lambda s: int((s == "finished").sum())),
+        level_median=("level", "median"),
         final_median=("final", "median"),
         final_min=("final", "min"),
         final_max=("final", "max"),
