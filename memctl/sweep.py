@@ -55,7 +55,7 @@ from typing import Any, Literal
 
 import pandas as pd
 import yaml
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from memctl.errors import UserError
 from memctl.executors import (
@@ -98,6 +98,15 @@ class SlurmSection(Section):
         default_factory=dict, description="extra sbatch options, e.g. {account: lab}"
     )
     setup: list[str] = Field(default_factory=list, description="shell lines run before the task")
+
+    @model_validator(mode="after")
+    def _warning_before_limit(self) -> SlurmSection:
+        if self.signal_delay_s >= self.time_min * 60:
+            raise ValueError(
+                f"signal_delay_s ({self.signal_delay_s}) must be shorter than time_min "
+                f"({self.time_min} min): the checkpoint warning would come at the start"
+            )
+        return self
 
     def settings(self) -> SlurmSettings:
         data = self.model_dump()

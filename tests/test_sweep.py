@@ -131,6 +131,7 @@ def test_trial_names_cannot_leave_the_sweep_folder_and_stay_short(tmp_path):
         ({"set": {"model.hiden": 3}}, "model.hiden: no such key in the recipe; did you mean"),
         ({"grid": {"model.hidden": [0]}}, "trial s-hidden=0: model.hidden: Input should be"),
         ({"trials": 0}, "trials: Input should be greater than or equal to 1"),
+        ({"slurm": {"time_min": 1}}, "slurm: Value error, signal_delay_s (90) must be shorter"),
         ({"base": "missing.yaml"}, "missing.yaml: no such file"),
     ],
 )
