@@ -161,7 +161,7 @@ def test_recipes_load_with_a_ten_thousand_sequence_test_set(path):
     assert recipe.task.type == "associative_retrieval" and recipe.task.pairs == 4
     assert recipe.eval.batches * recipe.eval.batch_size == 10_000
     assert recipe.eval.seed != recipe.seed
-    assert recipe.curriculum.mix == "level"
+    assert recipe.curriculum.mix == "level" and recipe.curriculum.max == 4
 
 
 def test_every_model_has_a_recipe():
