@@ -70,13 +70,11 @@ def shift(weights: torch.Tensor, shift_weights: torch.Tensor) -> torch.Tensor:
     -> ``[B, H, N]``
     """
     offsets = shift_weights.shape[-1]
-    max_shift = (offsets - 1) // 2
-    slots = weights.shape[-1]
+    max_shift, slots = (offsets - 1) // 2, weights.shape[-1]
     # padded[..., i + m] = w((i + m - max_shift) mod N): the window at i holds
     # w(i - k) for k = max_shift - m, so it meets the offsets in reverse order.
-    padded = torch.cat(
-        [weights[..., slots - max_shift :], weights, weights[..., :max_shift]], dim=-1
-    )
+    wrap = torch.arange(-max_shift, slots + max_shift, device=weights.device) % slots
+    padded = weights.index_select(-1, wrap)
     windows = padded.unfold(-1, offsets, 1)  # [B, H, N, S]
     return (windows * shift_weights.flip(-1).unsqueeze(-2)).sum(dim=-1)
 

@@ -84,6 +84,8 @@ class NTMState(NamedTuple):
 
 # The standard deviation of memory_init "random" (Collier & Beel's random initialisation).
 RANDOM_MEMORY_STD = 0.5
+# Logit of slot 0 in the initial head weightings (the other slots' logits are 0).
+INITIAL_FOCUS_LOGIT = 6.0
 
 
 def lstm_update(gates: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +93,9 @@ def lstm_update(gates: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, 
     output gates, then the candidate) and the previous cell ``[B, C]``:
     ``c' = f c + i tanh(g)``, ``h' = o tanh(c')`` -> (h', c'), each ``[B, C]``."""
     size = cell.shape[1]
-    input_gate, forget_gate, output_gate = torch.sigmoid(gates[:, : 3 * size]).split(size, 1)
-    cell = torch.addcmul(forget_gate * cell, input_gate, torch.tanh(gates[:, 3 * size :]))
+    sigmoid_part, candidate = gates.split([3 * size, size], 1)
+    input_gate, forget_gate, output_gate = torch.sigmoid(sigmoid_part).split(size, 1)
+    cell = torch.addcmul(forget_gate * cell, input_gate, torch.tanh(candidate))
     return output_gate * torch.tanh(cell), cell
 
 
@@ -129,9 +132,12 @@ class NTM(nn.Module):
         self.readout = nn.Linear(size + read_heads * word, output_size)
 
         self.initial_reads = nn.Parameter(0.1 * torch.randn(read_heads, word))
-        # Random logits: a uniform start would stay uniform on a constant memory, where
-        # every slot looks the same to every head (the gradient is symmetric too).
-        self.initial_weight_logits = nn.Parameter(torch.randn(heads, config.memory_size))
+        # Every head starts focused on slot 0 (weight 0.76 for N = 128). A uniform start
+        # would stay uniform on a constant memory, where every slot looks the same to
+        # every head (the gradient is symmetric too); a focused one lets shifts walk.
+        initial_logits = torch.zeros(heads, config.memory_size)
+        initial_logits[:, 0] = INITIAL_FOCUS_LOGIT
+        self.initial_weight_logits = nn.Parameter(initial_logits)
         if config.memory_init == "learned":
             self.initial_memory = nn.Parameter(
                 RANDOM_MEMORY_STD * torch.randn(config.memory_size, word)
@@ -170,23 +176,24 @@ class NTM(nn.Module):
 
         below = state.reads.flatten(1)
         hiddens, cells = [], []
+        previous_hiddens, previous_cells = state.hidden.unbind(0), state.cell.unbind(0)
         for layer, recurrent in enumerate(self.recurrent):
-            layer_input = torch.cat([below, state.hidden[layer]], 1) if self.lstm else below
+            layer_input = torch.cat([below, previous_hiddens[layer]], 1) if self.lstm else below
             if layer == 0:
                 gates = torch.addmm(projected_inputs, layer_input, recurrent.weight.t())
             else:
                 gates = recurrent(layer_input)
             if self.lstm:
-                below, cell = lstm_update(gates, state.cell[layer])
+                below, cell = lstm_update(gates, previous_cells[layer])
             else:
-                below, cell = torch.tanh(gates), state.cell[layer]
+                below, cell = torch.tanh(gates), previous_cells[layer]
             hiddens.append(below)
             cells.append(cell)
         output = below
         head_params = self.heads(output)
         if self.config.controller_clip is not None:
             clip = self.config.controller_clip
-            head_params = head_params.clamp(-clip, clip)
+            head_params = F.hardtanh(head_params, -clip, clip)  # clamp, one-op backward
         squashed, gated, softplussed, shift_logits = head_params.split(self.head_sizes, 1)
         squashed, gated = torch.tanh(squashed), torch.sigmoid(gated)
         keys, add = squashed.split([heads * word, write_heads * word], 1)
@@ -225,7 +232,7 @@ class NTM(nn.Module):
             reads.append(state.reads.flatten(1))
         logits = self.readout(torch.cat([torch.stack(outputs), torch.stack(reads)], dim=-1))
         if self.config.output_clip is not None:
-            logits = logits.clamp(-self.config.output_clip, self.config.output_clip)
+            logits = F.hardtanh(logits, -self.config.output_clip, self.config.output_clip)
         return logits, state
 
     def compile_step(self, **options: Any) -> None:
