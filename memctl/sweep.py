@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import hashlib
 import io
 import itertools
@@ -446,6 +447,12 @@ def primary_metric(recipe_file: Path) -> str:
     """The metric a trial's task ranks by (``bit_errors``, ``error``, ...)."""
     if not recipe_file.is_file():
         return ""
+    return _primary_metric(recipe_file, recipe_file.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _primary_metric(recipe_file: Path, mtime_ns: int) -> str:
+    # Polled for every trial every second: each recipe version is parsed once.
     task_type = (yaml.safe_load(recipe_file.read_text()) or {}).get("task", {}).get("type")
     return TASKS.get(task_type).cls.primary_metric if task_type in TASKS else ""
 
