@@ -330,5 +330,5 @@ def test_raw_soft_ham_learns_min():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert np.mean(losses[-50:]) < np.mean(losses[:10]) / 4
