@@ -134,9 +134,14 @@ def start_trial(
         log.flush()
 
         def preexec() -> None:
-            # SLURM signals the job step's whole process group with submitit's SIGUSR2,
-            # whose default action would kill the trainer before it could checkpoint.
-            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+            # A sweep started in the background inherits an ignored SIGINT; its trials
+            # must still stop on the one SIGINT that ``interrupt`` sends them.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if ignore_usr2:
+                # SLURM signals the job step's whole process group with submitit's
+                # SIGUSR2, whose default action would kill the trainer before it could
+                # checkpoint.
+                signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
         return subprocess.Popen(
             [*memctl_command(), *arguments],
@@ -145,7 +150,7 @@ def start_trial(
             stderr=subprocess.STDOUT,
             env=thread_environment(threads),
             start_new_session=new_session,
-            preexec_fn=preexec if ignore_usr2 else None,
+            preexec_fn=preexec,
         )
 
 
@@ -202,7 +207,9 @@ class LocalExecutor:
             code = process.poll()
             if code is not None:
                 del self.running[name]
-                state = ended_state(trial, code)
+                stopped_early = self.stopping and not (trial.run_dir / "run.json").is_file()
+                # A trial stopped before it made its run folder has simply not started.
+                state = TrialState("pending") if stopped_early else ended_state(trial, code)
                 state.job_id = str(process.pid)
                 self.states[name] = state
         self._fill()

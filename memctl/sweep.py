@@ -48,6 +48,7 @@ import itertools
 import math
 import random
 import re
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None}
 TRIAL_COLUMNS = ["trial", "status", "step", "metric", "value", "attempts", "job_id", "error"]
 ACTIVE = ("queued", "running")
 MAX_NAME = 128
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class SlurmSection(Section):
@@ -533,6 +535,9 @@ def run_sweep(
         if on_update is not None:
             on_update(current)
 
+    # SIGTERM (a sweep driver killed, or itself a batch job) stops the trials like Ctrl-C,
+    # and so does SIGINT even where the shell started this process with SIGINT ignored.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
     try:
         executor.submit(todo)
         update()
@@ -549,7 +554,14 @@ def run_sweep(
                 executor.interrupt()
         update()
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return list(by_name.values())
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 # -- summary --------------------------------------------------------------------------
