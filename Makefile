@@ -6,8 +6,12 @@ BIN := $(VENV)/bin
 # A CPU build of torch that installs in seconds; GPU users install their own torch first.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_RECIPE ?= recipes/copy_lstm.yaml
+# `make sweep SWEEP=recipes/sweep_x.yaml EXECUTOR=slurm [SWEEP_ARGS="--partition gpu --time 120"]`
+SWEEP ?= recipes/sweep_copy.yaml
+EXECUTOR ?= local
+SWEEP_ARGS ?=
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo sweep test test-fast lint format clean
 
 $(BIN)/memctl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +24,9 @@ install: $(BIN)/memctl
 
 demo: install
 	$(BIN)/memctl train $(DEMO_RECIPE) --name demo-$$(date +%Y%m%d-%H%M%S)
+
+sweep: install
+	$(BIN)/memctl sweep $(SWEEP) --executor $(EXECUTOR) $(SWEEP_ARGS)
 
 test: install
 	$(BIN)/ruff check .
