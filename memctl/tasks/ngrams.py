@@ -12,7 +12,7 @@ context is complete, so a sequence of ``L`` bits scores ``L - N + 1`` prediction
 Layout (time first, one input and one output channel): input step ``t`` is bit ``x_t``,
 output step ``t`` predicts ``x_{t+1}``, for ``t = 0 .. L - 2``; scored for ``t >= N - 2``.
 
-The Bayes-optimal predictor, which knows the prior but not the table (paper eq. 18):
+The Bayes-optimal predictor, which knows the prior but not the table (paper section 4.4):
 
     P(x_{t+1} = 1 | context c, x_0..x_t) = (N1 + 1/2) / (N1 + N0 + 1)
 
@@ -69,7 +69,7 @@ def context_indices(bits: torch.Tensor, context_bits: int) -> torch.Tensor:
 def bayes_predictions(
     bits: torch.Tensor, next_bits: torch.Tensor, scored: torch.Tensor, context_bits: int
 ) -> torch.Tensor:
-    """Bayes-optimal P(next bit = 1) at every step, ``[T, B]`` (paper eq. 18).
+    """Bayes-optimal P(next bit = 1) at every step, ``[T, B]`` (paper section 4.4).
 
     bits:      ``[T, B]`` input bits ``x_t``
     next_bits: ``[T, B]`` the bits to predict, ``x_{t+1}``
