@@ -66,10 +66,12 @@ def measure(
     for _ in range(warmup):
         train_step()
     times = []
+    cpu_start = time.process_time()
     for _ in range(steps):
         start = time.perf_counter()
         train_step()
         times.append(time.perf_counter() - start)
+    cpu_seconds = time.process_time() - cpu_start
     return {
         "mode": "compiled" if compiled else "eager",
         "batch_size": batch_size,
@@ -77,6 +79,8 @@ def measure(
         "steps": steps,
         "sequences_per_second": round(batch_size * steps / sum(times), 1),
         "median_step_ms": round(1000 * statistics.median(times), 2),
+        # On a shared machine wall time includes waiting for a core; CPU time does not.
+        "sequences_per_cpu_second": round(batch_size * steps / cpu_seconds, 1),
         "compile_seconds": None if compile_seconds is None else round(compile_seconds, 1),
         "parameters": parameter_count(model),
     }
@@ -89,6 +93,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--compile", action="store_true", help="also time the compiled step")
     parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--min-lengths", default="1,20", help="1: lengths 1..20; 20: fixed")
     parser.add_argument("--out", type=Path, default=None, help="save results as JSON")
     parser.add_argument("--note", default="", help="saved with the results (e.g. machine load)")
     args = parser.parse_args()
@@ -99,7 +104,7 @@ def main() -> None:
     modes = [False, True] if args.compile else [False]
     for compiled in modes:
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            for min_length in (1, 20):
+            for min_length in (int(n) for n in args.min_lengths.split(",")):
                 # Batch 1 steps are short: time more of them for a stable figure.
                 steps = args.steps * (4 if batch_size == 1 else 1)
                 row = measure(batch_size, min_length, steps, args.warmup, compiled)

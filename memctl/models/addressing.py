@@ -127,7 +127,8 @@ def write(
     """
     slot_weights = weights.transpose(1, 2)  # [B, N, W]
     if weights.shape[1] == 1:
-        keep = 1 - torch.bmm(slot_weights, erase)
-    else:
-        keep = (1 - slot_weights.unsqueeze(-1) * erase.unsqueeze(1)).prod(dim=2)
+        # M (1 - w e) + w a = M + w (a - M e): broadcasts, cheaper than batched matrix
+        # products with an inner dimension of 1 on a CPU.
+        return torch.addcmul(memory, slot_weights, add - memory * erase)
+    keep = (1 - slot_weights.unsqueeze(-1) * erase.unsqueeze(1)).prod(dim=2)
     return torch.baddbmm(memory * keep, slot_weights, add)
