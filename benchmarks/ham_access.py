@@ -9,7 +9,9 @@ jobs on shared cores do not count; wall time on CUDA), in two settings:
 
 ``forward``   eval mode under ``torch.no_grad`` (greedy paths in hard mode)
 ``train``     training mode, forward and backward of the outputs' sum, the tree a leaf
-              that requires grad (its one O(n) gradient buffer cancels in the difference)
+              that requires grad (its one O(n) gradient buffer cancels in the difference);
+              up to n = 2^14 (hard) and 2^12 (soft) by default, as it is O(n log n) and
+              O(n) per access
 
 Hard mode's forward is O(log n) per access: the script fits ``time = a + b log2 n`` and
 reports ``b``, the cost of one more tree level. Soft mode is O(n) per access; its log-log
@@ -101,6 +103,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-log2-n", type=int, default=16)
     parser.add_argument("--soft-max-log2-n", type=int, default=16)
+    parser.add_argument(
+        "--train-max-log2-n", type=int, default=14, help="largest n timed with backward, hard"
+    )
+    parser.add_argument(
+        "--soft-train-max-log2-n", type=int, default=12, help="largest n timed with backward, soft"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -110,6 +118,7 @@ def main() -> None:
     rows = []
     for mode in ("hard", "soft"):
         last = args.max_log2_n if mode == "hard" else args.soft_max_log2_n
+        last_train = args.train_max_log2_n if mode == "hard" else args.soft_train_max_log2_n
         model = HAM(HAMConfig(mode=mode), ITEM_BITS + 2, 5).to(device)
         for log2_n in range(3, last + 1):
             n = 2**log2_n
@@ -119,23 +128,29 @@ def main() -> None:
             with torch.no_grad():
                 tree = model.initial_state(data).tree
             few, many = (8, 24) if mode == "hard" else (1, 4)
-            row = {"mode": mode, "n": n}
+            row = {"mode": mode, "n": n, "forward_us": None, "train_us": None}
             for setting, train in (("forward", False), ("train", True)):
-                model.train(train)
-                row[f"{setting}_us"] = 1e6 * per_access(model, tree, few, many, train)
+                if not train or log2_n <= last_train:
+                    model.train(train)
+                    row[f"{setting}_us"] = 1e6 * per_access(model, tree, few, many, train)
             rows.append(row)
             print(
-                f"{mode:4s} n={n:6d}  forward {row['forward_us']:10.1f} us  "
-                f"train {row['train_us']:10.1f} us per access",
+                f"{mode:4s} n={n:6d}  "
+                + "  ".join(
+                    f"{setting} {row[f'{setting}_us'] or float('nan'):10.1f} us"
+                    for setting in ("forward", "train")
+                ),
                 flush=True,
             )
 
     summary = {}
     for mode in ("hard", "soft"):
-        mine = [r for r in rows if r["mode"] == mode]
-        levels = [math.log2(r["n"]) for r in mine]
         for setting in ("forward", "train"):
+            mine = [r for r in rows if r["mode"] == mode and r[f"{setting}_us"] is not None]
+            levels = [math.log2(r["n"]) for r in mine]
             times = [r[f"{setting}_us"] for r in mine]
+            if len(mine) < 2:
+                continue
             intercept, per_level = fit_line(levels, times)
             large = [(lv, t) for lv, t in zip(levels, times, strict=True) if lv >= 10]
             loglog = (
