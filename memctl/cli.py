@@ -287,3 +287,242 @@ def list_runs(
 
 def main() -> None:
     app()
+
+
+# -- sweeps ----------------------------------------------------------------------------
+
+
+class SweepGroup(typer.core.TyperGroup):
+    """``memctl sweep FILE ...`` is ``memctl sweep run FILE ...``: a first argument that is
+    no subcommand (and no option) names the sweep to run."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+sweep_app = typer.Typer(
+    cls=SweepGroup,
+    no_args_is_help=True,
+    help="Sweeps over settings and seeds: `memctl sweep FILE` runs one (same as "
+    "`memctl sweep run FILE`); `status` and `summary` follow and summarise it.",
+)
+app.add_typer(sweep_app, name="sweep")
+
+STATUS_STYLES = {"finished": "green", "running": "cyan", "queued": "blue", "pending": "dim",
+                 "interrupted": "yellow", "failed": "red"}  # fmt: skip
+
+
+def _trials_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("trial", "status", "step", "metric", "attempts", "job", "error"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        style = STATUS_STYLES.get(row["status"], "")
+        metric = f"{row['metric']}={_fmt_cell(row['value'])}" if row.get("value") != "" else "-"
+        table.add_row(row["trial"], f"[{style}]{row['status']}[/]", str(row["step"]), metric,
+                      str(row["attempts"]), str(row["job_id"]), str(row["error"])[:80])  # fmt: skip
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    table.caption = ", ".join(f"{n} {status}" for status, n in counts.items())
+    return table
+
+
+def _fmt_cell(value: Any) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return str(int(number)) if number.is_integer() else f"{number:.4g}"
+
+
+def _frame_table(frame: Any, title: str) -> Table:
+    """A summary for people: ``median [min, max]`` cells; ``--csv`` has every column."""
+    import pandas as pd
+
+    frame = frame.copy()
+    for stat in ("final", "eval"):
+        if f"{stat}_median" in frame:
+            spread = [f"{_fmt_cell(m)} [{_fmt_cell(lo)}, {_fmt_cell(hi)}]" for m, lo, hi in
+                      zip(frame[f"{stat}_median"], frame[f"{stat}_min"], frame[f"{stat}_max"],
+                          strict=True)]  # fmt: skip
+            frame = frame.drop(columns=[f"{stat}_min", f"{stat}_max"])
+            frame[f"{stat}_median"] = spread
+    frame = frame.rename(columns={"level_median": "level median",
+                                  "final_median": "final median [min, max]",
+                                  "best_median": "best median",
+                                  "eval_median": "eval median [min, max]"})  # fmt: skip
+    table = Table(title=title)
+    for column in frame.columns:
+        if column != "metric":
+            numeric = pd.api.types.is_numeric_dtype(frame[column])
+            table.add_column(str(column), justify="right" if numeric else "left")
+    for values in frame.drop(columns="metric").itertuples(index=False):
+        table.add_row(*(_fmt_cell(v) for v in values))
+    return table
+
+
+def _key_values(options: list[str] | None, flag: str) -> dict[str, str]:
+    pairs = {}
+    for text in options or []:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise UserError(f"{flag} {text!r}: expected KEY=VALUE, e.g. {flag} account=lab")
+        pairs[key] = value
+    return pairs
+
+
+@sweep_app.command("run")
+def sweep_run(
+    file: Annotated[Path, typer.Argument(help="Sweep file (YAML), or a sweep folder to continue")],
+    executor: Annotated[
+        str | None, typer.Option("--executor", help="local or slurm (default: the sweep file's)")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Local trials at once")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the trials; write and run nothing")
+    ] = False,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Sweep name (default: the file's)")
+    ] = None,
+    runs_dir: RunsDirOption = Path("runs"),
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Run failed trials again")
+    ] = False,
+    partition: Annotated[str | None, typer.Option("--partition", help="SLURM partition")] = None,
+    time_min: Annotated[
+        int | None, typer.Option("--time", min=1, help="SLURM time limit per trial, minutes")
+    ] = None,
+    cpus: Annotated[int | None, typer.Option("--cpus", min=1, help="SLURM CPUs per trial")] = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", min=0, help="SLURM GPUs per trial")] = None,
+    mem_gb: Annotated[
+        float | None, typer.Option("--mem", help="SLURM memory per trial, GB")
+    ] = None,
+    parallelism: Annotated[
+        int | None, typer.Option("--parallelism", min=1, help="SLURM array tasks at once")
+    ] = None,
+    sbatch: Annotated[
+        list[str] | None,
+        typer.Option("--sbatch", help="Extra sbatch option KEY=VALUE (repeatable)"),
+    ] = None,
+) -> None:
+    """Run a sweep, or continue it: finished trials are skipped, interrupted ones resumed."""
+    with user_errors():
+        from memctl.sweep import configure, make_executor, plan_sweep, run_sweep
+
+        plan = plan_sweep(file, runs_dir, name)
+        flags = {"partition": partition, "time_min": time_min, "cpus_per_task": cpus,
+                 "gpus_per_node": gpus, "mem_gb": mem_gb,
+                 "array_parallelism": parallelism}  # fmt: skip
+        slurm = {key: value for key, value in flags.items() if value is not None}
+        extra = _key_values(sbatch, "--sbatch")
+        if extra:
+            slurm["sbatch"] = {**plan.sweep.slurm.sbatch, **extra}
+        configure(plan, executor, workers, slurm)
+        if dry_run:
+            table = Table(title=f"{plan.name}: {len(plan.trials)} trials ({plan.sweep_dir})")
+            table.add_column("trial")
+            keys = list(plan.trials[0].params) if plan.trials else []
+            for key in keys:
+                table.add_column(key, justify="right")
+            for trial in plan.trials:
+                table.add_row(trial.name, *(_fmt_cell(trial.params[k]) for k in keys))
+            console.print(table)
+            console.print(f"dry run: nothing written or submitted ({plan.sweep.executor})")
+            return
+        from rich.live import Live
+
+        runner = make_executor(plan)
+        title = f"{plan.name} ({runner.kind}): {plan.sweep_dir}"
+        live = Live(console=console, auto_refresh=False) if console.is_terminal else None
+        shown: dict[str, str] = {}
+
+        def show(rows: list[dict[str, Any]]) -> None:
+            if live is not None:
+                live.update(_trials_table(rows, title), refresh=True)
+                return
+            for row in rows:
+                if shown.get(row["trial"]) != row["status"]:
+                    shown[row["trial"]] = row["status"]
+                    print(f"{row['trial']}: {row['status']} (step {row['step']})", flush=True)
+
+        try:
+            if live is not None:
+                live.start()
+            rows = run_sweep(plan, runner, retry_failed, on_update=show)
+        except KeyboardInterrupt:
+            if live is not None:
+                live.stop()
+            if runner.kind == "slurm":
+                console.print(f"detached; jobs keep running: memctl sweep status {plan.sweep_dir}")
+                raise typer.Exit(130) from None
+            console.print(f"interrupted; trials checkpointed. Continue with: memctl sweep {file}")
+            raise typer.Exit(130) from None
+        if live is not None:
+            live.stop()
+        else:
+            console.print(_trials_table(rows, title))
+        failed = [row["trial"] for row in rows if row["status"] == "failed"]
+        if failed:
+            console.print(f"{len(failed)} failed (errors in trials.csv and <trial>.log); "
+                          f"retry with: memctl sweep {file} --retry-failed")  # fmt: skip
+            raise typer.Exit(1)
+
+
+@sweep_app.command("status")
+def sweep_status_command(
+    sweep_dir: Annotated[Path, typer.Argument(help="Sweep folder, e.g. runs/fw_sweep")],
+    csv: Annotated[bool, typer.Option("--csv", help="Print CSV (for programs)")] = False,
+) -> None:
+    """Every trial of a sweep: status, step, latest metric, attempts, job, error."""
+    with user_errors():
+        import pandas as pd
+
+        from memctl.sweep import sweep_status
+
+        rows = sweep_status(sweep_dir)
+        if csv:
+            print(pd.DataFrame(rows).to_csv(index=False), end="")
+            return
+        console.print(_trials_table(rows, str(sweep_dir)))
+
+
+@sweep_app.command("summary")
+def sweep_summary(
+    sweep_dir: Annotated[Path, typer.Argument(help="Sweep folder, e.g. runs/fw_sweep")],
+    metric: Annotated[
+        str | None, typer.Option("--metric", help="metrics.csv column (default: the task's)")
+    ] = None,
+    group_by: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--group-by",
+            help="Recipe key to group by, e.g. model.type (repeatable; "
+            "default: every varied setting but the seed)",
+        ),
+    ] = None,
+    trials: Annotated[
+        bool, typer.Option("--trials", help="One row per trial instead of per group")
+    ] = False,
+    csv: Annotated[bool, typer.Option("--csv", help="Print CSV (for programs)")] = False,
+) -> None:
+    """Final and best metric per trial, and per group the median and spread over seeds."""
+    with user_errors():
+        from memctl.sweep import summarise, trial_table
+
+        keys = [k for text in group_by or [] for k in text.split(",") if k] or None
+        if trials:
+            frame = trial_table(sweep_dir, metric, keys)
+        else:
+            frame = summarise(sweep_dir, metric, keys)
+        if csv:
+            print(frame.to_csv(index=False), end="")
+            return
+        if frame.empty:
+            console.print(f"no trials in {sweep_dir}")
+            return
+        console.print(_frame_table(frame, f"{sweep_dir.name}: {frame['metric'].iloc[0]}"))
