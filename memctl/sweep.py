@@ -57,7 +57,7 @@ from typing import Any, Literal
 
 import pandas as pd
 import yaml
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from memctl.errors import UserError
 from memctl.executors import (
@@ -126,11 +126,9 @@ def _check_keys(keys: Any) -> Any:
 
 
 class SweepFile(Section):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
     name: str | None = Field(None, pattern=NAME_PATTERN, description="default: the file's stem")
     base: str = Field(description="recipe file, relative to the sweep file")
-    fixed: dict[str, Any] = Field(default_factory=dict, alias="set")
+    set: dict[str, Any] = Field(default_factory=dict, description="fixed dotted keys")
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     random: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
     trials: int = Field(1, ge=1, description="random draws")
@@ -140,7 +138,7 @@ class SweepFile(Section):
     workers: int = Field(1, ge=1)
     slurm: SlurmSection = SlurmSection()
 
-    @field_validator("fixed", "grid", "random")
+    @field_validator("set", "grid", "random")
     @classmethod
     def _dotted_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         return _check_keys(value)
@@ -346,7 +344,7 @@ def plan_sweep(path: Path, runs_dir: Path, name: str | None = None) -> Plan:
                     raise UserError(f"{path}: two trials would both be named {trial!r}")
                 names.add(trial)
                 where = f"{path}: trial {trial}"
-                settings = {**sweep.fixed, **params}
+                settings = {**sweep.set, **params}
                 recipe = resolve_trial(base, settings, trial, seed, where)
                 record = dict(params) if seed is None else {**params, "seed": seed}
                 plan.trials.append(PlannedTrial(trial, record, recipe))
@@ -399,7 +397,7 @@ def prepare(plan: Plan) -> list[dict[str, Any]]:
         recipes.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{sweep_dir}: cannot create sweep directory ({exc.strerror})") from None
-    resolved = plan.sweep.model_dump(mode="json", by_alias=True)
+    resolved = plan.sweep.model_dump(mode="json")
     resolved.update(name=plan.name, base=str(plan.base), source=str(plan.source.resolve()))
     atomic_write(sweep_dir / "sweep.yaml", yaml.safe_dump(resolved, sort_keys=False))
     rows = []
@@ -471,7 +469,7 @@ def configure(
     slurm: dict[str, Any] | None = None,
 ) -> None:
     """Apply command-line settings over the sweep file's, validated the same way."""
-    data = plan.sweep.model_dump(by_alias=True)
+    data = plan.sweep.model_dump()
     if executor is not None:
         data["executor"] = executor
     if workers is not None:

@@ -3,6 +3,8 @@ and one real local sweep (a failing trial, Ctrl-C, continue, retry)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -251,3 +253,41 @@ def test_local_sweep_survives_a_failing_trial_ctrl_c_and_continues(tmp_path):
     run_sweep(plan, make_executor(plan, "local", 2), retry_failed=True, poll_s=0.2)
     assert len(log_starts(sweep_dir, bad)) == 2
     assert len(log_starts(sweep_dir, good)) == 2  # a finished trial is never re-run
+
+
+def test_cli_sweep_file_runs_the_sweep_and_status_summary_read_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from memctl.cli import app
+
+    runner = CliRunner()
+    runs = str(tmp_path / "runs")
+    path = write_sweep(tmp_path, grid={"model.hidden": [8, 16]}, seeds=[0, 1, 2])
+    short = runner.invoke(app, ["sweep", str(path), "--dry-run", "--runs-dir", runs])
+    long = runner.invoke(app, ["sweep", "run", str(path), "--dry-run", "--runs-dir", runs])
+    assert short.exit_code == 0, short.output
+    assert short.output == long.output
+    assert "s-hidden=16-seed=2" in short.output and "6 trials" in short.output
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+    (tmp_path / "bad").mkdir()
+    bad_file = write_sweep(tmp_path / "bad", grd={})
+    bad = runner.invoke(app, ["sweep", str(bad_file), "--dry-run"])
+    assert bad.exit_code == 2
+    assert bad.output.strip().startswith("error: ") and "grd: unknown key" in bad.output
+
+    plan = plan_sweep(path, tmp_path / "runs")
+    prepare(plan)
+    for trial in plan.trials[:3]:
+        fake_trial(plan.sweep_dir, trial.name, [3.0, 1.0], eval_value=2.0)
+    status = runner.invoke(app, ["sweep", "status", str(plan.sweep_dir), "--csv"])
+    assert status.exit_code == 0, status.output
+    rows = list(csv.DictReader(io.StringIO(status.output)))
+    assert [row["status"] for row in rows] == ["finished"] * 3 + ["pending"] * 3
+    summary = runner.invoke(app, ["sweep", "summary", str(plan.sweep_dir), "--csv"])
+    frame = pd.read_csv(io.StringIO(summary.output))
+    assert list(frame["model.hidden"]) == [8, 16]
+    assert list(frame["final_median"][:1]) == [1.0]
+    table = runner.invoke(app, ["sweep", "summary", str(plan.sweep_dir), "--group-by", "seed"])
+    assert table.exit_code == 0, table.output
+    assert "1 [1, 1]" in table.output  # median [min, max] of the final value over hidden
