@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A CPU build of torch that installs in seconds; GPU users install their own torch first.
 TORCH_SPEC ?= torch==2.13.0
-DEMO_RECIPE ?= recipes/copy_lstm.yaml
+DEMO_RECIPE ?= recipes/ham_min8.yaml
 # `make sweep SWEEP=recipes/sweep_x.yaml EXECUTOR=slurm [SWEEP_ARGS="--partition gpu --time 120"]`
 SWEEP ?= recipes/sweep_copy.yaml
 EXECUTOR ?= local
