@@ -80,7 +80,7 @@ class FastWeightsConfig(RNNLNConfig):
     explicit: bool = Field(False, description="keep the H x H matrix A(t) per sequence")
     # Eq. 1 puts h(t) h(t)^T into the A(t) that computes h(t+1). The public reproduction
     # jxwufan/AssociativeRetrieval attends with A(t-1) instead; in our runs that escaped
-    # the chance-among-the-values plateau much sooner (docs/fast_weights.md).
+    # the chance-among-the-values plateau much sooner (README, Fast weights).
     attend_current: bool = Field(True, description="attend with A(t) (eq. 1); false: A(t-1)")
 
 
