@@ -32,20 +32,11 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name
 
 from memctl.models.ham import HAM, HAMConfig, HAMState
 
 BATCH, ITEM_BITS = 8, 10
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def go_steps(accesses: int, device: torch.device) -> torch.Tensor:

@@ -22,20 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name
 
 from memctl.models.base import parameter_count
 from memctl.models.ntm import NTM, NTMConfig
 from memctl.tasks.copy import CopyConfig, CopyTask
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure(

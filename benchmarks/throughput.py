@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name
 
 from memctl.recipe import load_recipe
 from memctl.trainer import Trainer
@@ -26,7 +27,7 @@ from memctl.trainer import Trainer
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def measure(path: Path, device: str, steps: int, warmup: int) -> dict:
