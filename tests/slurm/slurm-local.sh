@@ -32,6 +32,16 @@ die() {
     exit 1
 }
 
+# A process of this name runs, zombies (a daemon that just exited, not yet reaped) aside.
+running_named() {
+    local pid state
+    for pid in $(pgrep -x "$1"); do
+        state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || continue
+        [[ -n $state && $state != Z ]] && return 0
+    done
+    return 1
+}
+
 # A pid is ours and alive when its pid file names a process in a state other than zombie.
 alive() {
     local pidfile=$1 pid state
@@ -267,13 +277,13 @@ start() {
         stop_pidfile slurmctld "$DIR/run/slurmctld.pid"
     fi
     if ! alive "$DIR/run/slurmctld.pid"; then
-        pgrep -x slurmctld >/dev/null && die "a slurmctld not started by this script is running"
+        running_named slurmctld && die "a slurmctld not started by this script is running"
         slurmctld
         wait_for slurmctld "$DIR/run/slurmctld.pid" "$DIR/log/slurmctld.log" 100 scontrol ping
         say "started slurmctld"
     fi
     if ! alive "$DIR/run/slurmd.pid"; then
-        pgrep -x slurmd >/dev/null && die "a slurmd not started by this script is running"
+        running_named slurmd && die "a slurmd not started by this script is running"
         slurmd
         say "started slurmd"
     fi
