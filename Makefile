@@ -31,12 +31,15 @@ sweep: install
 # The SLURM tests need a local cluster (tests/slurm/slurm-local.sh, root, Debian packages):
 # started here under CI or with SLURM_TESTS=1, otherwise those tests skip and say why.
 SLURM_TESTS ?= $(CI)
+# Seconds between SIGTERM and SIGKILL of a cancelled job on that cluster; exported so that
+# the tests that call the start script see the same configuration.
+export SLURM_LOCAL_KILLWAIT ?= 5
 
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@if [ "$(SLURM_TESTS)" = "true" ] || [ "$(SLURM_TESTS)" = "1" ]; then \
-	  SLURM_LOCAL_KILLWAIT=5 tests/slurm/slurm-local.sh start \
+	  tests/slurm/slurm-local.sh start \
 	    || echo "local SLURM did not start: the SLURM tests will skip"; fi
 	$(BIN)/python -m pytest -q
 
