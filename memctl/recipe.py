@@ -59,6 +59,10 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(3, ge=1)
     on_nan: Literal["skip", "rollback", "stop"] = "rollback"
     max_nan_in_a_row: int = Field(3, ge=1)
+    compile: bool = Field(
+        False,
+        description="torch.compile the model's per-time-step cell (models with compile_step)",
+    )
 
 
 class CurriculumSection(Section):

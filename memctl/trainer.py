@@ -114,6 +114,14 @@ class Trainer:
         model_cls = MODELS.get(recipe.model.type).cls
         self.model = model_cls(recipe.model, self.task.input_size, self.task.output_size)
         self.model.to(self.device)
+        if recipe.train.compile:
+            compile_step = getattr(self.model, "compile_step", None)
+            if compile_step is None:
+                raise UserError(
+                    f"train.compile: model {recipe.model.type!r} has no per-step cell to "
+                    "compile; set train.compile: false"
+                )
+            compile_step()
         self.optimizer = self._make_optimizer()
         self.curriculum = Curriculum(recipe.curriculum, self.task)
         self.columns = [
@@ -153,7 +161,12 @@ class Trainer:
         params = self.model.parameters()
         if spec.name == "adam":
             return torch.optim.Adam(
-                params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay
+                params,
+                lr=spec.lr,
+                betas=spec.betas,
+                eps=spec.eps,
+                weight_decay=spec.weight_decay,
+                foreach=True,
             )
         if spec.name == "rmsprop":
             return torch.optim.RMSprop(
@@ -163,9 +176,14 @@ class Trainer:
                 eps=spec.eps,
                 momentum=spec.momentum,
                 weight_decay=spec.weight_decay,
+                foreach=True,
             )
         return torch.optim.SGD(
-            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+            params,
+            lr=spec.lr,
+            momentum=spec.momentum,
+            weight_decay=spec.weight_decay,
+            foreach=True,
         )
 
     def _set_lr(self) -> None:
@@ -306,12 +324,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         max_norm = train.clip.norm if train.clip.norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):
             self._handle_nonfinite(total)
             return
         if train.clip.value is not None:
-            torch.nn.utils.clip_grad_value_(self.model.parameters(), train.clip.value)
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), train.clip.value, foreach=True)
         self.optimizer.step()
         self.step += 1
         self.samples += train.batch_size

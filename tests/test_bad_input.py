@@ -44,6 +44,7 @@ BAD_RECIPES = [
     ("no_model", with_change(("model",), KeyError), ["model: missing"]),
     ("bad_name", with_change(("name",), "../escape"), ["name"]),
     ("start_too_big", with_change(("curriculum", "start"), 9), ["curriculum.start"]),
+    ("compile_no_cell", with_change(("train", "compile"), True), ["train.compile", "lstm"]),
 ]
 
 
