@@ -290,7 +290,7 @@ def test_auxiliary_loss_is_reinforce_with_baseline_and_entropy():
     model.config = model.config.model_copy(update={"entropy_bonus": 0.5, "baseline_weight": 2.0})
     _, batch = min_batch(n=4, batch=3)
     model(batch.inputs.double())
-    log_prob, entropy, baseline = (t.detach().numpy() for t in model.trace)
+    log_prob, entropy, baseline = (t.detach().numpy() for t in model.paths)
     assert log_prob.shape == (1, 3)
     losses = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     expected = 0.0

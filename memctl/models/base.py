@@ -4,6 +4,25 @@ A model is an ``nn.Module`` built as ``cls(config, input_size, output_size)`` wi
 ``forward(inputs [T, B, I], state=None) -> (outputs [T, B, O], state)``. ``state`` is a
 named tuple of tensors so it can be detached, saved and inspected. Outputs are logits;
 the task owns the loss.
+
+A model MAY also define ``trace(inputs [T, B, I]) -> (logits [T, B, O], quantities)``:
+the same computation as ``forward`` from a fresh state, keeping what happened at every
+step for ``memctl inspect`` (which calls it under ``torch.no_grad`` in eval mode, and
+plots each quantity present). ``quantities`` maps names to tensors, time first, batch
+second; the names and shapes are fixed so that every model's figures look alike:
+
+    read_weights      [T, B, R, N]  read weightings w^r_t of the R read heads
+    write_weights     [T, B, W, N]  write weightings w^w_t of the W write heads
+    memory            [T+1, B, N, M]  memory M_t before the first step, then after each
+    usage             [T, B, N]     DNC usage u_t
+    allocation        [T, B, W, N]  DNC allocation weightings a_t
+    link              [T, B, N, N]  DNC temporal link matrix L_t
+    precedence        [T, B, N]     DNC precedence weighting p_t
+    leaf_attention    [T, B, L]     HAM attention over the L leaves (zero where no access)
+    fast_weight_norm  [T, B]        Frobenius norm of the fast-weight matrix A(t)
+    hidden            [T, B, H]     the recurrent hidden state h_t
+
+A model without ``trace`` is inspected through its inputs, targets and outputs only.
 """
 
 from __future__ import annotations

@@ -65,7 +65,18 @@ def fast_weight_attend(
     return fast_lr * torch.bmm(scores.unsqueeze(1), history).squeeze(1)
 
 
-class RNNLNConfig(ModelConfig):
+class _EncoderReadoutConfig(ModelConfig):
+    """Input encoding and read-out shared by the section 4.1 models (defaults: none)."""
+
+    embedding: int = Field(
+        0, ge=0, description="learned linear embedding of the inputs before C (0: none)"
+    )
+    readout_hidden: int = Field(
+        0, ge=0, description="ReLU layer of this many units before the logits (0: none)"
+    )
+
+
+class RNNLNConfig(_EncoderReadoutConfig):
     type: str = "rnn_ln"
     hidden: int = Field(50, ge=1, description="R, the number of hidden units")
     recurrent_init: float = Field(0.05, ge=0, description="W = recurrent_init * I at start")
@@ -84,13 +95,13 @@ class FastWeightsConfig(RNNLNConfig):
     attend_current: bool = Field(True, description="attend with A(t) (eq. 1); false: A(t-1)")
 
 
-class ControlConfig(ModelConfig):
+class ControlConfig(_EncoderReadoutConfig):
     type: str = "control"
     hidden: int = Field(50, ge=1, description="R, the number of hidden units")
     recurrent_init: float = Field(1.0, ge=0, description="W = recurrent_init * I (IRNN: 1)")
 
 
-class GRULNConfig(ModelConfig):
+class GRULNConfig(_EncoderReadoutConfig):
     type: str = "gru_ln"
     hidden: int = Field(50, ge=1, description="R, the number of hidden units")
     ln_eps: float = Field(1e-5, gt=0, description="layer-norm epsilon")
@@ -116,15 +127,41 @@ class FastWeightsHistoryState(NamedTuple):
     history: torch.Tensor
 
 
+def input_layer(input_size: int, size: int, embedding: int) -> nn.Module:
+    """``C x + b``; with ``embedding > 0``, ``C E x + b`` through a learned linear embedding
+    ``E`` (no bias) of that width, as public reproductions embed the one-hot characters."""
+    if embedding == 0:
+        return nn.Linear(input_size, size)
+    return nn.Sequential(nn.Linear(input_size, embedding, bias=False), nn.Linear(embedding, size))
+
+
+def readout_layer(hidden: int, output_size: int, readout_hidden: int) -> nn.Module:
+    """Logits from the hidden state: linear, or with ``readout_hidden > 0`` through one ReLU
+    layer of that width (``U_2 ReLU(U_1 h + c_1) + c_2``)."""
+    if readout_hidden == 0:
+        return nn.Linear(hidden, output_size)
+    return nn.Sequential(
+        nn.Linear(hidden, readout_hidden), nn.ReLU(), nn.Linear(readout_hidden, output_size)
+    )
+
+
 class _ReluRNN(nn.Module):
     """Shared parts of the ReLU RNNs: ``C x(t) + b`` (``input``), ``W`` (``recurrent``),
     the read-out, and the time loop; subclasses define one transition."""
 
-    def __init__(self, hidden: int, recurrent_init: float, input_size: int, output_size: int):
+    def __init__(
+        self,
+        hidden: int,
+        recurrent_init: float,
+        input_size: int,
+        output_size: int,
+        embedding: int = 0,
+        readout_hidden: int = 0,
+    ):
         super().__init__()
-        self.input = nn.Linear(input_size, hidden)
+        self.input = input_layer(input_size, hidden, embedding)
         self.recurrent = nn.Parameter(recurrent_init * torch.eye(hidden))
-        self.readout = nn.Linear(hidden, output_size)
+        self.readout = readout_layer(hidden, output_size, readout_hidden)
 
     def initial_state(self, inputs: torch.Tensor) -> tuple:
         hidden = inputs.new_zeros(inputs.shape[1], self.recurrent.shape[0])
@@ -149,7 +186,14 @@ class ControlRNN(_ReluRNN):
     """h(t+1) = ReLU(W h(t) + C x(t) + b)."""
 
     def __init__(self, config: ControlConfig, input_size: int, output_size: int) -> None:
-        super().__init__(config.hidden, config.recurrent_init, input_size, output_size)
+        super().__init__(
+            config.hidden,
+            config.recurrent_init,
+            input_size,
+            output_size,
+            config.embedding,
+            config.readout_hidden,
+        )
         self.config = config
 
     def step(self, driven: torch.Tensor, state: RNNState) -> RNNState:
@@ -161,7 +205,14 @@ class LayerNormRNN(_ReluRNN):
     """h(t+1) = ReLU(LN[W h(t) + C x(t) + b]), LN with learned gain and bias."""
 
     def __init__(self, config: RNNLNConfig, input_size: int, output_size: int) -> None:
-        super().__init__(config.hidden, config.recurrent_init, input_size, output_size)
+        super().__init__(
+            config.hidden,
+            config.recurrent_init,
+            input_size,
+            output_size,
+            config.embedding,
+            config.readout_hidden,
+        )
         self.config = config
         self.norm = nn.LayerNorm(config.hidden, eps=config.ln_eps)
 
@@ -178,7 +229,14 @@ class FastWeightsRNN(_ReluRNN):
     """
 
     def __init__(self, config: FastWeightsConfig, input_size: int, output_size: int) -> None:
-        super().__init__(config.hidden, config.recurrent_init, input_size, output_size)
+        super().__init__(
+            config.hidden,
+            config.recurrent_init,
+            input_size,
+            output_size,
+            config.embedding,
+            config.readout_hidden,
+        )
         self.config = config
         self.norm = nn.LayerNorm(config.hidden, eps=config.ln_eps)
 
@@ -216,6 +274,28 @@ class FastWeightsRNN(_ReluRNN):
             hidden = torch.relu(self.norm(boundary + self.recall(attended, hidden)))
         return type(state)(hidden, memory)
 
+    def trace(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``forward`` from a fresh state, keeping every step's state (the model contract
+        in ``base.py``): logits ``[T, B, O]``, ``hidden`` h(t+1) ``[T, B, H]`` and
+        ``fast_weight_norm`` ``[T, B]``, the Frobenius norm of the A(t) = lambda A(t-1)
+        + eta h(t) h(t)^T that the step's inner loop attends with (eq. 1; with
+        ``attend_current: false`` the loop uses the previous step's matrix). The matrix is
+        kept explicitly here whatever ``explicit`` says."""
+        driven = self.input(inputs)
+        state = self.initial_state(inputs)
+        size = state.hidden.shape[1]
+        fast_weights = state.hidden.new_zeros(state.hidden.shape[0], size, size)
+        hiddens, norms = [], []
+        for step in range(inputs.shape[0]):
+            fast_weights = fast_weight_update(
+                fast_weights, state.hidden, self.config.decay, self.config.fast_lr
+            )
+            state = self.step(driven[step], state)
+            hiddens.append(state.hidden)
+            norms.append(torch.linalg.matrix_norm(fast_weights))
+        hidden = torch.stack(hiddens)
+        return self.readout(hidden), {"hidden": hidden, "fast_weight_norm": torch.stack(norms)}
+
 
 class GRULNState(NamedTuple):
     """hidden: ``[B, H]``."""
@@ -235,12 +315,12 @@ class LayerNormGRU(nn.Module):
         super().__init__()
         self.config = config
         size = config.hidden
-        self.input = nn.Linear(input_size, 3 * size)
+        self.input = input_layer(input_size, 3 * size, config.embedding)
         self.recurrent = nn.Linear(size, 3 * size, bias=False)
         self.norm_reset = nn.LayerNorm(size, eps=config.ln_eps)
         self.norm_update = nn.LayerNorm(size, eps=config.ln_eps)
         self.norm_candidate = nn.LayerNorm(size, eps=config.ln_eps)
-        self.readout = nn.Linear(size, output_size)
+        self.readout = readout_layer(size, output_size, config.readout_hidden)
 
     def step(self, driven: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """driven ``[B, 3H]`` = W x + b (reset, update, candidate); hidden ``[B, H]``."""

@@ -212,7 +212,7 @@ def hard_write(
 class HAM(nn.Module):
     """Raw HAM or LSTM+HAM, soft or hard attention (see the module docstring).
 
-    In training mode a hard forward keeps its ``PathTrace`` in ``self.trace`` for
+    In training mode a hard forward keeps its ``PathTrace`` in ``self.paths`` for
     ``auxiliary_loss``; in eval mode paths are greedy and nothing is kept.
     """
 
@@ -235,7 +235,7 @@ class HAM(nn.Module):
             self.readout = nn.Linear(width, output_size)
         if config.mode == "hard":
             self.baseline = nn.Linear(signal, 1)
-        self.trace: PathTrace | None = None
+        self.paths: PathTrace | None = None
 
     def initial_state(self, data: torch.Tensor) -> HAMState:
         """Tree of the data steps ``[T_data, B, I]`` and a zero controller."""
@@ -264,6 +264,28 @@ class HAM(nn.Module):
         Without a state the steps before the first go step are the data; with one, its
         tree is the memory and every step is an access.
         """
+        return self._run(inputs, state, None)
+
+    def trace(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``forward`` from a fresh state, keeping every access's attention (the model
+        contract in ``base.py``): outputs ``[T, B, O]`` and ``leaf_attention``
+        ``[T, B, N]``, the DHAM attention a_i over the N leaves (hard: 1 on the leaf the
+        path reached), zero on the data steps, which access nothing."""
+        attentions: list[torch.Tensor] = []
+        outputs, state = self._run(inputs, None, attentions)
+        leaves = state.tree.shape[1] // 2 + 1
+        idle = inputs.new_zeros(inputs.shape[0] - len(attentions), inputs.shape[1], leaves)
+        accesses = torch.stack(attentions) if attentions else idle[:0]
+        return outputs, {"leaf_attention": torch.cat([idle, accesses])}
+
+    def _run(
+        self,
+        inputs: torch.Tensor,
+        state: HAMState | None,
+        attentions: list[torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, HAMState]:
+        """``forward``; appends each access's leaf attention ``[B, N]`` to ``attentions``
+        when given one."""
         steps = inputs.shape[0]
         if state is None:
             go = (inputs[..., -1] > 0).any(dim=1)
@@ -291,6 +313,8 @@ class HAM(nn.Module):
                     torch.arange(tree.shape[0], device=tree.device), leaf + tree.shape[1] // 2
                 ]
                 hard_write(tree, leaf, self.write(torch.cat((read, signal), -1)), self.join)
+                if attentions is not None:
+                    attentions.append(F.one_hot(leaf, tree.shape[1] // 2 + 1).to(tree.dtype))
                 log_probs.append(log_prob)
                 entropies.append(entropy)
                 baselines.append(self.baseline(signal.detach()).squeeze(-1))
@@ -301,11 +325,13 @@ class HAM(nn.Module):
                 expanded = signal.unsqueeze(1).expand(-1, leaves.shape[1], -1)
                 new = self.write(torch.cat((leaves, expanded), -1))
                 tree = build_tree(soft_write(leaves, attention, new), self.join)
+                if attentions is not None:
+                    attentions.append(attention)
             features = read if self.config.controller == "none" else torch.cat((hidden, read), -1)
             outputs.append(self.readout(features).unsqueeze(0))
-        self.trace = None
+        self.paths = None
         if hard and self.training and log_probs:
-            self.trace = PathTrace(
+            self.paths = PathTrace(
                 torch.stack(log_probs), torch.stack(entropies), torch.stack(baselines)
             )
         return torch.cat(outputs), HAMState(tree, hidden, cell, read)
@@ -319,11 +345,11 @@ class HAM(nn.Module):
         ``sum_t [-(R - b_t) log pi_t - beta H_t + lambda (b_t - R)^2]``, the advantage
         ``R - b_t`` held constant. Zero in soft mode or when nothing was sampled.
         """
-        if self.trace is None:
+        if self.paths is None:
             return sequence_losses.new_zeros(())
         reward = -sequence_losses
-        advantage = (reward - self.trace.baseline).detach()
-        policy = -(advantage * self.trace.log_prob).sum(0).mean()
-        entropy = self.trace.entropy.sum(0).mean()
-        fit = (self.trace.baseline - reward).pow(2).sum(0).mean()
+        advantage = (reward - self.paths.baseline).detach()
+        policy = -(advantage * self.paths.log_prob).sum(0).mean()
+        entropy = self.paths.entropy.sum(0).mean()
+        fit = (self.paths.baseline - reward).pow(2).sum(0).mean()
         return policy - self.config.entropy_bonus * entropy + self.config.baseline_weight * fit

@@ -235,6 +235,32 @@ class NTM(nn.Module):
             logits = F.hardtanh(logits, -self.config.output_clip, self.config.output_clip)
         return logits, state
 
+    def trace(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``forward`` from a fresh state, keeping every step's heads and memory (the
+        model contract in ``base.py``): logits ``[T, B, O]`` and ``read_weights``
+        ``[T, B, R, N]``, ``write_weights`` ``[T, B, W, N]``, ``memory`` ``[T+1, B, N, M]``
+        (the initial memory, then the memory after each step's write)."""
+        state = self.initial_state(inputs.shape[1], inputs.device, inputs.dtype)
+        outputs, reads, weights, memories = [], [], [], [state.memory]
+        for projected in self.input_projection(inputs).unbind(0):
+            output, state = self.step(projected, state)
+            outputs.append(output)
+            reads.append(state.reads.flatten(1))
+            weights.append(state.weights)
+            memories.append(state.memory)
+        logits = self.readout(torch.cat([torch.stack(outputs), torch.stack(reads)], dim=-1))
+        if self.config.output_clip is not None:
+            logits = F.hardtanh(logits, -self.config.output_clip, self.config.output_clip)
+        read_weights, write_weights = torch.stack(weights).split(
+            [self.config.read_heads, self.config.write_heads], dim=2
+        )
+        quantities = {
+            "read_weights": read_weights,
+            "write_weights": write_weights,
+            "memory": torch.stack(memories),
+        }
+        return logits, quantities
+
     def compile_step(self, **options: Any) -> None:
         """Run ``forward``'s time steps through ``torch.compile(self.step, **options)``.
 
