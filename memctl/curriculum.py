@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from memctl.errors import UserError
 from memctl.recipe import CurriculumSection
 from memctl.tasks.base import Task
@@ -39,7 +41,16 @@ class Curriculum:
     @property
     def min_level(self) -> int:
         """Smallest level in a batch: the task minimum, or the level itself if not mixing."""
-        return min(self.task.min_level, self.level) if self.section.mix == "uniform" else self.level
+        return self.level if self.section.mix == "level" else min(self.task.min_level, self.level)
+
+    def batch_levels(self, generator: torch.Generator) -> tuple[int, int]:
+        """(smallest, largest) level of the next batch. ``batch`` draws one level per
+        batch, uniform in [min_level, level], so a batch is as long as its level needs
+        rather than as long as its longest sequence (pytorch-ntm's copy does this)."""
+        if self.section.mix != "batch":
+            return self.min_level, self.level
+        drawn = int(torch.randint(self.min_level, self.level + 1, (1,), generator=generator))
+        return drawn, drawn
 
     def after_step(self, step: int) -> None:
         if self.kind == "step" and step % self.section.every == 0:

@@ -75,8 +75,10 @@ class CurriculumSection(Section):
     threshold: float = 0.1
     mode: Literal["below", "above"] = Field("below", description="adaptive: pass direction")
     window: int = Field(10, ge=1, description="adaptive: logged rows averaged")
-    mix: Literal["uniform", "level"] = Field(
-        "uniform", description="uniform: levels from the task minimum up to the level"
+    mix: Literal["uniform", "level", "batch"] = Field(
+        "uniform",
+        description="uniform: each sequence's level from the task minimum up to the level; "
+        "level: all at the level; batch: one level per batch, drawn like uniform",
     )
 
 

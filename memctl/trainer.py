@@ -312,9 +312,8 @@ class Trainer:
     def train_step(self) -> None:
         train = self.recipe.train
         level = self.curriculum.level
-        batch = self.task.sample(
-            train.batch_size, level, self.data_generator, self.curriculum.min_level
-        ).to(self.device)
+        low, high = self.curriculum.batch_levels(self.data_generator)
+        batch = self.task.sample(train.batch_size, high, self.data_generator, low).to(self.device)
         outputs, _ = self.model(batch.inputs)
         loss = self.task.loss(outputs, batch)
         total = loss

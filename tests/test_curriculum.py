@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from memctl.curriculum import Curriculum
 from memctl.errors import UserError
@@ -44,3 +45,18 @@ def test_adaptive_advances_when_window_mean_passes_and_restarts_window():
 def test_start_outside_the_task_range_is_a_user_error():
     with pytest.raises(UserError, match=r"curriculum\.start"):
         Curriculum(CurriculumSection(type="step", start=11), TASK)
+
+
+def test_batch_mix_draws_one_level_per_batch_covering_the_range():
+    curriculum = Curriculum(CurriculumSection(type="step", start=6, mix="batch"), TASK)
+    generator = torch.Generator().manual_seed(0)
+    drawn = set()
+    for _ in range(200):
+        low, high = curriculum.batch_levels(generator)
+        assert low == high
+        drawn.add(high)
+    assert drawn == set(range(1, 7))
+    uniform = Curriculum(CurriculumSection(type="step", start=6), TASK)
+    assert uniform.batch_levels(generator) == (1, 6)
+    level = Curriculum(CurriculumSection(type="step", start=6, mix="level"), TASK)
+    assert level.batch_levels(generator) == (6, 6)
