@@ -166,4 +166,4 @@ def test_recipes_load_with_a_ten_thousand_sequence_test_set(path):
 
 def test_every_model_has_a_recipe():
     models = {load_recipe(path).model.type for path in RECIPES}
-    assert models == {"rnn_ln_fw", "rnn_ln", "control", "gru_ln", "lstm"}
+    assert models == {"rnn_ln_fw", "rnn_ln", "control", "gru_ln", "lstm", "lstm_ar"}

@@ -68,13 +68,28 @@ def np_matvec(matrix, vector):
     return np.array([sum(matrix[i, j] * vector[j] for j in range(cols)) for i in range(rows)])
 
 
+def np_input(p, x):
+    """C x + b, or C (E x) + b with an embedding (``input.0`` = E, ``input.1`` = C, b)."""
+    if "input.weight" in p:
+        return np_matvec(p["input.weight"], x) + p["input.bias"]
+    return np_matvec(p["input.1.weight"], np_matvec(p["input.0.weight"], x)) + p["input.1.bias"]
+
+
+def np_readout(p, h):
+    """U h + c, or U_2 ReLU(U_1 h + c_1) + c_2 with a read-out layer."""
+    if "readout.weight" in p:
+        return np_matvec(p["readout.weight"], h) + p["readout.bias"]
+    middle = np_relu(np_matvec(p["readout.0.weight"], h) + p["readout.0.bias"])
+    return np_matvec(p["readout.2.weight"], middle) + p["readout.2.bias"]
+
+
 def np_fast_weights_rnn(model: FastWeightsRNN, inputs: np.ndarray) -> np.ndarray:
     """Logits [T, B, O], eqs. 1-2 with A(t) built entry by entry."""
     config = model.config
     p = {k: v.detach().numpy() for k, v in model.named_parameters()}
     steps, batch, _ = inputs.shape
     size = config.hidden
-    logits = np.zeros((steps, batch, p["readout.weight"].shape[0]))
+    logits = np.zeros((steps, batch, model.readout(torch.zeros(size).double()).shape[0]))
     for b in range(batch):
         hidden = np.zeros(size)
         fast = np.zeros((size, size))
@@ -84,17 +99,13 @@ def np_fast_weights_rnn(model: FastWeightsRNN, inputs: np.ndarray) -> np.ndarray
                 for j in range(size):
                     fast[i, j] = config.decay * fast[i, j] + config.fast_lr * hidden[i] * hidden[j]
             attended = fast if config.attend_current else previous
-            boundary = (
-                np_matvec(p["recurrent"], hidden)
-                + np_matvec(p["input.weight"], inputs[t, b])
-                + p["input.bias"]
-            )
+            boundary = np_matvec(p["recurrent"], hidden) + np_input(p, inputs[t, b])
             norm = (p["norm.weight"], p["norm.bias"], config.ln_eps)
             inner = np_relu(np_layer_norm(boundary, *norm))
             for _ in range(config.inner_steps):
                 inner = np_relu(np_layer_norm(boundary + np_matvec(attended, inner), *norm))
             hidden = inner
-            logits[t, b] = np_matvec(p["readout.weight"], hidden) + p["readout.bias"]
+            logits[t, b] = np_readout(p, hidden)
     return logits
 
 
@@ -159,10 +170,16 @@ def test_fast_weight_functions_pass_gradcheck():
 # -- rnn_ln_fw -------------------------------------------------------------------------------
 
 
+ENCODER_READOUT = [{}, {"embedding": 4, "readout_hidden": 6}]
+
+
+@pytest.mark.parametrize("encoder_readout", ENCODER_READOUT)
 @pytest.mark.parametrize("attend_current", [True, False])
 @pytest.mark.parametrize("inner_steps", [1, 3])
 @pytest.mark.parametrize("explicit", [False, True])
-def test_fast_weights_rnn_matches_numpy_loops(explicit, inner_steps, attend_current):
+def test_fast_weights_rnn_matches_numpy_loops(
+    explicit, inner_steps, attend_current, encoder_readout
+):
     model = build(
         "rnn_ln_fw",
         decay=DECAY,
@@ -170,6 +187,7 @@ def test_fast_weights_rnn_matches_numpy_loops(explicit, inner_steps, attend_curr
         inner_steps=inner_steps,
         explicit=explicit,
         attend_current=attend_current,
+        **encoder_readout,
     )
     inputs = random(5, 2, 5, seed=8)
     outputs, _ = model(inputs)
@@ -197,11 +215,25 @@ def test_efficient_and_explicit_forms_agree_to_1e_6(attend_current):
     assert_close(rebuilt, state_explicit.fast_weights.detach().numpy(), 1e-9)
 
 
-def test_fast_weights_rnn_passes_gradcheck():
+@pytest.mark.parametrize("encoder_readout", ENCODER_READOUT)
+def test_fast_weights_rnn_passes_gradcheck(encoder_readout):
     for explicit in (False, True):
-        model = build("rnn_ln_fw", hidden=3, input_size=2, output_size=2, explicit=explicit)
+        model = build(
+            "rnn_ln_fw", hidden=3, input_size=2, output_size=2, explicit=explicit, **encoder_readout
+        )
         inputs = random(3, 2, 2, seed=10).requires_grad_()
         assert torch.autograd.gradcheck(lambda x, m=model: m(x)[0], (inputs,))
+
+
+def test_encoder_and_readout_layers_default_off_and_shape_up():
+    plain = FastWeightsRNN(FastWeightsConfig(hidden=6), 37, 10)
+    assert isinstance(plain.input, torch.nn.Linear) and isinstance(plain.readout, torch.nn.Linear)
+    wide = FastWeightsRNN(FastWeightsConfig(hidden=6, embedding=100, readout_hidden=100), 37, 10)
+    assert wide.input[0].weight.shape == (100, 37) and wide.input[0].bias is None
+    assert wide.input[1].weight.shape == (6, 100)
+    assert wide.readout[0].weight.shape == (100, 6) and wide.readout[2].weight.shape == (10, 100)
+    gru = LayerNormGRU(GRULNConfig(hidden=6, embedding=8, readout_hidden=5), 37, 10)
+    assert gru.input[1].weight.shape == (18, 8) and gru.readout[2].weight.shape == (10, 5)
 
 
 def test_initial_weights_follow_the_paper():
@@ -226,11 +258,11 @@ def np_baseline(model, inputs: np.ndarray) -> np.ndarray:
     p = {k: v.detach().numpy() for k, v in model.named_parameters()}
     steps, batch, _ = inputs.shape
     size = model.config.hidden
-    logits = np.zeros((steps, batch, p["readout.weight"].shape[0]))
+    logits = np.zeros((steps, batch, model.readout(torch.zeros(size).double()).shape[0]))
     for b in range(batch):
         hidden = np.zeros(size)
         for t in range(steps):
-            driven = np_matvec(p["input.weight"], inputs[t, b]) + p["input.bias"]
+            driven = np_input(p, inputs[t, b])
             if isinstance(model, LayerNormGRU):
                 eps = model.config.ln_eps
                 rec = np_matvec(p["recurrent.weight"], hidden)
@@ -267,13 +299,14 @@ def np_baseline(model, inputs: np.ndarray) -> np.ndarray:
                         boundary, p["norm.weight"], p["norm.bias"], model.config.ln_eps
                     )
                 hidden = np_relu(boundary)
-            logits[t, b] = np_matvec(p["readout.weight"], hidden) + p["readout.bias"]
+            logits[t, b] = np_readout(p, hidden)
     return logits
 
 
+@pytest.mark.parametrize("encoder_readout", ENCODER_READOUT)
 @pytest.mark.parametrize("name", ["rnn_ln", "control", "gru_ln"])
-def test_baselines_match_numpy_loops(name):
-    model = build(name, hidden=4)
+def test_baselines_match_numpy_loops(name, encoder_readout):
+    model = build(name, hidden=4, **encoder_readout)
     inputs = random(4, 2, 5, seed=11)
     assert_close(model(inputs)[0], np_baseline(model, inputs.numpy()), 1e-9)
 
@@ -304,6 +337,7 @@ def test_gru_ln_passes_gradcheck():
         {"type": "rnn_ln"},
         {"type": "control"},
         {"type": "gru_ln"},
+        {"type": "lstm_ar", "embedding": 4, "readout_hidden": 5},
     ],
 )
 def test_state_carries_over_between_calls(config):
@@ -351,3 +385,28 @@ def test_fast_weights_learn_associative_retrieval_quickly():
     assert time.monotonic() - start < 60
     assert np.mean(losses[:10]) > 2.0
     assert np.mean(losses[-20:]) < 0.4 * np.mean(losses[:10])
+
+
+# -- lstm_ar: the LSTM baseline with the same encoder and read-out --------------------------
+
+
+def test_lstm_ar_without_options_is_the_lstm_baseline():
+    from memctl.models.lstm import LSTM, LSTMConfig
+
+    lstm = LSTM(LSTMConfig(hidden=4), 5, 3).double()
+    lstm_ar = build("lstm_ar", hidden=4, input_size=5, output_size=3)
+    lstm_ar.load_state_dict(lstm.state_dict())
+    inputs = random(6, 2, 5, seed=15)
+    assert_close(lstm_ar(inputs)[0], lstm(inputs)[0].detach().numpy(), 1e-12)
+
+
+def test_lstm_ar_embeds_then_reads_out_through_the_relu_layer():
+    model = build("lstm_ar", hidden=4, input_size=5, output_size=3, embedding=6, readout_hidden=7)
+    p = {k: v.detach().numpy() for k, v in model.named_parameters()}
+    inputs = random(6, 2, 5, seed=16)
+    embedded = torch.from_numpy(
+        np.stack([[np_matvec(p["embed.weight"], x) for x in step] for step in inputs.numpy()])
+    )
+    core, _ = model.rnn(embedded)
+    expected = np.stack([[np_readout(p, h) for h in step] for step in core.detach().numpy()])
+    assert_close(model(inputs)[0], expected, 1e-10)

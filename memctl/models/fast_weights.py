@@ -31,6 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from memctl.models.base import ModelConfig
+from memctl.models.lstm import LSTMState
 from memctl.registry import MODELS
 
 
@@ -344,3 +345,32 @@ class LayerNormGRU(nn.Module):
             hidden = self.step(driven[step], hidden)
             hiddens.append(hidden)
         return self.readout(torch.stack(hiddens)), GRULNState(hidden)
+
+
+class LSTMARConfig(_EncoderReadoutConfig):
+    type: str = "lstm_ar"
+    hidden: int = Field(50, ge=1, description="R, the number of LSTM cells")
+
+
+@MODELS.register("lstm_ar", LSTMARConfig)
+class EncodedLSTM(nn.Module):
+    """The LSTM baseline with the same optional input embedding and ReLU read-out layer as
+    the other section 4.1 models, so that a comparison changes only the recurrent core.
+    With ``embedding: 0`` and ``readout_hidden: 0`` it is the ``lstm`` model (one layer)."""
+
+    def __init__(self, config: LSTMARConfig, input_size: int, output_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = (
+            nn.Linear(input_size, config.embedding, bias=False) if config.embedding else None
+        )
+        self.rnn = nn.LSTM(config.embedding or input_size, config.hidden)
+        self.readout = readout_layer(config.hidden, output_size, config.readout_hidden)
+
+    def forward(
+        self, inputs: torch.Tensor, state: LSTMState | None = None
+    ) -> tuple[torch.Tensor, LSTMState]:
+        """inputs ``[T, B, I]`` -> (logits ``[T, B, O]``, state)."""
+        encoded = inputs if self.embed is None else self.embed(inputs)
+        hidden_seq, (hidden, cell) = self.rnn(encoded, None if state is None else tuple(state))
+        return self.readout(hidden_seq), LSTMState(hidden, cell)
