@@ -44,6 +44,14 @@ DeviceOption = Annotated[
     str | None, typer.Option("--device", help="auto, cpu or cuda (default: the recipe's)")
 ]
 RunsDirOption = Annotated[Path, typer.Option("--runs-dir", help="Where run directories live")]
+TensorBoardOption = Annotated[
+    bool,
+    typer.Option(
+        "--tensorboard",
+        help="Also write TensorBoard event files into RUN/tensorboard "
+        "(same as --set log.tensorboard=true)",
+    ),
+]
 
 # Plain progress lines (no terminal) are printed at most this often.
 PLAIN_PROGRESS_SECONDS = 5.0
@@ -181,6 +189,7 @@ def train(
     ] = None,
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = None,
+    tensorboard: TensorBoardOption = False,
 ) -> None:
     """Train a recipe into RUNS_DIR/NAME. An existing run of that name is never overwritten."""
     with user_errors():
@@ -188,7 +197,7 @@ def train(
         from memctl.registry import TASKS
         from memctl.trainer import start_run
 
-        settings = list(overrides or [])
+        settings = list(overrides or []) + (["log.tensorboard=true"] if tensorboard else [])
         if name is not None:
             settings.append(f"name={name}")
         loaded = load_recipe(recipe, settings)
@@ -209,6 +218,7 @@ def resume(
     ] = None,
     overrides: SetOption = None,
     device: DeviceOption = None,
+    tensorboard: TensorBoardOption = False,
 ) -> None:
     """Continue a run from its last checkpoint, optionally under changed settings."""
     with user_errors():
@@ -218,9 +228,10 @@ def resume(
 
         task_type = load_run_recipe(RunDir.open(run)).task.type
         reporter = ConsoleReporter(TASKS.get(task_type).cls.primary_metric)
+        settings = list(overrides or []) + (["log.tensorboard=true"] if tensorboard else [])
 
         def start() -> tuple[Any, str, Path]:
-            trainer, status = resume_run(run, list(overrides or []), steps, device, reporter)
+            trainer, status = resume_run(run, settings, steps, device, reporter)
             return trainer, status, run
 
         _run_training(start)
@@ -283,6 +294,57 @@ def list_runs(
         for row in rows:
             table.add_row(*(_fmt(v) for v in row.values()))
         console.print(table)
+
+
+@app.command()
+def plot(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run directories, or sweep folders (one line per group)")
+    ],
+    metric: Annotated[
+        str | None,
+        typer.Option("--metric", help="metrics.csv column (default: the run's main metric)"),
+    ] = None,
+    x: Annotated[str, typer.Option("--x", help="x axis: step, wall_s or samples")] = "step",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="PNG file (default: <first run>/plots/<metric>.png)"),
+    ] = None,
+) -> None:
+    """Learning curves of runs in one figure (PNG); sweep groups as median and min-max band."""
+    with user_errors():
+        from memctl.viz import plot_curves
+
+        written = plot_curves(runs, metric, x, out)
+        console.print(str(written.path), soft_wrap=True)
+
+
+@app.command()
+def inspect(
+    run: Annotated[Path, typer.Argument(help="Run directory")],
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", help="last, best, or a step number (or step_N)")
+    ] = "last",
+    length: Annotated[
+        int | None,
+        typer.Option(
+            "--length", help="Level of the sample: sequence length, n, ... (default: the run's)"
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample's generator")] = 0,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the PNGs (default: <run>/inspect)")
+    ] = None,
+    device: DeviceOption = None,
+) -> None:
+    """Run a checkpoint on one sample; write heatmaps (PNG) of its inputs, outputs, and the
+    model's heads and memory over time."""
+    with user_errors():
+        from memctl.viz import plot_trace, trace_sample
+
+        trace = trace_sample(run, checkpoint, length, seed, device)
+        for written in plot_trace(trace, out if out is not None else run / "inspect"):
+            console.print(str(written.path), soft_wrap=True)
 
 
 def main() -> None:

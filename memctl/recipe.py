@@ -89,6 +89,13 @@ class EvalSection(Section):
     seed: int = 12345
 
 
+class LogSection(Section):
+    tensorboard: bool = Field(
+        False,
+        description="also write metrics.csv's and eval.csv's rows as TensorBoard scalars",
+    )
+
+
 class Recipe(Section):
     name: str = Field(pattern=NAME_PATTERN)
     seed: int = 0
@@ -98,6 +105,7 @@ class Recipe(Section):
     curriculum: CurriculumSection = CurriculumSection()
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+    log: LogSection = LogSection()
 
     def resolved(self) -> dict[str, Any]:
         """Every setting, defaults included, as plain data."""

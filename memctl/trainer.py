@@ -65,6 +65,59 @@ class SilentReporter:
         pass
 
 
+TENSORBOARD_HINT = "tensorboard is not installed: pip install 'memctl[tensorboard]'"
+
+
+def summary_writer_class() -> type:
+    """``torch.utils.tensorboard.SummaryWriter``; a UserError when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(f"log.tensorboard: {TENSORBOARD_HINT}") from None
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """metrics.csv and eval.csv rows again as TensorBoard scalars (``log.tensorboard``),
+    for people who watch runs there; the CSV files stay the record.
+
+    ``train/<column>`` per metrics row and ``eval/<column>/level_<n>`` per eval row, at
+    the row's step. The event file is opened at the first row and flushed after every
+    write. ``truncate_after`` mirrors ``CsvLog.truncate_after`` on resume and rollback:
+    the next writer hides every later event from TensorBoard (its ``purge_step``).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.writer: Any = None
+        self.purge_step: int | None = None
+
+    def _write(self, scalars: list[tuple[str, float, int]]) -> None:
+        if self.writer is None:
+            writer_class = summary_writer_class()
+            self.writer = writer_class(str(self.directory), purge_step=self.purge_step)
+        for tag, value, step in scalars:
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def add_metrics(self, row: dict[str, Any]) -> None:
+        self._write([(f"train/{k}", v, row["step"]) for k, v in row.items() if k != "step"])
+
+    def add_eval(self, rows: list[dict[str, Any]]) -> None:
+        skip = ("step", "checkpoint", "level", "sequences")
+        self._write([(f"eval/{k}/level_{row['level']}", v, row["step"])
+                     for row in rows for k, v in row.items() if k not in skip])  # fmt: skip
+
+    def truncate_after(self, step: int) -> None:
+        self.close()
+        self.purge_step = step + 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -198,6 +251,9 @@ class Trainer:
         self.run = run
         self.metrics_log = CsvLog(run.metrics_file, self.columns)
         self.eval_log = CsvLog(run.eval_file, self.eval_columns)
+        self.tensorboard = (
+            TensorBoardLog(run.path / "tensorboard") if self.recipe.log.tensorboard else None
+        )
 
     # -- checkpoints --------------------------------------------------------------
 
@@ -305,6 +361,8 @@ class Trainer:
         self.load_state(checkpoint.load(path), str(path), [])
         self.metrics_log.truncate_after(self.step)
         self.eval_log.truncate_after(self.step)
+        if self.tensorboard is not None:
+            self.tensorboard.truncate_after(self.step)
         self.interval_start = time.perf_counter()
         self.interval_step = self.step - self.count
         return self.step
@@ -353,6 +411,8 @@ class Trainer:
         }
         row = {k: format_value(v) for k, v in row.items()}
         self.metrics_log.append([row])
+        if self.tensorboard is not None:
+            self.tensorboard.add_metrics(row)
         self._reset_interval()
         return row
 
@@ -440,6 +500,8 @@ class Trainer:
         assert self.run is not None
         rows = self.evaluate(self.eval_levels(), label)
         self.eval_log.append(rows)
+        if self.tensorboard is not None:
+            self.tensorboard.add_eval(rows)
         current = next(r for r in rows if r["level"] == self.curriculum.level)
         value = float(current[self.task.primary_metric])
         sign = -1.0 if self.task.higher_is_better else 1.0
@@ -492,6 +554,8 @@ def _finish(trainer: Trainer, run: RunDir) -> str:
     if status == "finished":
         trainer.final_eval = trainer.evaluate_and_record("final")
     run.update_info(status=status, step=trainer.step, level=trainer.curriculum.level)
+    if trainer.tensorboard is not None:
+        trainer.tensorboard.close()
     return status
 
 
@@ -505,6 +569,8 @@ def start_run(
 ) -> tuple[Trainer, str]:
     try:
         trainer = Trainer(recipe, device, reporter)
+        if recipe.log.tensorboard:
+            summary_writer_class()
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
     run = RunDir.create(runs_dir, recipe.name)
@@ -543,6 +609,8 @@ def resume_run(
     recipe = validate_recipe(data, f"{run.recipe_file} with --set")
     trainer = Trainer(recipe, device, reporter)
     trainer.load_state(state, str(ckpt_path), overrides)
+    if recipe.log.tensorboard:
+        summary_writer_class()
     if trainer.step >= recipe.train.steps:
         raise UserError(
             f"{path}: already at step {trainer.step} of train.steps={recipe.train.steps}; "
@@ -551,6 +619,8 @@ def resume_run(
     trainer.attach(run)
     trainer.metrics_log.truncate_after(trainer.step)
     trainer.eval_log.truncate_after(trainer.step)
+    if trainer.tensorboard is not None:
+        trainer.tensorboard.truncate_after(trainer.step)
     run.write_recipe(recipe.resolved())
     info["lineage"].append(
         {

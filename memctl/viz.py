@@ -1,0 +1,465 @@
+"""Learning curves and memory heatmaps as PNG files, for ``memctl plot`` and ``inspect``.
+
+matplotlib (the ``plot`` extra) is imported inside the functions that draw, and only its
+object-oriented API is used (``Figure``, no pyplot): no window, no global state, the Agg
+renderer. Every file is written atomically and reported as a ``Written`` (its path and
+the number of data panels, colour bars not counted).
+
+Curves read ``metrics.csv`` with pandas. A run that is still being written may end in a
+torn line; only complete rows are plotted. Heatmaps come from a model's optional
+``trace`` (the contract in ``memctl/models/base.py``): one figure per quantity, titled
+with the papers' symbols (w^r, w^w, M, u, a, L, ||A(t)||_F).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from memctl.errors import UserError
+from memctl.rundir import RunDir, atomic_write
+
+INSTALL_HINT = "matplotlib is not installed: pip install 'memctl[plot]'"
+X_AXES = {"step": "training step", "wall_s": "wall-clock seconds", "samples": "training sequences"}
+# A y axis whose positive values span more than this ratio is drawn on a log scale.
+LOG_SCALE_RATIO = 100.0
+DPI = 100
+# Weightings over more slots than this are cropped to the slots some head used: an NTM
+# on copy touches ~20 of its 128 slots, and the rest would squash them into a few pixels.
+CROP_SLOTS_ABOVE = 32
+# A slot counts as used when some head gives it at least this weight at some step.
+USED_WEIGHT = 0.01
+
+
+@dataclass(frozen=True)
+class Written:
+    """A figure written to ``path``: its data panels (colour bars not counted) and the
+    entries of its legends."""
+
+    path: Path
+    panels: int
+    legend: tuple[str, ...] = ()
+
+
+def _figure_class() -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    return Figure
+
+
+def _save(figure: Any, path: Path) -> Written:
+    panels = [axes for axes in figure.axes if axes.get_label() != "<colorbar>"]
+    legend = tuple(
+        text.get_text()
+        for axes in panels
+        if axes.get_legend()
+        for text in axes.get_legend().get_texts()
+    )
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, buffer.getvalue())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return Written(path, len(panels), legend)
+
+
+# -- learning curves ------------------------------------------------------------------
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    """The complete rows of a metrics.csv; a torn last line (a run still writing) is left
+    out. A missing file or one without a complete row is a UserError naming it."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (has the run started?)")
+    lines = path.read_text().splitlines(keepends=True)
+    if not lines or not lines[0].endswith("\n"):
+        raise UserError(f"{path}: empty file, no header yet (has the run started?)")
+    width = len(lines[0].split(","))
+    rows = [line for line in lines[1:] if line.endswith("\n") and len(line.split(",")) == width]
+    if not rows:
+        raise UserError(f"{path}: no logged rows yet (one is written every train.log_every steps)")
+    try:
+        return pd.read_csv(io.StringIO(lines[0] + "".join(rows)))
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise UserError(f"{path}: unreadable CSV ({exc})") from None
+
+
+@dataclass
+class Series:
+    """One line of a curves figure: a run, or a sweep group (its seeds' runs)."""
+
+    label: str
+    runs: list[Path]
+    from_sweep: bool
+    frames: list[pd.DataFrame] = field(default_factory=list)
+
+
+def _runs_and_groups(paths: list[Path]) -> list[Series]:
+    """Each run directory is one series; a sweep folder gives one series per group of
+    trials that differ only in their seed."""
+    from memctl.sweep import labels, read_trials_csv, varied_keys
+
+    series = []
+    for path in paths:
+        if (path / "run.json").is_file():
+            series.append(Series(path.name, [path], from_sweep=False))
+        elif (path / "trials.csv").is_file():
+            keys = varied_keys(path)
+            short = labels(keys)
+            groups: dict[tuple[str, ...], list[Path]] = {}
+            for row in read_trials_csv(path):
+                groups.setdefault(tuple(row[k] for k in keys), []).append(path / row["trial"])
+            for values, runs in groups.items():
+                parts = [f"{short[k]}={v}" for k, v in zip(keys, values, strict=True)]
+                series.append(Series(", ".join(parts) or path.name, runs, from_sweep=True))
+        elif path.is_dir():
+            raise UserError(f"{path}: not a memctl run or sweep (no run.json or trials.csv)")
+        else:
+            raise UserError(f"{path}: no such run directory")
+    return series
+
+
+def _primary_metric(series: list[Series]) -> str:
+    for run in (run for s in series for run in s.runs):
+        if (run / "run.json").is_file():
+            metric = RunDir(run).read_info().get("metric")
+            if isinstance(metric, str):
+                return metric
+    raise UserError(f"{series[0].runs[0]}: run.json names no metric; give --metric")
+
+
+def _load(series: list[Series], metric: str, x: str) -> list[Series]:
+    """Read every run's metrics; sweep trials that have logged nothing yet are skipped,
+    a run given on its own must have rows."""
+    loaded = []
+    for item in series:
+        for run in item.runs:
+            path = run / "metrics.csv"
+            try:
+                frame = read_metrics(path)
+            except UserError:
+                if not item.from_sweep:
+                    raise
+                continue
+            missing = [c for c in (metric, x, "level") if c not in frame.columns]
+            if missing:
+                flag = "--metric" if metric in missing else "--x"
+                columns = ", ".join(frame.columns)
+                raise UserError(f"{flag} {missing[0]}: not a column of {path} ({columns})")
+            item.frames.append(frame)
+        if item.frames:
+            loaded.append(item)
+    if not loaded:
+        raise UserError(f"{series[0].runs[0].parent}: no trial has logged rows yet")
+    return loaded
+
+
+def wants_log_scale(values: pd.Series) -> bool:
+    """Whether the positive ``values`` span more than LOG_SCALE_RATIO (two decades)."""
+    positive = values[values > 0]
+    return bool(len(positive)) and positive.max() / positive.min() > LOG_SCALE_RATIO
+
+
+def _aligned(frames: list[pd.DataFrame], column: str) -> pd.DataFrame:
+    """``column`` of every frame side by side, one row per logged step."""
+    return pd.concat([f.set_index("step")[column] for f in frames], axis=1, keys=range(len(frames)))
+
+
+def plot_curves(paths: list[Path], metric: str | None, x: str, out: Path | None) -> Written:
+    """One figure, one line per run or per sweep group (the median over its seeds with a
+    min-max band); dotted vertical lines where the curriculum level changes."""
+    if x not in X_AXES:
+        raise UserError(f"--x {x!r}: expected one of {', '.join(X_AXES)}")
+    series = _runs_and_groups(paths)
+    metric = metric or _primary_metric(series)
+    series = _load(series, metric, x)
+    Figure = _figure_class()
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.add_subplot()
+    colours = [f"C{i % 10}" for i in range(len(series))]
+    values = []
+    level_changes = False
+    for item, colour in zip(series, colours, strict=True):
+        table = _aligned(item.frames, metric)
+        median = table.median(axis=1)
+        xs = (median.index if x == "step" else _aligned(item.frames, x).median(axis=1)).to_numpy()
+        seeds = len(item.frames)
+        label = item.label if seeds == 1 else f"{item.label} (median of {seeds} seeds)"
+        axes.plot(xs, median, color=colour, label=label, linewidth=1.4)
+        values.append(median)
+        if seeds > 1:
+            low, high = table.min(axis=1), table.max(axis=1)
+            axes.fill_between(xs, low, high, color=colour, alpha=0.2, linewidth=0)
+            values += [low, high]
+        level = _aligned(item.frames, "level").median(axis=1).round()
+        changed = (level.diff().fillna(0) != 0).to_numpy()
+        for position in xs[changed]:
+            axes.axvline(position, color=colour, linestyle=":", linewidth=1.0, alpha=0.8)
+            level_changes = True
+    if wants_log_scale(pd.concat(values)):
+        axes.set_yscale("log", nonpositive="mask")
+    if level_changes:
+        axes.plot([], [], color="grey", linestyle=":", label="curriculum level change")
+    axes.set_xlabel(X_AXES[x])
+    axes.set_ylabel(metric)
+    axes.set_title(f"{metric} against {X_AXES[x]}")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    if out is None:
+        name = metric if x == "step" else f"{metric}_{x}"
+        out = paths[0] / "plots" / f"{name}.png"
+    return _save(figure, out)
+
+
+# -- inspect: one sample through a checkpoint ------------------------------------------
+
+
+@dataclass
+class SampleTrace:
+    """One sequence through a model, batch dimension removed, on the CPU.
+
+    inputs ``[T, I]``, targets ``[T, O]``, outputs ``[T, O]`` (as the task reads them,
+    named by ``output_name``), and the model's trace quantities (time first).
+    """
+
+    run: str
+    step: int
+    level: int
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    outputs: torch.Tensor
+    output_name: str
+    quantities: dict[str, torch.Tensor]
+
+
+def _output_view(task: Any, logits: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The outputs as the task reads them: probabilities where it scores logits with
+    the base class's sigmoid cross-entropy, a softmax over the digits for associative
+    retrieval, the raw outputs otherwise (min's real-valued bits)."""
+    from memctl.tasks.associative_retrieval import AssociativeRetrievalTask
+    from memctl.tasks.base import Task
+
+    if type(task).loss is Task.loss:
+        return torch.sigmoid(logits), r"output $\sigma(y_t)$"
+    if isinstance(task, AssociativeRetrievalTask):
+        return torch.softmax(logits, dim=-1), r"output softmax$(y_t)$"
+    return logits, r"output $y_t$"
+
+
+def trace_sample(
+    path: Path, which: str, level: int | None, seed: int, device: str | None = None
+) -> SampleTrace:
+    """Load a checkpoint as ``memctl eval`` does, draw one sequence at ``level`` (default:
+    the curriculum's level in the checkpoint) from a generator seeded with ``seed``, and
+    run the model's ``trace`` (or plain forward) on it in eval mode without gradients."""
+    from memctl import checkpoint
+    from memctl.trainer import Trainer, load_run_recipe
+
+    run = RunDir.open(path)
+    recipe = load_run_recipe(run)
+    ckpt_path = run.checkpoint_path(which.removeprefix("step_"))
+    state = checkpoint.load(ckpt_path)
+    trainer = Trainer(recipe, device)
+    trainer.load_state(state, str(ckpt_path), [])
+    task, model = trainer.task, trainer.model
+    level = trainer.curriculum.level if level is None else level
+    if level < task.min_level:
+        raise UserError(f"--length {level}: below the task's minimum {task.min_level}")
+    generator = torch.Generator().manual_seed(seed)
+    batch = task.sample(1, level, generator, level).to(trainer.device)
+    model.eval()
+    with torch.no_grad():
+        trace = getattr(model, "trace", None)
+        if callable(trace):
+            logits, quantities = trace(batch.inputs)
+        else:
+            logits, _ = model(batch.inputs)
+            quantities = {}
+        outputs, output_name = _output_view(task, logits)
+    first = {name: value[:, 0].float().cpu() for name, value in quantities.items()}
+    return SampleTrace(
+        run=run.name,
+        step=trainer.step,
+        level=level,
+        inputs=batch.inputs[:, 0].float().cpu(),
+        targets=batch.targets[:, 0].float().cpu(),
+        outputs=outputs[:, 0].float().cpu(),
+        output_name=output_name,
+        quantities=first,
+    )
+
+
+# name -> (title with the paper's symbol, what a row of the heatmap is)
+QUANTITIES = {
+    "read_weights": (r"read weighting $w^r_t$", "memory slot $i$"),
+    "write_weights": (r"write weighting $w^w_t$", "memory slot $i$"),
+    "allocation": (r"allocation weighting $a_t$", "memory slot $i$"),
+    "usage": (r"usage $u_t$", "memory slot $i$"),
+    "precedence": (r"precedence $p_t$", "memory slot $i$"),
+    "leaf_attention": (r"leaf attention $a_t$", "leaf $i$"),
+    "hidden": (r"hidden state $h_t$", "unit"),
+    "fast_weight_norm": (r"fast-weight norm $\|A(t)\|_F$", r"$\|A(t)\|_F$"),
+    "memory": (r"memory $M$", "memory slot $i$"),
+    "link": (r"temporal link matrix $L_T$", r"slot $i$ (written after $j$)"),
+}
+WEIGHTINGS = ("read_weights", "write_weights", "allocation")
+TIME = "time step $t$"
+
+
+def _used_slots(*weightings: torch.Tensor) -> tuple[int, int]:
+    """First and last slot (inclusive) any of ``weightings [T, K, N]`` gives weight; the
+    whole memory when it has at most CROP_SLOTS_ABOVE slots."""
+    slots = weightings[0].shape[-1]
+    if slots <= CROP_SLOTS_ABOVE:
+        return 0, slots - 1
+    peak = torch.stack([w.amax(dim=(0, 1)) for w in weightings]).amax(0)
+    used = torch.nonzero(peak >= USED_WEIGHT).flatten()
+    if not len(used):
+        return 0, slots - 1
+    return max(int(used[0]) - 2, 0), min(int(used[-1]) + 2, slots - 1)
+
+
+def _heatmap(
+    figure: Any,
+    axes: Any,
+    data: torch.Tensor,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    rows: tuple[int, int] | None = None,
+    unit_range: bool = False,
+    bound: float | None = None,
+) -> None:
+    """``data [X, Y]`` with X along the horizontal axis, row 0 at the top; ``rows``
+    selects a range of Y (labelled with the original indices). Colours: 0..1 for
+    weightings and probabilities (``unit_range``), else -bound..bound (default: the
+    data's largest magnitude)."""
+    from matplotlib.ticker import MaxNLocator
+
+    first, last = rows if rows is not None else (0, data.shape[1] - 1)
+    image = data[:, first : last + 1].T.numpy()
+    if unit_range:
+        limits = {"vmin": 0.0, "vmax": 1.0, "cmap": "viridis"}
+    else:
+        bound = max(float(data.abs().max()) if bound is None else bound, 1e-12)
+        limits = {"vmin": -bound, "vmax": bound, "cmap": "RdBu_r"}
+    extent = (-0.5, data.shape[0] - 0.5, last + 0.5, first - 0.5)
+    shown = axes.imshow(image, aspect="auto", interpolation="nearest", extent=extent, **limits)
+    figure.colorbar(shown, ax=axes, fraction=0.05, pad=0.02)
+    axes.set_title(title, fontsize="medium")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+
+
+def _crop_note(rows: tuple[int, int], slots: int) -> str:
+    first, last = rows
+    return "" if (first, last) == (0, slots - 1) else f" (slots {first}-{last} of {slots})"
+
+
+def _headline(trace: SampleTrace) -> str:
+    return f"{trace.run}, step {trace.step}, level {trace.level}"
+
+
+def _plot_io(Figure: Any, trace: SampleTrace) -> Any:
+    figure = Figure(figsize=(7, 6.5), layout="constrained")
+    panels = figure.subplots(3, 1, sharex=True)
+    bounded = bool(trace.outputs.min() >= 0 and trace.outputs.max() <= 1)
+    for axes, data, title, bounds in (
+        (panels[0], trace.inputs, r"input $x_t$", True),
+        (panels[1], trace.targets, "target", True),
+        (panels[2], trace.outputs, trace.output_name, bounded),
+    ):
+        _heatmap(figure, axes, data, title, "", "channel", unit_range=bounds)
+    panels[2].set_xlabel(TIME)
+    figure.suptitle(_headline(trace))
+    return figure
+
+
+def _plot_heads(Figure: Any, trace: SampleTrace, names: tuple[str, ...]) -> Any:
+    """Every head of the weightings ``names`` side by side (time along x, slots down)."""
+    tensors = [trace.quantities[name] for name in names]
+    rows = _used_slots(*tensors)
+    slots = tensors[0].shape[-1]
+    panels = [
+        (name, head) for name, t in zip(names, tensors, strict=True) for head in range(t.shape[1])
+    ]
+    figure = Figure(figsize=(3.6 * len(panels) + 0.6, 4.2), layout="constrained")
+    grid = figure.subplots(1, len(panels), squeeze=False)[0]
+    for axes, (name, head) in zip(grid, panels, strict=True):
+        title = QUANTITIES[name][0]
+        if trace.quantities[name].shape[1] > 1:
+            title += f", head {head + 1}"
+        ylabel = QUANTITIES[name][1] + _crop_note(rows, slots)
+        _heatmap(figure, axes, trace.quantities[name][:, head], title, TIME, ylabel, rows, True)
+    figure.suptitle(_headline(trace))
+    return figure
+
+
+def _plot_quantity(Figure: Any, trace: SampleTrace, name: str) -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    data = trace.quantities[name]
+    title, ylabel = QUANTITIES.get(name, (name, "index"))
+    if name in WEIGHTINGS:
+        return _plot_heads(Figure, trace, (name,))
+    if name == "memory":
+        figure = Figure(figsize=(7, 5), layout="constrained")
+        before, after = figure.subplots(1, 2)
+        steps = data.shape[0] - 1
+        bound = float(data[[0, -1]].abs().max())  # one colour scale for both
+        for axes, matrix, label in ((before, data[0], "$M_0$ (before)"),
+                                    (after, data[-1], f"$M_{{{steps}}}$ (after)")):  # fmt: skip
+            _heatmap(
+                figure, axes, matrix.T, f"memory {label}", "word element $j$", ylabel, bound=bound
+            )
+        figure.suptitle(_headline(trace))
+        return figure
+    if name == "link":
+        figure = Figure(figsize=(5.5, 5), layout="constrained")
+        axes = figure.add_subplot()
+        _heatmap(figure, axes, data[-1].T, title, r"slot $j$", ylabel, unit_range=True)
+        figure.suptitle(_headline(trace))
+        return figure
+    if data.dim() == 1:
+        figure = Figure(figsize=(7, 3.5), layout="constrained")
+        axes = figure.add_subplot()
+        axes.plot(range(len(data)), data.numpy(), marker=".")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_title(title)
+        axes.set_xlabel(TIME)
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        figure.suptitle(_headline(trace))
+        return figure
+    if data.dim() == 2:
+        figure = Figure(figsize=(7, 4), layout="constrained")
+        axes = figure.add_subplot()
+        bounded = bool(data.min() >= 0 and data.max() <= 1)
+        _heatmap(figure, axes, data, title, TIME, ylabel, unit_range=bounded)
+        figure.suptitle(_headline(trace))
+        return figure
+    raise ValueError(f"trace quantity {name!r}: unexpected shape {tuple(data.shape)}")
+
+
+def plot_trace(trace: SampleTrace, out_dir: Path) -> list[Written]:
+    """``io.png`` (input, target, output), one PNG per trace quantity, and ``heads.png``
+    (write and read weightings together, as the NTM paper's figures) when both exist."""
+    Figure = _figure_class()
+    written = [_save(_plot_io(Figure, trace), out_dir / "io.png")]
+    for name in trace.quantities:
+        written.append(_save(_plot_quantity(Figure, trace, name), out_dir / f"{name}.png"))
+    if {"read_weights", "write_weights"} <= trace.quantities.keys():
+        figure = _plot_heads(Figure, trace, ("write_weights", "read_weights"))
+        written.append(_save(figure, out_dir / "heads.png"))
+    return written
