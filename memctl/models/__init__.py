@@ -14,6 +14,9 @@ for _name in MODELS.names():
     _cls = MODELS.get(_name).cls
     globals()[_cls.__name__] = _cls
 
-__all__ = ["MODELS", "ModelConfig", "detach_state", "parameter_count"] + [
+# pytorch-dnc's drop-in class (the recipe model of type "dnc" is DNCModel).
+from memctl.models.dnc import DNC  # noqa: E402
+
+__all__ = ["DNC", "MODELS", "ModelConfig", "detach_state", "parameter_count"] + [
     MODELS.get(n).cls.__name__ for n in MODELS.names()
 ]

@@ -132,3 +132,171 @@ def write(
         return torch.addcmul(memory, slot_weights, add - memory * erase)
     keep = (1 - slot_weights.unsqueeze(-1) * erase.unsqueeze(1)).prod(dim=2)
     return torch.baddbmm(memory * keep, slot_weights, add)
+
+
+# -- Differentiable Neural Computer ------------------------------------------------------
+#
+# Graves et al. 2016, "Hybrid computing using a neural network with dynamic external
+# memory" (Nature 538), Methods, "Dynamic memory allocation" and "Temporal memory
+# linkage"; deepmind/dnc's addressing.py for several write heads. Content lookup, reading
+# and erase-then-add writing are the NTM functions above. Extra shapes: ``R`` read heads,
+# ``W`` write heads.
+
+
+def usage_update(
+    usage: torch.Tensor,
+    write_weights: torch.Tensor,
+    free_gates: torch.Tensor,
+    read_weights: torch.Tensor,
+) -> torch.Tensor:
+    """``u_t = (u_{t-1} + w - u_{t-1} w) psi_t`` with ``psi_t = prod_r (1 - f^r w^r_{t-1})``.
+
+    ``w`` combines the previous step's write heads as ``1 - prod_h (1 - w^w_h)`` (one head:
+    ``w^w_{t-1}`` itself); ``psi`` is the retention vector of the free gates.
+
+    usage: ``[B, N]``, write_weights: ``[B, W, N]`` and read_weights: ``[B, R, N]`` (both
+    of the previous step), free_gates (in [0, 1]): ``[B, R]`` -> ``[B, N]``
+    """
+    written = 1 - (1 - write_weights).prod(dim=1)
+    retention = (1 - free_gates.unsqueeze(-1) * read_weights).prod(dim=1)
+    return torch.addcmul(usage, 1 - usage, written) * retention
+
+
+def allocation(usage: torch.Tensor) -> torch.Tensor:
+    """``a_t[phi_j] = (1 - u_t[phi_j]) prod_{i<j} u_t[phi_i]``, ``phi`` the slots sorted by
+    ascending usage: the least used slot gets most of the allocation.
+
+    Usage is first mapped to ``EPSILON + (1 - EPSILON) u`` (as deepmind/dnc), so the
+    products' gradients stay finite where usage is 0. The sort is stable, so slots of equal
+    usage are taken in index order. One batched ``torch.sort``, an exclusive ``cumprod``
+    (the cumprod of the sorted usage shifted right by one), and a scatter back to slots.
+
+    usage (in [0, 1]): ``[..., N]`` -> ``[..., N]``
+    """
+    usage = EPSILON + (1 - EPSILON) * usage
+    sorted_usage, order = torch.sort(usage, dim=-1, stable=True)
+    shifted = torch.cat([torch.ones_like(sorted_usage[..., :1]), sorted_usage[..., :-1]], -1)
+    sorted_allocation = (1 - sorted_usage) * torch.cumprod(shifted, dim=-1)
+    return torch.zeros_like(sorted_allocation).scatter(-1, order, sorted_allocation)
+
+
+def write_allocation(usage: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Allocation weightings of W write heads, in turn: head ``h`` allocates from the usage
+    left by heads ``< h``, each of which raises it by ``u += (1 - u) g_h a_h`` (deepmind/dnc;
+    the heads' order matters, so this is a loop over write heads, of one pass for W = 1).
+
+    usage: ``[B, N]``, gates (``g^a g^w`` of each head, in [0, 1]): ``[B, W]``
+    -> ``[B, W, N]``
+    """
+    heads = gates.shape[1]
+    allocations = []
+    for head in range(heads):
+        allocations.append(allocation(usage))
+        if head + 1 < heads:
+            usage = torch.addcmul(usage, 1 - usage, gates[:, head : head + 1] * allocations[-1])
+    return torch.stack(allocations, dim=1)
+
+
+def write_weighting(
+    content: torch.Tensor,
+    allocation_weights: torch.Tensor,
+    allocation_gates: torch.Tensor,
+    write_gates: torch.Tensor,
+) -> torch.Tensor:
+    """``w^w = g^w (g^a a + (1 - g^a) c^w)``.
+
+    content, allocation_weights: ``[B, W, N]``, allocation_gates, write_gates (in [0, 1]):
+    ``[B, W]`` -> ``[B, W, N]``
+    """
+    mixed = torch.lerp(content, allocation_weights, allocation_gates.unsqueeze(-1))
+    return write_gates.unsqueeze(-1) * mixed
+
+
+def precedence_update(precedence: torch.Tensor, write_weights: torch.Tensor) -> torch.Tensor:
+    """``p_t = (1 - sum_i w^w_t[i]) p_{t-1} + w^w_t``, one precedence per write head.
+
+    precedence: ``[B, W, N]`` (previous step), write_weights: ``[B, W, N]`` (this step)
+    -> ``[B, W, N]``
+    """
+    return torch.addcmul(write_weights, 1 - write_weights.sum(-1, keepdim=True), precedence)
+
+
+class _LinkUpdate(torch.autograd.Function):
+    """``link_update``'s maths with a hand-written backward: plain autograd of the update
+    would keep one ``[N, N]`` temporary per step alive for the backward pass (the factor
+    ``1 - w[i] - w[j]``) and build several more in it. This one saves only its inputs (the
+    previous link matrix is alive anyway: the previous step's reads keep it) and builds two
+    ``[N, N]`` temporaries forward and three backward."""
+
+    @staticmethod
+    def forward(ctx, link, write_weights, precedence):
+        rows, columns = write_weights.unsqueeze(-1), write_weights.unsqueeze(-2)
+        updated = (1 - rows - columns).mul_(link).addcmul_(rows, precedence.unsqueeze(-2))
+        updated.diagonal(dim1=-2, dim2=-1).zero_()
+        ctx.save_for_backward(link, write_weights, precedence)
+        return updated
+
+    @staticmethod
+    def backward(ctx, grad):
+        link, write_weights, precedence = ctx.saved_tensors
+        rows, columns = write_weights.unsqueeze(-1), write_weights.unsqueeze(-2)
+        # The diagonal is set to 0, so the gradient's diagonal reaches no input.
+        grad_diagonal = grad.diagonal(dim1=-2, dim2=-1)
+        grad_link = grad_weights = grad_precedence = None
+        if ctx.needs_input_grad[0]:
+            grad_link = (1 - rows - columns).mul_(grad)
+            grad_link.diagonal(dim1=-2, dim2=-1).zero_()
+        if ctx.needs_input_grad[1]:
+            # d/dw[k]: sum_j g[k, j] (p[j] - L[k, j]) - sum_i g[i, k] L[i, k], j, i != k
+            weighted = grad * link
+            weighted.diagonal(dim1=-2, dim2=-1).zero_()
+            grad_weights = (
+                (grad @ precedence.unsqueeze(-1)).squeeze(-1)
+                - grad_diagonal * precedence
+                - weighted.sum(-1)
+                - weighted.sum(-2)
+            )
+        if ctx.needs_input_grad[2]:
+            # d/dp[j]: sum_i g[i, j] w[i], i != j
+            grad_precedence = (columns @ grad).squeeze(-2) - grad_diagonal * write_weights
+        return grad_link, grad_weights, grad_precedence
+
+
+def link_update(
+    link: torch.Tensor, write_weights: torch.Tensor, precedence: torch.Tensor
+) -> torch.Tensor:
+    """``L_t[i, j] = (1 - w[i] - w[j]) L_{t-1}[i, j] + w[i] p_{t-1}[j]``, ``L_t[i, i] = 0``:
+    how much slot ``i`` was written right after slot ``j``, one matrix per write head.
+
+    link: ``[B, W, N, N]``, write_weights: ``[B, W, N]`` (this step's ``w^w_t``),
+    precedence: ``[B, W, N]`` (the previous step's) -> ``[B, W, N, N]``
+    """
+    return _LinkUpdate.apply(link, write_weights, precedence)
+
+
+def directional_weights(
+    link: torch.Tensor, read_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward ``f^r = L w^r_{t-1}`` and backward ``b^r = L^T w^r_{t-1}`` weightings of every
+    read head through every write head's link matrix.
+
+    link: ``[B, W, N, N]``, read_weights: ``[B, R, N]`` (previous step)
+    -> (forward, backward), each ``[B, R, W, N]``
+    """
+    heads = read_weights.unsqueeze(1)  # [B, 1, R, N]
+    forward = torch.matmul(heads, link.transpose(-1, -2))  # sum_j L[i, j] w[j]
+    backward = torch.matmul(heads, link)  # sum_i w[i] L[i, j]
+    return forward.transpose(1, 2), backward.transpose(1, 2)
+
+
+def read_weighting(
+    content: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor, modes: torch.Tensor
+) -> torch.Tensor:
+    """``w^r = sum_h pi[h] b_h + sum_h pi[W + h] f_h + pi[2W] c^r``: the read modes mix the
+    backward, forward (per write head ``h``) and content weightings.
+
+    content: ``[B, R, N]``, forward, backward: ``[B, R, W, N]``, modes (a softmax over
+    ``2W + 1``: backward, forward, content): ``[B, R, 2W + 1]`` -> ``[B, R, N]``
+    """
+    weightings = torch.cat([backward, forward, content.unsqueeze(2)], dim=2)
+    return torch.matmul(modes.unsqueeze(-2), weightings).squeeze(-2)
