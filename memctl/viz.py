@@ -183,7 +183,7 @@ def plot_curves(paths: list[Path], metric: str | None, x: str, out: Path | None)
     metric = metric or _primary_metric(series)
     series = _load(series, metric, x)
     Figure = _figure_class()
-    figure = Figure(figsize=(7, 4), layout="constrained")
+    figure = Figure(figsize=(8, 4), layout="constrained")
     axes = figure.add_subplot()
     colours = [f"C{i % 10}" for i in range(len(series))]
     values = []
@@ -213,7 +213,7 @@ def plot_curves(paths: list[Path], metric: str | None, x: str, out: Path | None)
     axes.set_ylabel(metric)
     axes.set_title(f"{metric} against {X_AXES[x]}")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if out is None:
         name = metric if x == "step" else f"{metric}_{x}"
         out = paths[0] / "plots" / f"{name}.png"
@@ -315,17 +315,24 @@ WEIGHTINGS = ("read_weights", "write_weights", "allocation")
 TIME = "time step $t$"
 
 
-def _used_slots(*weightings: torch.Tensor) -> tuple[int, int]:
-    """First and last slot (inclusive) any of ``weightings [T, K, N]`` gives weight; the
-    whole memory when it has at most CROP_SLOTS_ABOVE slots."""
+def used_slots(*weightings: torch.Tensor) -> list[int] | None:
+    """The slots to show for ``weightings [T, K, N]``, in order: the shortest circular run
+    of slots holding every slot some head gave weight, two more on each side. Circular,
+    since shifts wrap around (an NTM head at slot 0 leaks onto slot N-1). None (show all)
+    for a memory of at most CROP_SLOTS_ABOVE slots or when less than a quarter would go."""
     slots = weightings[0].shape[-1]
-    if slots <= CROP_SLOTS_ABOVE:
-        return 0, slots - 1
     peak = torch.stack([w.amax(dim=(0, 1)) for w in weightings]).amax(0)
-    used = torch.nonzero(peak >= USED_WEIGHT).flatten()
-    if not len(used):
-        return 0, slots - 1
-    return max(int(used[0]) - 2, 0), min(int(used[-1]) + 2, slots - 1)
+    used = torch.nonzero(peak >= USED_WEIGHT).flatten().tolist()
+    if slots <= CROP_SLOTS_ABOVE or not used:
+        return None
+    # The largest circular gap between used slots is what the window leaves out.
+    gaps = [((used[(k + 1) % len(used)] - used[k]) % slots or slots, k) for k in range(len(used))]
+    gap, before = max(gaps)
+    length = slots - gap + 1 + 4
+    if length > 3 * slots // 4:
+        return None
+    start = used[(before + 1) % len(used)] - 2
+    return [(start + row) % slots for row in range(length)]
 
 
 def _heatmap(
@@ -335,36 +342,41 @@ def _heatmap(
     title: str,
     xlabel: str,
     ylabel: str,
-    rows: tuple[int, int] | None = None,
+    rows: list[int] | None = None,
     unit_range: bool = False,
     bound: float | None = None,
 ) -> None:
     """``data [X, Y]`` with X along the horizontal axis, row 0 at the top; ``rows``
-    selects a range of Y (labelled with the original indices). Colours: 0..1 for
+    selects and orders the Y shown (ticks name the original indices). Colours: 0..1 for
     weightings and probabilities (``unit_range``), else -bound..bound (default: the
     data's largest magnitude)."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator
 
-    first, last = rows if rows is not None else (0, data.shape[1] - 1)
-    image = data[:, first : last + 1].T.numpy()
+    shown_rows = rows if rows is not None else list(range(data.shape[1]))
+    image = data[:, shown_rows].T.numpy()
     if unit_range:
         limits = {"vmin": 0.0, "vmax": 1.0, "cmap": "viridis"}
     else:
         bound = max(float(data.abs().max()) if bound is None else bound, 1e-12)
         limits = {"vmin": -bound, "vmax": bound, "cmap": "RdBu_r"}
-    extent = (-0.5, data.shape[0] - 0.5, last + 0.5, first - 0.5)
+    extent = (-0.5, data.shape[0] - 0.5, len(shown_rows) - 0.5, -0.5)
     shown = axes.imshow(image, aspect="auto", interpolation="nearest", extent=extent, **limits)
     figure.colorbar(shown, ax=axes, fraction=0.05, pad=0.02)
     axes.set_title(title, fontsize="medium")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if rows is not None:  # ticks at round slot numbers, wherever the window starts
+        ticks = MaxNLocator(nbins=8, integer=True).tick_values(0, len(rows) - 1)
+        every = max(int(ticks[1] - ticks[0]), 1)
+        positions = [row for row, slot in enumerate(rows) if slot % every == 0]
+        axes.yaxis.set_major_locator(FixedLocator(positions))
+        axes.yaxis.set_major_formatter(FixedFormatter([str(rows[row]) for row in positions]))
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
 
 
-def _crop_note(rows: tuple[int, int], slots: int) -> str:
-    first, last = rows
-    return "" if (first, last) == (0, slots - 1) else f" (slots {first}-{last} of {slots})"
+def _crop_note(rows: list[int] | None, slots: int) -> str:
+    return "" if rows is None else f" ({rows[0]} to {rows[-1]} of {slots})"
 
 
 def _headline(trace: SampleTrace) -> str:
@@ -389,7 +401,7 @@ def _plot_io(Figure: Any, trace: SampleTrace) -> Any:
 def _plot_heads(Figure: Any, trace: SampleTrace, names: tuple[str, ...]) -> Any:
     """Every head of the weightings ``names`` side by side (time along x, slots down)."""
     tensors = [trace.quantities[name] for name in names]
-    rows = _used_slots(*tensors)
+    rows = used_slots(*tensors)
     slots = tensors[0].shape[-1]
     panels = [
         (name, head) for name, t in zip(names, tensors, strict=True) for head in range(t.shape[1])

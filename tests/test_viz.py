@@ -367,3 +367,14 @@ def test_tensorboard_off_by_default_and_missing_package_is_one_line(
     assert not (runs_dir / "tiny" / "tensorboard").exists()
     result = cli("resume", runs_dir / "tiny", "--steps", "5", "--tensorboard")
     assert_one_line_error(result, "log.tensorboard", "memctl[tensorboard]")
+
+
+def test_heads_are_cropped_to_the_circular_run_of_used_slots():
+    weights = torch.zeros(6, 1, 64)
+    weights[:, 0, 0] = 0.9
+    weights[0, 0, 63] = 0.05  # a shift wrapping from slot 0
+    weights[5, 0, 10] = 1.0
+    assert viz.used_slots(weights) == [61, 62, 63, *range(13)]
+    assert viz.used_slots(weights[..., :32]) is None  # small memories are shown whole
+    weights[3, 0, [25, 40, 50]] = 0.5  # used slots all around: nothing worth cutting
+    assert viz.used_slots(weights) is None
