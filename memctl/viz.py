@@ -386,13 +386,13 @@ def _headline(trace: SampleTrace) -> str:
 def _plot_io(Figure: Any, trace: SampleTrace) -> Any:
     figure = Figure(figsize=(7, 6.5), layout="constrained")
     panels = figure.subplots(3, 1, sharex=True)
-    bounded = bool(trace.outputs.min() >= 0 and trace.outputs.max() <= 1)
-    for axes, data, title, bounds in (
-        (panels[0], trace.inputs, r"input $x_t$", True),
-        (panels[1], trace.targets, "target", True),
-        (panels[2], trace.outputs, trace.output_name, bounded),
+    for axes, data, title in (
+        (panels[0], trace.inputs, r"input $x_t$"),
+        (panels[1], trace.targets, "target"),
+        (panels[2], trace.outputs, trace.output_name),
     ):
-        _heatmap(figure, axes, data, title, "", "channel", unit_range=bounds)
+        bits = bool(data.min() >= 0 and data.max() <= 1)  # else real values (adding, min)
+        _heatmap(figure, axes, data, title, "", "channel", unit_range=bits)
     panels[2].set_xlabel(TIME)
     figure.suptitle(_headline(trace))
     return figure

@@ -351,6 +351,32 @@ def test_tensorboard_scalars_match_the_csv_logs(tiny_recipe: Path, runs_dir: Pat
     scalars = events.Scalars("eval/bit_errors/level_6")
     assert [s.step for s in scalars] == at_6["step"].tolist()
     assert [s.value for s in scalars] == pytest.approx(at_6["bit_errors"].tolist(), rel=1e-6)
+    files = sorted((run / "tensorboard").iterdir())
+    assert cli("eval", run).exit_code == 0  # eval appends to eval.csv, not to TensorBoard
+    assert sorted((run / "tensorboard").iterdir()) == files
+
+
+def test_tensorboard_hides_events_past_a_truncation(tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from memctl.trainer import TensorBoardLog
+
+    log = TensorBoardLog(tmp_path / "tb")
+    for step in range(1, 6):
+        log.add_metrics({"step": step, "loss": float(step)})
+    log.truncate_after(3)  # what resume does after a kill at step 5, checkpoint at 3
+    for step in (4, 5):
+        log.add_metrics({"step": step, "loss": 10.0 * step})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("train/loss")] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 40.0),
+        (5, 50.0),
+    ]
 
 
 def test_tensorboard_off_by_default_and_missing_package_is_one_line(
