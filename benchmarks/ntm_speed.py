@@ -4,7 +4,10 @@ LSTM controller 100, memory 128 x 20, 1 read + 1 write head, 8-bit vectors. One 
 step = sample a batch, forward, sigmoid cross-entropy, backward, global-norm clip 50,
 Adam step: what ``memctl train recipes/ntm_copy.yaml`` does per step.
 
-Reports sequences per second at batch 1 and 32, for lengths 1..20 and fixed length 20,
+Reports sequences per second at batch 1 and 32, for three ways of drawing lengths:
+``batch``, one length in 1..20 per batch (the peer's convention and the trainer's
+``curriculum.mix: batch``); ``padded``, each sequence's length in 1..20, the batch padded
+to its longest (``mix: uniform``, the default); ``fixed``, every sequence of length 20;
 eager and (``--compile``) with the per-step cell compiled, whose first-call compile time
 is reported separately. Results are saved as JSON with the machine they came from.
 
@@ -28,9 +31,11 @@ from memctl.models.base import parameter_count
 from memctl.models.ntm import NTM, NTMConfig
 from memctl.tasks.copy import CopyConfig, CopyTask
 
+LENGTHS = {"batch": "1..20 per batch", "padded": "1..20 per sequence, padded", "fixed": "20"}
+
 
 def measure(
-    batch_size: int, min_length: int, steps: int, warmup: int, compiled: bool, seed: int = 0
+    batch_size: int, lengths: str, steps: int, warmup: int, compiled: bool, seed: int = 0
 ) -> dict:
     torch.manual_seed(seed)
     task = CopyTask(CopyConfig(width=8, max_length=20))
@@ -39,7 +44,11 @@ def measure(
     generator = torch.Generator().manual_seed(seed)
 
     def train_step() -> float:
-        batch = task.sample(batch_size, 20, generator, min_length)
+        if lengths == "batch":
+            low = high = int(torch.randint(1, 21, (1,), generator=generator))
+        else:
+            low, high = (1 if lengths == "padded" else 20), 20
+        batch = task.sample(batch_size, high, generator, low)
         outputs, _ = model(batch.inputs)
         loss = task.loss(outputs, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -66,7 +75,7 @@ def measure(
     return {
         "mode": "compiled" if compiled else "eager",
         "batch_size": batch_size,
-        "lengths": f"{min_length}..20",
+        "lengths": LENGTHS[lengths],
         "steps": steps,
         "sequences_per_second": round(batch_size * steps / sum(times), 1),
         "median_step_ms": round(1000 * statistics.median(times), 2),
@@ -84,7 +93,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--compile", action="store_true", help="also time the compiled step")
     parser.add_argument("--batch-sizes", default="1,32")
-    parser.add_argument("--min-lengths", default="1,20", help="1: lengths 1..20; 20: fixed")
+    parser.add_argument("--lengths", default="batch,padded,fixed", help=", ".join(LENGTHS))
     parser.add_argument("--out", type=Path, default=None, help="save results as JSON")
     parser.add_argument("--note", default="", help="saved with the results (e.g. machine load)")
     args = parser.parse_args()
@@ -95,10 +104,10 @@ def main() -> None:
     modes = [False, True] if args.compile else [False]
     for compiled in modes:
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            for min_length in (int(n) for n in args.min_lengths.split(",")):
+            for lengths in args.lengths.split(","):
                 # Batch 1 steps are short: time more of them for a stable figure.
                 steps = args.steps * (4 if batch_size == 1 else 1)
-                row = measure(batch_size, min_length, steps, args.warmup, compiled)
+                row = measure(batch_size, lengths, steps, args.warmup, compiled)
                 print(json.dumps(row), flush=True)
                 results.append(row)
 

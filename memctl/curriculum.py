@@ -20,6 +20,22 @@ from memctl.recipe import CurriculumSection
 from memctl.tasks.base import Task
 
 
+class Trigger:
+    """Passes when the mean of a metrics.csv column over the last ``size`` logged rows is
+    below (or above) a threshold; the caller empties ``window`` after acting on it."""
+
+    def __init__(self, metric: str, threshold: float, mode: str, size: int) -> None:
+        self.metric, self.threshold, self.mode, self.size = metric, threshold, mode, size
+        self.window: list[float] = []
+
+    def passed(self, row: dict[str, float]) -> bool:
+        self.window = [*self.window, float(row[self.metric])][-self.size :]
+        if len(self.window) < self.size:
+            return False
+        mean = sum(self.window) / len(self.window)
+        return mean > self.threshold if self.mode == "above" else mean < self.threshold
+
+
 class Curriculum:
     def __init__(self, section: CurriculumSection, task: Task) -> None:
         self.section = section
@@ -36,7 +52,7 @@ class Curriculum:
         if start > self.max:
             raise UserError(f"curriculum.start: {start} exceeds curriculum.max {self.max}")
         self.level = start
-        self.window: list[float] = []
+        self.trigger = Trigger(section.metric, section.threshold, section.mode, section.window)
 
     @property
     def min_level(self) -> int:
@@ -56,23 +72,18 @@ class Curriculum:
         if self.kind == "step" and step % self.section.every == 0:
             self._advance()
 
+    @property
+    def window(self) -> list[float]:
+        return self.trigger.window
+
     def after_log(self, row: dict[str, float]) -> None:
-        if self.kind != "adaptive":
-            return
-        self.window = [*self.window, float(row[self.section.metric])][-self.section.window :]
-        if len(self.window) < self.section.window:
-            return
-        mean = sum(self.window) / len(self.window)
-        passed = mean < self.section.threshold
-        if self.section.mode == "above":
-            passed = mean > self.section.threshold
-        if passed:
+        if self.kind == "adaptive" and self.trigger.passed(row):
             self._advance()
 
     def _advance(self) -> None:
         if self.level < self.max:
             self.level = min(self.level + self.section.increment, self.max)
-            self.window = []
+            self.trigger.window = []
 
     def state_dict(self) -> dict[str, Any]:
         return {"level": self.level, "window": list(self.window)}
@@ -81,4 +92,4 @@ class Curriculum:
         if self.kind == "fixed":
             return  # the task's parameter is the level, also when an override changed it
         self.level = min(int(state["level"]), self.max)
-        self.window = [float(v) for v in state["window"]]
+        self.trigger.window = [float(v) for v in state["window"]]

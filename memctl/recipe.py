@@ -48,11 +48,23 @@ class ClipSection(Section):
     norm: float | None = Field(None, gt=0, description="global gradient-norm clip")
 
 
+class LrDecaySection(Section):
+    metric: str | None = Field(
+        None, description="metrics.csv column watched; null: the learning rate stays fixed"
+    )
+    threshold: float = 0.5
+    mode: Literal["below", "above"] = "below"
+    window: int = Field(4, ge=1, description="logged rows averaged")
+    factor: float = Field(0.5, gt=0, lt=1, description="lr multiplier each time it passes")
+    min_lr: float = Field(1e-5, gt=0)
+
+
 class TrainSection(Section):
     steps: int = Field(1000, gt=0)
     batch_size: int = Field(32, gt=0)
     optimizer: OptimizerSection = OptimizerSection()
     clip: ClipSection = ClipSection()
+    lr_decay: LrDecaySection = LrDecaySection()
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="0: evaluate at the end only")
     checkpoint_every: int = Field(100, gt=0)

@@ -26,7 +26,7 @@ import torch
 
 import memctl
 from memctl import checkpoint
-from memctl.curriculum import Curriculum
+from memctl.curriculum import Curriculum, Trigger
 from memctl.errors import UserError
 from memctl.models.base import parameter_count
 from memctl.recipe import Recipe, apply_overrides, read_yaml, validate_recipe
@@ -189,12 +189,21 @@ class Trainer:
             *self.task.metric_names,
             "sequences",
         ]
-        watched = recipe.curriculum.metric
-        if recipe.curriculum.type == "adaptive" and watched not in self.columns:
-            raise UserError(
-                f"curriculum.metric: {watched!r} is not a metrics.csv column of task "
-                f"{recipe.task.type!r} (columns: {', '.join(self.columns[4:])})"
-            )
+        watched = {"train.lr_decay.metric": recipe.train.lr_decay.metric}
+        if recipe.curriculum.type == "adaptive":
+            watched["curriculum.metric"] = recipe.curriculum.metric
+        for field, metric in watched.items():
+            if metric is not None and metric not in self.columns:
+                raise UserError(
+                    f"{field}: {metric!r} is not a metrics.csv column of task "
+                    f"{recipe.task.type!r} (columns: {', '.join(self.columns[4:])})"
+                )
+        decay = recipe.train.lr_decay
+        self.lr_trigger = (
+            Trigger(decay.metric, decay.threshold, decay.mode, decay.window)
+            if decay.metric is not None
+            else None
+        )
         self.data_generator = torch.Generator().manual_seed(recipe.seed)
         self.step = 0
         self.samples = 0
@@ -243,6 +252,21 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.recipe.train.optimizer.lr * self.lr_scale
 
+    def _maybe_decay_lr(self, row: dict[str, Any]) -> None:
+        """``train.lr_decay``: once the watched metric passes, multiply the learning rate
+        by ``factor`` (not below ``min_lr``) and watch a fresh window. Adam's steps stay
+        about lr-sized however small the gradients get, which can throw a converged model
+        off its solution; a smaller lr after convergence keeps it there."""
+        if self.lr_trigger is None or not self.lr_trigger.passed(row):
+            return
+        decay, base = self.recipe.train.lr_decay, self.recipe.train.optimizer.lr
+        scale = max(self.lr_scale * decay.factor, decay.min_lr / base)
+        self.lr_trigger.window = []
+        if scale < self.lr_scale:
+            self.lr_scale = scale
+            self._set_lr()
+            self.reporter.message(f"step {self.step}: lr decayed to {self.lr:.3g}")
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -268,6 +292,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "optimizer_name": self.recipe.train.optimizer.name,
             "curriculum": self.curriculum.state_dict(),
+            "lr_decay_window": [] if self.lr_trigger is None else list(self.lr_trigger.window),
             "rng": checkpoint.rng_state(self.data_generator),
             "interval": {k: v.cpu() for k, v in self.sums.items()} | {"_count": self.count},
             "recipe_digest": self.recipe.digest(),
@@ -297,6 +322,8 @@ class Trainer:
         self.best = state["best"]
         self._set_lr()
         self.curriculum.load_state_dict(state["curriculum"])
+        if self.lr_trigger is not None:
+            self.lr_trigger.window = [float(v) for v in state.get("lr_decay_window", [])]
         checkpoint.set_rng_state(state["rng"], self.data_generator)
         interval = dict(state["interval"])
         self.count = int(interval.pop("_count"))
@@ -432,6 +459,7 @@ class Trainer:
                 if self.count and self.step % train.log_every == 0:
                     row = self._log_row(segment_start)
                     self.curriculum.after_log(row)
+                    self._maybe_decay_lr(row)
                     self.reporter.log(row)
                 if train.eval_every and self.step % train.eval_every == 0:
                     self.evaluate_and_record("train")

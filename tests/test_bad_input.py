@@ -44,6 +44,11 @@ BAD_RECIPES = [
     ("no_model", with_change(("model",), KeyError), ["model: missing"]),
     ("bad_name", with_change(("name",), "../escape"), ["name"]),
     ("start_too_big", with_change(("curriculum", "start"), 9), ["curriculum.start"]),
+    (
+        "lr_decay_metric",
+        with_change(("train", "lr_decay"), {"metric": "bit_erors"}),
+        ["train.lr_decay.metric", "bit_erors"],
+    ),
     ("compile_no_cell", with_change(("train", "compile"), True), ["train.compile", "lstm"]),
 ]
 

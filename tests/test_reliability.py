@@ -31,8 +31,11 @@ def metrics_text(run: Path) -> list[str]:
 
 
 def test_exact_resume_in_a_new_process(tiny_recipe: Path, runs_dir: Path):
+    # The lr decay watches 3 logged rows (always passing), so its window crosses the resume.
+    decay = ["--set", "train.lr_decay.metric=loss", "--set", "train.lr_decay.threshold=10"]
+    decay += ["--set", "train.lr_decay.window=3"]
     code, _, err = finish(
-        cli_process("train", tiny_recipe, "--runs-dir", runs_dir, "--name", "straight")
+        cli_process("train", tiny_recipe, "--runs-dir", runs_dir, "--name", "straight", *decay)
     )
     assert code == 0, err
     code, _, err = finish(
@@ -45,6 +48,7 @@ def test_exact_resume_in_a_new_process(tiny_recipe: Path, runs_dir: Path):
             "split",
             "--set",
             "train.steps=20",
+            *decay,
         )
     )
     assert code == 0, err
@@ -54,8 +58,10 @@ def test_exact_resume_in_a_new_process(tiny_recipe: Path, runs_dir: Path):
     assert len(straight) == 1 + 40 // 5
     assert split == straight
     # The step curriculum (every 15 steps) crossed the resume point: levels 2, 3, 4.
-    levels = pd.read_csv(runs_dir / "split" / "metrics.csv")["level"].tolist()
-    assert levels == [2, 2, 2, 3, 3, 3, 4, 4]
+    metrics = pd.read_csv(runs_dir / "split" / "metrics.csv")
+    assert metrics["level"].tolist() == [2, 2, 2, 3, 3, 3, 4, 4]
+    # Halved after the rows of steps 15 and 30 (each row shows the lr it trained with).
+    assert metrics["lr"].tolist() == [1e-3] * 3 + [5e-4] * 3 + [2.5e-4] * 2
     # Periodic evaluations match too; the split run also evaluated when its first part ended.
     evals = {name: pd.read_csv(runs_dir / name / "eval.csv") for name in ("straight", "split")}
     periodic = {name: frame[frame.checkpoint == "train"] for name, frame in evals.items()}
