@@ -346,12 +346,13 @@ class DNCCore(nn.Module):
 
     def step(
         self, projected: torch.Tensor, state: DNCState
-    ) -> tuple[torch.Tensor, DNCState, torch.Tensor]:
+    ) -> tuple[torch.Tensor, DNCState, tuple[tuple[AccessState, torch.Tensor], ...]]:
         """One time step. projected: the first controller's ``project`` of this step's
-        input ``[B, G]`` -> (the output layer's input ``[B, H + R M]``, the next state, the
-        last memory access's allocation weightings ``[B, W, N]``)."""
+        input ``[B, G]`` -> (the output layer's input ``[B, H + R M]``, the next state, and
+        per layer the state of the memory it used after its access with that access's
+        allocation weightings ``[B, W, N]``, for traces)."""
         step_input = state.reads.flatten(1)
-        controllers, accesses = [], list(state.access)
+        controllers, accesses, trail = [], list(state.access), []
         for layer, controller in enumerate(self.controllers):
             output, controller_state = controller.step(
                 projected if layer == 0 else None, step_input, state.controller[layer]
@@ -359,24 +360,27 @@ class DNCCore(nn.Module):
             if self.clip is not None:
                 output = F.hardtanh(output, -self.clip, self.clip)
             index = layer if len(self.memories) > 1 else 0
-            reads, accesses[index], allocation = self.memories[index].step(output, accesses[index])
+            reads, accesses[index], allocation = self.memories[index].step(
+                output, accesses[index]
+            )
             step_input = torch.cat([output, reads.flatten(1)], 1)
             controllers.append(controller_state)
-        return step_input, DNCState(tuple(controllers), tuple(accesses), reads), allocation
+            trail.append((accesses[index], allocation))
+        return step_input, DNCState(tuple(controllers), tuple(accesses), reads), tuple(trail)
 
     def run(
         self, inputs: torch.Tensor, state: DNCState | None, record: bool = False
     ) -> tuple[torch.Tensor, DNCState, list[tuple[AccessState, torch.Tensor]]]:
         """inputs ``[T, B, I]`` -> (outputs ``[T, B, O]``, final state, and with ``record``
-        the first memory's state and the allocation after every step)."""
+        every layer's memory state and allocation after its access, time major)."""
         if state is None:
             state = self.initial_state(inputs.shape[1], inputs.device, inputs.dtype)
         features, records = [], []
         for projected in self.controllers[0].project(inputs).unbind(0):
-            feature, state, allocation = self._step(projected, state)
+            feature, state, trail = self._step(projected, state)
             features.append(feature)
             if record:
-                records.append((state.access[0], allocation))
+                records.extend(trail)
         outputs = self.readout(torch.stack(features))
         if self.output_clip is not None:
             outputs = F.hardtanh(outputs, -self.output_clip, self.output_clip)
@@ -478,7 +482,7 @@ class DNC(DNCCore):
     ``[B, R, N]``, ``write_weights`` ``[B, 1, N]``, ``usage_vector`` ``[B, N]``;
     ``read_vectors`` is ``[B, R * W]``. Pass them back as the second argument to go on;
     ``reset_experience=True`` empties the memory first. With ``debug=True`` a third value
-    holds numpy views of the first memory for batch element 0, one row per time step.
+    holds numpy views of the memory for batch element 0, one row per time step and layer.
 
     Differences from pytorch-dnc 1.1.0, where it has bugs: the controller starts from
     zeros (pytorch-dnc draws a new random initial state on every call and gives the LSTM
@@ -605,8 +609,9 @@ class DNC(DNCCore):
 
 
 def debug_views(records: list[tuple[AccessState, torch.Tensor]]) -> dict[str, np.ndarray]:
-    """pytorch-dnc's ``debug`` output: per time step (rows), batch element 0's memory,
-    link matrix, precedence, read weights, write weights and usage, each flattened."""
+    """pytorch-dnc's ``debug`` output: one row per time step and layer (time major), batch
+    element 0's memory, link matrix, precedence, read weights, write weights and usage
+    after that layer's access, each flattened."""
     parts = {
         "memory": "memory",
         "link_matrix": "link",
