@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from memctl.recipe import validate_recipe
-from memctl.rundir import RunDir
+from memctl.rundir import RunDir, new_file_mode
 from memctl.trainer import TrainingError, start_run
 from tests.conftest import TINY, cli, cli_process
 
@@ -148,6 +148,9 @@ def test_eval_and_runs_commands(tiny_recipe: Path, runs_dir: Path):
         cli("train", tiny_recipe, "--runs-dir", runs_dir, "--set", "train.steps=20").exit_code == 0
     )
     run = runs_dir / "tiny"
+    # Atomically written files get the usual permissions, not mkstemp's owner-only 0o600.
+    for name in ("run.json", "checkpoints/last.pt"):
+        assert (run / name).stat().st_mode & 0o777 == new_file_mode(), name
     before = len(pd.read_csv(run / "eval.csv"))
     result = cli("eval", run, "--checkpoint", "best", "--lengths", "5,8")
     assert result.exit_code == 0, result.output
