@@ -1,0 +1,234 @@
+"""DNC speed and memory, memctl against pytorch-dnc 1.1.0 (the published peer), side by
+side in one run.
+
+1. Copy training (batch 32, 18 time steps of 10 inputs, LSTM 64 with one layer, memory
+   32 x 16, 4 read heads, Adam 1e-3, sigmoid cross-entropy): training steps per second
+   of the peer, of memctl's drop-in ``DNC`` eager and with ``compile_step()``.
+2. One forward + backward (batch 8, T time steps, LSTM 64, cells of 32, 4 read heads,
+   16 inputs) against the memory size N: seconds and peak resident memory, each case in
+   its own process under an address-space limit (``resource.setrlimit``), so a case that
+   does not fit fails alone instead of exhausting the machine.
+
+Both models are built with the same pytorch-dnc constructor arguments, so they have the
+same number of parameters. ``--peer`` creates a separate virtual environment (default
+/tmp/memctl-dnc-peer) with ``torch==2.13.0`` and ``dnc==1.1.0`` and runs the peer's cases
+there; the peer is never a dependency of memctl. Results are saved as JSON with the
+machine, its load average and the torch threads.
+
+    OMP_NUM_THREADS=2 python benchmarks/dnc_speed.py --peer --threads 2 \
+        --out benchmarks/dnc_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import venv
+from pathlib import Path
+
+PEER_PACKAGES = ["torch==2.13.0", "dnc==1.1.0"]
+COPY = dict(
+    input_size=10,
+    hidden_size=64,
+    rnn_type="lstm",
+    num_layers=1,
+    num_hidden_layers=1,
+    nr_cells=32,
+    cell_size=16,
+    read_heads=4,
+    batch_first=True,
+    gpu_id=-1,
+)
+
+
+def dnc_class(implementation: str):
+    if implementation == "peer":
+        from dnc import DNC
+    else:
+        from memctl.models import DNC
+    return DNC
+
+
+def copy_training(implementation: str, compiled: bool, steps: int, warmup: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    rnn = dnc_class(implementation)(**COPY)
+    if compiled:
+        rnn.compile_step()
+    optimizer = torch.optim.Adam(rnn.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        x = torch.randint(0, 2, (32, 18, 10), generator=generator).float()
+        output, _ = rnn(x, (None, None, None), reset_experience=True)
+        loss = F.binary_cross_entropy_with_logits(output, x)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    start = time.perf_counter()
+    step()
+    first_step = time.perf_counter() - start
+    for _ in range(warmup):
+        step()
+    times = []
+    cpu_start = time.process_time()
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {
+        "median_step_ms": round(1000 * statistics.median(times), 2),
+        "steps_per_second": round(1 / statistics.median(times), 2),
+        "steps_per_cpu_second": round(steps / (time.process_time() - cpu_start), 2),
+        "first_step_s": round(first_step, 2),
+        "parameters": sum(p.numel() for p in rnn.parameters()),
+    }
+
+
+def forward_backward(implementation: str, slots: int, steps: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    rnn = dnc_class(implementation)(
+        input_size=16,
+        hidden_size=64,
+        num_hidden_layers=1,
+        nr_cells=slots,
+        cell_size=32,
+        read_heads=4,
+        batch_first=True,
+        gpu_id=-1,
+    )
+    x = torch.randn(8, steps, 16)
+    start = time.perf_counter()
+    output, _ = rnn(x, (None, None, None), reset_experience=True)
+    output.square().mean().backward()
+    seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": round(seconds, 3), "peak_rss_mb": round(peak_kib / 1024)}
+
+
+def worker(spec: dict) -> None:
+    """Run one case in this process and print its JSON."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    if spec["case"] == "copy":
+        result = copy_training(spec["implementation"], spec["compiled"], spec["steps"], 3)
+    else:
+        limit = int(spec["memory_limit_gib"] * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        result = forward_backward(spec["implementation"], spec["slots"], spec["steps"])
+    print(json.dumps(result), flush=True)
+
+
+def run_case(python: str, spec: dict, timeout: float) -> dict:
+    """One case in a fresh process; a failure (memory limit, timeout) is a result too."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    command = [python, __file__, "--worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1]
+        return {**spec, "error": last[-300:]}
+    return {**spec, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def peer_python(path: Path) -> str:
+    python = path / "bin" / "python"
+    if not python.exists():
+        print(f"creating {path} with {' '.join(PEER_PACKAGES)}", flush=True)
+        venv.create(path, with_pip=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)
+    return str(python)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--peer", action="store_true", help="also run pytorch-dnc 1.1.0")
+    parser.add_argument("--peer-venv", type=Path, default=Path("/tmp/memctl-dnc-peer"))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per case")
+    parser.add_argument("--steps", type=int, default=30, help="timed copy training steps")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled case")
+    parser.add_argument("--slots", default="64,256,1024", help="memory sizes N for case 2")
+    parser.add_argument("--time-steps", type=int, default=100, help="T of case 2")
+    parser.add_argument("--peer-slots", default="64,256,1024", help="N the peer runs")
+    parser.add_argument("--memory-limit-gib", type=float, default=12.0)
+    parser.add_argument("--out", type=Path, default=None, help="save results as JSON")
+    parser.add_argument("--note", default="", help="saved with the results")
+    args = parser.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+
+    pythons = {"memctl": sys.executable}
+    if args.peer:
+        pythons["peer"] = peer_python(args.peer_venv)
+    load_before = os.getloadavg()
+    results = []
+
+    def record(python: str, spec: dict, timeout: float) -> None:
+        row = run_case(python, {**spec, "threads": args.threads}, timeout)
+        print(json.dumps(row), flush=True)
+        results.append(row)
+
+    copy_cases = [("memctl", False)] + ([("memctl", True)] if not args.no_compile else [])
+    if args.peer:
+        copy_cases.insert(0, ("peer", False))
+    for implementation, compiled in copy_cases:
+        spec = {"case": "copy", "implementation": implementation, "compiled": compiled}
+        record(pythons[implementation], {**spec, "steps": args.steps}, 1800)
+    for implementation, slots_list in (("memctl", args.slots), ("peer", args.peer_slots)):
+        if implementation not in pythons:
+            continue
+        for slots in (int(n) for n in slots_list.split(",")):
+            spec = {
+                "case": "forward_backward",
+                "implementation": implementation,
+                "slots": slots,
+                "steps": args.time_steps,
+                "memory_limit_gib": args.memory_limit_gib,
+            }
+            record(pythons[implementation], spec, 900)
+
+    report = {
+        "benchmark": "dnc_speed",
+        "machine": {
+            "cpu": cpu_name(),
+            "logical_cpus": os.cpu_count(),
+            "affinity_cpus": len(os.sched_getaffinity(0)),
+            "torch_threads": args.threads,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "load_average_at_start": load_before,
+            "load_average_at_end": os.getloadavg(),
+        },
+        "note": args.note,
+        "results": results,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def cpu_name() -> str:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from machine import cpu_name as name
+
+    return name()
+
+
+if __name__ == "__main__":
+    main()
