@@ -360,9 +360,7 @@ class DNCCore(nn.Module):
             if self.clip is not None:
                 output = F.hardtanh(output, -self.clip, self.clip)
             index = layer if len(self.memories) > 1 else 0
-            reads, accesses[index], allocation = self.memories[index].step(
-                output, accesses[index]
-            )
+            reads, accesses[index], allocation = self.memories[index].step(output, accesses[index])
             step_input = torch.cat([output, reads.flatten(1)], 1)
             controllers.append(controller_state)
             trail.append((accesses[index], allocation))
