@@ -238,9 +238,11 @@ def test_link_records_the_order_of_writes():
     assert forward[0, 0, 0].argmax() == 3 and backward[0, 0, 0].argmax() == 2
 
 
-def test_directional_weights_match_loops(inputs):
-    forward, backward = addressing.directional_weights(inputs["link"], inputs["read_weights"])
-    expected_forward, expected_backward = np_directional(*numpy(inputs, "link", "read_weights"))
+@pytest.mark.parametrize("writes", [1, WRITES])
+def test_directional_weights_match_loops(inputs, writes):
+    x = {**inputs, "link": inputs["link"][:, :writes]}
+    forward, backward = addressing.directional_weights(x["link"], x["read_weights"])
+    expected_forward, expected_backward = np_directional(*numpy(x, "link", "read_weights"))
     close(forward, expected_forward)
     close(backward, expected_backward)
 
@@ -263,9 +265,39 @@ def test_read_weighting_matches_loops(inputs):
         (addressing.directional_weights, ("link", "read_weights")),
     ],
 )
-def test_gradcheck(inputs, function, names):
-    args = tuple(inputs[n].clone().requires_grad_() for n in names)
+@pytest.mark.parametrize("writes", [1, WRITES])
+def test_gradcheck(inputs, function, names, writes):
+    # One write head takes shortcuts (no product over heads, plain bmm reads of the link).
+    heads = {"write_weights", "gates", "precedence", "link"}
+    args = tuple(
+        (inputs[n][:, :writes] if n in heads else inputs[n]).clone().requires_grad_() for n in names
+    )
     assert torch.autograd.gradcheck(function, args)
+
+
+def content_inputs(generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Memory with a zero row (norm sqrt(EPSILON)), keys, strengths with a zero."""
+    memory = torch.randn(BATCH, SLOTS, 4, dtype=torch.float64, generator=generator)
+    memory[0, 1] = 0
+    keys = torch.randn(BATCH, READS, 4, dtype=torch.float64, generator=generator)
+    strengths = 3 * torch.rand(BATCH, READS, dtype=torch.float64, generator=generator)
+    strengths[1, 0] = 0
+    return memory, keys, strengths
+
+
+def test_fused_content_weights_equal_content_weights():
+    memory, keys, strengths = content_inputs(torch.Generator().manual_seed(2))
+    fused = addressing.fused_content_weights(memory, keys, strengths)
+    torch.testing.assert_close(
+        fused, addressing.content_weights(memory, keys, strengths), rtol=1e-12, atol=1e-14
+    )
+
+
+@pytest.mark.parametrize("needs_grad", [(True, True, True), (False, True, False)])
+def test_fused_content_weights_gradcheck(needs_grad):
+    tensors = content_inputs(torch.Generator().manual_seed(3))
+    args = tuple(t.requires_grad_(n) for t, n in zip(tensors, needs_grad, strict=True))
+    assert torch.autograd.gradcheck(addressing.fused_content_weights, args)
 
 
 def test_link_update_gradcheck_through_the_diagonal(inputs):

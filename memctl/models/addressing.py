@@ -143,6 +143,60 @@ def write(
 # ``W`` write heads.
 
 
+class _ContentWeights(torch.autograd.Function):
+    """``content_weights`` with a hand-written backward: the softmax, the two inverse
+    norms and the batched products, in about half the ops that autograd records for the
+    composition (a DNC looks up contents twice a step)."""
+
+    @staticmethod
+    def forward(ctx, memory, keys, strengths):
+        key_inverse, memory_inverse = inverse_norms(keys), inverse_norms(memory)
+        scale = strengths * key_inverse  # [B, H]: beta / ||k||
+        dots = torch.bmm(keys, memory.transpose(1, 2))
+        logits = dots * scale.unsqueeze(-1) * memory_inverse.unsqueeze(1)
+        weights = torch.softmax(logits, dim=-1)
+        ctx.save_for_backward(memory, keys, strengths, key_inverse, memory_inverse, dots, weights)
+        return weights
+
+    @staticmethod
+    def backward(ctx, grad):
+        memory, keys, strengths, key_inverse, memory_inverse, dots, weights = ctx.saved_tensors
+        weighted = grad * weights
+        grad_logits = torch.addcmul(weighted, weights, weighted.sum(-1, keepdim=True), value=-1)
+        scale = strengths * key_inverse
+        # logits = dots * scale[h] * memory_inverse[n]
+        grad_dots = grad_logits * scale.unsqueeze(-1) * memory_inverse.unsqueeze(1)
+        grad_by_dots = grad_logits * dots
+        grad_scale = torch.bmm(grad_by_dots, memory_inverse.unsqueeze(-1)).squeeze(-1)
+        grad_memory = grad_keys = grad_strengths = None
+        if ctx.needs_input_grad[0]:
+            # d/dv (||v||^2 + EPSILON)^(-1/2) = -(inverse norm)^3 v
+            grad_memory_inverse = torch.bmm(scale.unsqueeze(1), grad_by_dots).squeeze(1)
+            grad_memory = torch.bmm(grad_dots.transpose(1, 2), keys).addcmul_(
+                memory, (grad_memory_inverse * memory_inverse.pow(3)).unsqueeze(-1), value=-1
+            )
+        if ctx.needs_input_grad[1]:
+            grad_key_inverse = grad_scale * strengths
+            grad_keys = torch.bmm(grad_dots, memory).addcmul_(
+                keys, (grad_key_inverse * key_inverse.pow(3)).unsqueeze(-1), value=-1
+            )
+        if ctx.needs_input_grad[2]:
+            grad_strengths = grad_scale * key_inverse
+        return grad_memory, grad_keys, grad_strengths
+
+
+def fused_content_weights(
+    memory: torch.Tensor, keys: torch.Tensor, strengths: torch.Tensor
+) -> torch.Tensor:
+    """``content_weights`` (eq. (5) of the NTM paper, the DNC's content lookup
+    ``C(M, k, beta)``) computed as one autograd node.
+
+    memory: ``[B, N, M]``, keys: ``[B, H, M]``, strengths (beta >= 0): ``[B, H]``
+    -> ``[B, H, N]``
+    """
+    return _ContentWeights.apply(memory, keys, strengths)
+
+
 def usage_update(
     usage: torch.Tensor,
     write_weights: torch.Tensor,
@@ -157,9 +211,24 @@ def usage_update(
     usage: ``[B, N]``, write_weights: ``[B, W, N]`` and read_weights: ``[B, R, N]`` (both
     of the previous step), free_gates (in [0, 1]): ``[B, R]`` -> ``[B, N]``
     """
-    written = 1 - (1 - write_weights).prod(dim=1)
-    retention = (1 - free_gates.unsqueeze(-1) * read_weights).prod(dim=1)
+    if write_weights.shape[1] == 1:
+        written = write_weights[:, 0]
+    else:
+        written = 1 - _product(1 - write_weights)
+    retention = _product(1 - free_gates.unsqueeze(-1) * read_weights)
     return torch.addcmul(usage, 1 - usage, written) * retention
+
+
+def _product(factors: torch.Tensor) -> torch.Tensor:
+    """``prod_h factors[:, h]`` as a chain of multiplications: over a DNC's few heads that
+    is cheaper than ``torch.prod``, whose backward first looks for factors equal to 0.
+
+    factors: ``[B, H, N]`` -> ``[B, N]``
+    """
+    product, *others = factors.unbind(1)
+    for other in others:
+        product = product * other
+    return product
 
 
 def allocation(usage: torch.Tensor) -> torch.Tensor:
@@ -168,16 +237,20 @@ def allocation(usage: torch.Tensor) -> torch.Tensor:
 
     Usage is first mapped to ``EPSILON + (1 - EPSILON) u`` (as deepmind/dnc), so the
     products' gradients stay finite where usage is 0. The sort is stable, so slots of equal
-    usage are taken in index order. One batched ``torch.sort``, an exclusive ``cumprod``
-    (the cumprod of the sorted usage shifted right by one), and a scatter back to slots.
+    usage are taken in index order. One batched ``torch.sort``; the exclusive products
+    ``prod_{i<j}`` are ``exp(cumsum(log u) - log u)`` (finite: u >= EPSILON), whose
+    backward is a few elementwise ops where ``cumprod``'s looks for zeros and flips; a
+    scatter puts the allocation back in slot order.
 
     usage (in [0, 1]): ``[..., N]`` -> ``[..., N]``
     """
-    usage = EPSILON + (1 - EPSILON) * usage
+    usage = usage.mul(1 - EPSILON).add_(EPSILON)
     sorted_usage, order = torch.sort(usage, dim=-1, stable=True)
-    shifted = torch.cat([torch.ones_like(sorted_usage[..., :1]), sorted_usage[..., :-1]], -1)
-    sorted_allocation = (1 - sorted_usage) * torch.cumprod(shifted, dim=-1)
-    return torch.zeros_like(sorted_allocation).scatter(-1, order, sorted_allocation)
+    log_usage = sorted_usage.log()
+    exclusive_products = torch.exp(log_usage.cumsum(-1) - log_usage)
+    sorted_allocation = (1 - sorted_usage) * exclusive_products
+    # order is a permutation: the scatter writes every element of the empty tensor.
+    return torch.empty_like(sorted_allocation).scatter_(-1, order, sorted_allocation)
 
 
 def write_allocation(usage: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -189,6 +262,8 @@ def write_allocation(usage: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     -> ``[B, W, N]``
     """
     heads = gates.shape[1]
+    if heads == 1:
+        return allocation(usage).unsqueeze(1)
     allocations = []
     for head in range(heads):
         allocations.append(allocation(usage))
@@ -226,12 +301,14 @@ class _LinkUpdate(torch.autograd.Function):
     would keep one ``[N, N]`` temporary per step alive for the backward pass (the factor
     ``1 - w[i] - w[j]``) and build several more in it. This one saves only its inputs (the
     previous link matrix is alive anyway: the previous step's reads keep it) and builds two
-    ``[N, N]`` temporaries forward and three backward."""
+    ``[N, N]`` temporaries forward and five backward."""
 
     @staticmethod
     def forward(ctx, link, write_weights, precedence):
         rows, columns = write_weights.unsqueeze(-1), write_weights.unsqueeze(-2)
-        updated = (1 - rows - columns).mul_(link).addcmul_(rows, precedence.unsqueeze(-2))
+        # L - (w[i] + w[j]) L + w[i] p[j]
+        updated = torch.addcmul(link, link, rows + columns, value=-1)
+        updated.addcmul_(rows, precedence.unsqueeze(-2))
         updated.diagonal(dim1=-2, dim2=-1).zero_()
         ctx.save_for_backward(link, write_weights, precedence)
         return updated
@@ -239,26 +316,22 @@ class _LinkUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         link, write_weights, precedence = ctx.saved_tensors
-        rows, columns = write_weights.unsqueeze(-1), write_weights.unsqueeze(-2)
         # The diagonal is set to 0, so the gradient's diagonal reaches no input.
-        grad_diagonal = grad.diagonal(dim1=-2, dim2=-1)
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        grad.diagonal(dim1=-2, dim2=-1).zero_()
+        rows, columns = write_weights.unsqueeze(-1), write_weights.unsqueeze(-2)
         grad_link = grad_weights = grad_precedence = None
         if ctx.needs_input_grad[0]:
-            grad_link = (1 - rows - columns).mul_(grad)
-            grad_link.diagonal(dim1=-2, dim2=-1).zero_()
+            grad_link = torch.addcmul(grad, grad, rows + columns, value=-1)
         if ctx.needs_input_grad[1]:
-            # d/dw[k]: sum_j g[k, j] (p[j] - L[k, j]) - sum_i g[i, k] L[i, k], j, i != k
+            # d/dw[k]: sum_j g[k, j] (p[j] - L[k, j]) - sum_i g[i, k] L[i, k]; broadcast
+            # and sum, not a matrix-vector bmm, which is slow on a CPU.
             weighted = grad * link
-            weighted.diagonal(dim1=-2, dim2=-1).zero_()
-            grad_weights = (
-                (grad @ precedence.unsqueeze(-1)).squeeze(-1)
-                - grad_diagonal * precedence
-                - weighted.sum(-1)
-                - weighted.sum(-2)
-            )
+            along_rows = (grad * precedence.unsqueeze(-2)).sub_(weighted).sum(-1)
+            grad_weights = along_rows.sub_(weighted.sum(-2))
         if ctx.needs_input_grad[2]:
-            # d/dp[j]: sum_i g[i, j] w[i], i != j
-            grad_precedence = (columns @ grad).squeeze(-2) - grad_diagonal * write_weights
+            # d/dp[j]: sum_i w[i] g[i, j]
+            grad_precedence = torch.matmul(columns, grad).squeeze(-2)
         return grad_link, grad_weights, grad_precedence
 
 
@@ -283,9 +356,15 @@ def directional_weights(
     link: ``[B, W, N, N]``, read_weights: ``[B, R, N]`` (previous step)
     -> (forward, backward), each ``[B, R, W, N]``
     """
+    if link.shape[1] == 1:
+        # One write head: plain bmms, no broadcast over a heads dimension.
+        head = link[:, 0]
+        forward = torch.bmm(read_weights, head.transpose(1, 2))  # sum_j L[i, j] w[j]
+        backward = torch.bmm(read_weights, head)  # sum_i w[i] L[i, j]
+        return forward.unsqueeze(2), backward.unsqueeze(2)
     heads = read_weights.unsqueeze(1)  # [B, 1, R, N]
-    forward = torch.matmul(heads, link.transpose(-1, -2))  # sum_j L[i, j] w[j]
-    backward = torch.matmul(heads, link)  # sum_i w[i] L[i, j]
+    forward = torch.matmul(heads, link.transpose(-1, -2))
+    backward = torch.matmul(heads, link)
     return forward.transpose(1, 2), backward.transpose(1, 2)
 
 
@@ -299,4 +378,5 @@ def read_weighting(
     ``2W + 1``: backward, forward, content): ``[B, R, 2W + 1]`` -> ``[B, R, N]``
     """
     weightings = torch.cat([backward, forward, content.unsqueeze(2)], dim=2)
-    return torch.matmul(modes.unsqueeze(-2), weightings).squeeze(-2)
+    # Broadcast and sum: one matrix product per batch element and head would be 1 x (2W+1).
+    return (modes.unsqueeze(-1) * weightings).sum(2)

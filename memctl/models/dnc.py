@@ -176,13 +176,12 @@ class Controller(nn.Module):
             else:
                 gates = torch.addmm(gates, hidden, recurrent_weight.t())
                 if self.kind == "lstm":
-                    input_gate, forget_gate, candidate, output_gate = gates.chunk(4, 1)
-                    cell = torch.addcmul(
-                        torch.sigmoid(forget_gate) * cell,
-                        torch.sigmoid(input_gate),
-                        torch.tanh(candidate),
-                    )
-                    hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
+                    # One sigmoid over all four blocks (the candidate's is not used): fewer
+                    # ops than three, each with its own backward.
+                    input_gate, forget_gate, _, output_gate = torch.sigmoid(gates).chunk(4, 1)
+                    candidate = torch.tanh(gates[:, 2 * self.hidden : 3 * self.hidden])
+                    cell = torch.addcmul(forget_gate * cell, input_gate, candidate)
+                    hidden = output_gate * torch.tanh(cell)
                 else:
                     hidden = self.activation(gates)
             hiddens.append(hidden)
@@ -256,7 +255,7 @@ class MemoryAccess(nn.Module):
         usage = addressing.usage_update(
             state.usage, state.write_weights, free_gates, state.read_weights
         )
-        write_content = addressing.content_weights(state.memory, write_keys, write_strengths)
+        write_content = addressing.fused_content_weights(state.memory, write_keys, write_strengths)
         allocation = addressing.write_allocation(usage, allocation_gates * write_gates)
         write_weights = addressing.write_weighting(
             write_content, allocation, allocation_gates, write_gates
@@ -266,7 +265,7 @@ class MemoryAccess(nn.Module):
         )
         link = addressing.link_update(state.link, write_weights, state.precedence)
         precedence = addressing.precedence_update(state.precedence, write_weights)
-        read_content = addressing.content_weights(memory, read_keys, read_strengths)
+        read_content = addressing.fused_content_weights(memory, read_keys, read_strengths)
         forward, backward = addressing.directional_weights(link, state.read_weights)
         read_weights = addressing.read_weighting(read_content, forward, backward, read_modes)
         read_vectors = addressing.read(memory, read_weights)
