@@ -347,9 +347,10 @@ class DNCCore(nn.Module):
         self, projected: torch.Tensor, state: DNCState
     ) -> tuple[torch.Tensor, DNCState, tuple[tuple[AccessState, torch.Tensor], ...]]:
         """One time step. projected: the first controller's ``project`` of this step's
-        input ``[B, G]`` -> (the output layer's input ``[B, H + R M]``, the next state, and
-        per layer the state of the memory it used after its access with that access's
-        allocation weightings ``[B, W, N]``, for traces)."""
+        input ``[B, G]`` -> (the last controller's output ``[B, H]``, which the output layer
+        sees with the next state's ``reads``, the next state, and per layer the state of the
+        memory it used after its access with that access's allocation weightings
+        ``[B, W, N]``, for traces)."""
         step_input = state.reads.flatten(1)
         controllers, accesses, trail = [], list(state.access), []
         for layer, controller in enumerate(self.controllers):
@@ -360,10 +361,11 @@ class DNCCore(nn.Module):
                 output = F.hardtanh(output, -self.clip, self.clip)
             index = layer if len(self.memories) > 1 else 0
             reads, accesses[index], allocation = self.memories[index].step(output, accesses[index])
-            step_input = torch.cat([output, reads.flatten(1)], 1)
+            if layer + 1 < len(self.controllers):
+                step_input = torch.cat([output, reads.flatten(1)], 1)
             controllers.append(controller_state)
             trail.append((accesses[index], allocation))
-        return step_input, DNCState(tuple(controllers), tuple(accesses), reads), tuple(trail)
+        return output, DNCState(tuple(controllers), tuple(accesses), reads), tuple(trail)
 
     def run(
         self, inputs: torch.Tensor, state: DNCState | None, record: bool = False
@@ -372,13 +374,16 @@ class DNCCore(nn.Module):
         every layer's memory state and allocation after its access, time major)."""
         if state is None:
             state = self.initial_state(inputs.shape[1], inputs.device, inputs.dtype)
-        features, records = [], []
+        outputs, reads, records = [], [], []
         for projected in self.controllers[0].project(inputs).unbind(0):
-            feature, state, trail = self._step(projected, state)
-            features.append(feature)
+            output, state, trail = self._step(projected, state)
+            outputs.append(output)
+            reads.append(state.reads)
             if record:
                 records.extend(trail)
-        outputs = self.readout(torch.stack(features))
+        # The output layer's input, [controller output, read vectors], joined once.
+        features = torch.cat([torch.stack(outputs), torch.stack(reads).flatten(2)], -1)
+        outputs = self.readout(features)
         if self.output_clip is not None:
             outputs = F.hardtanh(outputs, -self.output_clip, self.output_clip)
         return outputs, state, records
