@@ -27,19 +27,24 @@ from memctl.registry import TASKS
 from memctl.tasks.base import Batch, Task, TaskConfig, draw_levels
 
 
-class AddingConfig(TaskConfig):
-    type: str = "adding"
+class NumbersConfig(TaskConfig):
+    """Sequences of one-hot numbers ended by an end symbol (adding, argmax)."""
+
     size: int = Field(6, ge=2, description="one-hot width: numbers 0 .. size-2, then the end")
     min_length: int = Field(2, ge=1)
     max_length: int = Field(100, ge=1, description="curriculum parameter")
 
     @model_validator(mode="after")
-    def _lengths_ordered(self) -> AddingConfig:
+    def _lengths_ordered(self) -> NumbersConfig:
         if self.min_length > self.max_length:
             raise ValueError(
                 f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})"
             )
         return self
+
+
+class AddingConfig(NumbersConfig):
+    type: str = "adding"
 
 
 def one_hot_sequences(
@@ -58,16 +63,45 @@ def one_hot_sequences(
 
 class ScalarOutputTask(Task):
     """A task scored on one predicted number per sequence: squared-error loss, absolute
-    error and exact (rounded) accuracy. Subclasses define ``prediction``."""
+    error and exact (rounded) accuracy. The prediction is the sum of the outputs over the
+    masked steps. Inputs: ``L`` one-hot numbers from ``0 .. size - 2``, then the end
+    symbol; subclasses define ``targets``."""
 
+    level_field = "max_length"
     primary_metric = "abs_error"
     higher_is_better = False
     metric_names = ("abs_error", "accuracy")
     output_size = 1
 
-    def prediction(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The predicted number of each sequence, ``[B]``."""
+    def __init__(self, config: NumbersConfig) -> None:
+        super().__init__(config)
+        self.input_size = config.size
+
+    @property
+    def min_level(self) -> int:
+        return self.config.min_length
+
+    def sample(
+        self, batch_size: int, max_level: int, generator: torch.Generator, min_level: int
+    ) -> Batch:
+        lengths = draw_levels(batch_size, min_level, max_level, generator)
+        longest = int(lengths.max())
+        numbers = torch.randint(0, self.config.size - 1, (longest, batch_size), generator=generator)
+        inputs, present = one_hot_sequences(numbers, lengths, self.config.size)
+        targets, mask = self.targets(numbers, lengths, present)
+        return Batch(inputs, targets, mask)
+
+    def targets(
+        self, numbers: torch.Tensor, lengths: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """numbers ``[Lmax, B]``, lengths ``[B]``, present ``[Lmax + 1, B]`` (the real
+        steps) -> (targets ``[Lmax + 1, B, 1]``, zero but at one step of each sequence;
+        the mask ``[Lmax + 1, B]`` of the steps whose outputs make the prediction)."""
         raise NotImplementedError
+
+    def prediction(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The predicted number of each sequence, ``[B]``: its masked outputs summed."""
+        return (outputs[..., 0] * batch.mask).sum(0)
 
     @staticmethod
     def answer(batch: Batch) -> torch.Tensor:
@@ -91,28 +125,12 @@ class ScalarOutputTask(Task):
 
 @TASKS.register("adding", AddingConfig)
 class AddingTask(ScalarOutputTask):
-    level_field = "max_length"
-
-    def __init__(self, config: AddingConfig) -> None:
-        super().__init__(config)
-        self.input_size = config.size
-
-    @property
-    def min_level(self) -> int:
-        return self.config.min_length
-
-    def sample(
-        self, batch_size: int, max_level: int, generator: torch.Generator, min_level: int
-    ) -> Batch:
-        lengths = draw_levels(batch_size, min_level, max_level, generator)
-        longest = int(lengths.max())
-        numbers = torch.randint(0, self.config.size - 1, (longest, batch_size), generator=generator)
-        inputs, mask = one_hot_sequences(numbers, lengths, self.config.size)
+    def targets(
+        self, numbers: torch.Tensor, lengths: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sum of the numbers at the end step; every real step's output counts."""
+        longest, batch_size = numbers.shape
         in_sequence = torch.arange(longest).unsqueeze(1) < lengths
         targets = torch.zeros(longest + 1, batch_size, 1)
         targets[lengths, torch.arange(batch_size), 0] = (numbers * in_sequence).sum(0).float()
-        return Batch(inputs, targets, mask)
-
-    def prediction(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The sum of the outputs over the sequence's steps."""
-        return (outputs[..., 0] * batch.mask).sum(0)
+        return targets, present
