@@ -301,7 +301,8 @@ class _LinkUpdate(torch.autograd.Function):
     would keep one ``[N, N]`` temporary per step alive for the backward pass (the factor
     ``1 - w[i] - w[j]``) and build several more in it. This one saves only its inputs (the
     previous link matrix is alive anyway: the previous step's reads keep it) and builds two
-    ``[N, N]`` temporaries forward and five backward."""
+    ``[N, N]`` temporaries forward and three backward (large memories are bound by the
+    passes over ``[N, N]`` matrices)."""
 
     @staticmethod
     def forward(ctx, link, write_weights, precedence):
@@ -316,22 +317,29 @@ class _LinkUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         link, write_weights, precedence = ctx.saved_tensors
-        # The diagonal is set to 0, so the gradient's diagonal reaches no input.
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        grad.diagonal(dim1=-2, dim2=-1).zero_()
         rows, columns = write_weights.unsqueeze(-1), write_weights.unsqueeze(-2)
+        # The diagonal is set to 0, so the gradient's diagonal reaches no input: the sums
+        # below take it out again rather than copy the gradient to zero it.
+        grad_diagonal = grad.diagonal(dim1=-2, dim2=-1)
         grad_link = grad_weights = grad_precedence = None
         if ctx.needs_input_grad[0]:
             grad_link = torch.addcmul(grad, grad, rows + columns, value=-1)
+            grad_link.diagonal(dim1=-2, dim2=-1).zero_()
         if ctx.needs_input_grad[1]:
-            # d/dw[k]: sum_j g[k, j] (p[j] - L[k, j]) - sum_i g[i, k] L[i, k]; broadcast
-            # and sum, not a matrix-vector bmm, which is slow on a CPU.
+            # d/dw[k]: sum_j g[k, j] (p[j] - L[k, j]) - sum_i g[i, k] L[i, k], j, i != k
             weighted = grad * link
-            along_rows = (grad * precedence.unsqueeze(-2)).sub_(weighted).sum(-1)
-            grad_weights = along_rows.sub_(weighted.sum(-2))
+            diagonal_terms = grad_diagonal * (precedence - 2 * link.diagonal(dim1=-2, dim2=-1))
+            grad_weights = (
+                torch.matmul(grad, precedence.unsqueeze(-1)).squeeze(-1)
+                - weighted.sum(-1)
+                - weighted.sum(-2)
+                - diagonal_terms
+            )
         if ctx.needs_input_grad[2]:
-            # d/dp[j]: sum_i w[i] g[i, j]
-            grad_precedence = torch.matmul(columns, grad).squeeze(-2)
+            # d/dp[j]: sum_i w[i] g[i, j], i != j
+            grad_precedence = (
+                torch.matmul(columns, grad).squeeze(-2) - grad_diagonal * write_weights
+            )
         return grad_link, grad_weights, grad_precedence
 
 
