@@ -18,9 +18,11 @@ one memory shared by the layers or one each. ``DNCModel`` is the recipe model
 
 Speed: the time loop is the only Python loop (and the layers of a stack); every head is
 a tensor dimension; the controller's weights on the external input and the output layer
-run once over the whole sequence; the allocation is one batched sort; the link update
-keeps no ``[N, N]`` temporary for the backward pass (``addressing.link_update``).
-``compile_step`` runs the time steps through ``torch.compile``.
+run once over the whole sequence; the allocation is one batched sort; the content lookups
+and the link update are single autograd nodes with hand-written backwards
+(``addressing.fused_content_weights``, ``addressing.link_update``), and the link update
+keeps no ``[N, N]`` temporary for the backward pass. ``compile_step`` runs the time steps
+through ``torch.compile``.
 """
 
 from __future__ import annotations
