@@ -71,13 +71,15 @@ stop_pidfile() {
     say "stopped $name"
 }
 
-# Wait for a command to succeed; on timeout show the daemon's log and fail.
+# Wait for a command to succeed; on timeout show the daemon's log and fail. A daemon
+# writes its pid file after it forks: until the file is there it has not died, only not
+# yet written it (callers remove a stale one before starting the daemon).
 wait_for() {
     local what=$1 pidfile=$2 log=$3 tries=$4
     shift 4
     for ((i = 0; i < tries; i++)); do
         if "$@" >/dev/null 2>&1; then return 0; fi
-        if [[ -n $pidfile ]] && ! alive "$pidfile"; then
+        if [[ -s $pidfile ]] && ! alive "$pidfile"; then
             tail -n 20 "$log" >&2 || true
             die "$what exited while waiting for it to answer (log: $log)"
         fi
@@ -265,6 +267,7 @@ start() {
         start_mariadb
         if ((changed)); then stop_pidfile slurmdbd "$DIR/run/slurmdbd.pid"; fi
         if ! alive "$DIR/run/slurmdbd.pid"; then
+            rm -f "$DIR/run/slurmdbd.pid"
             slurmdbd
             wait_for slurmdbd "$DIR/run/slurmdbd.pid" "$DIR/log/slurmdbd.log" 100 \
                 bash -c "exec 3<>/dev/tcp/127.0.0.1/6819"
@@ -278,6 +281,7 @@ start() {
     fi
     if ! alive "$DIR/run/slurmctld.pid"; then
         running_named slurmctld && die "a slurmctld not started by this script is running"
+        rm -f "$DIR/run/slurmctld.pid"
         slurmctld
         wait_for slurmctld "$DIR/run/slurmctld.pid" "$DIR/log/slurmctld.log" 100 scontrol ping
         say "started slurmctld"
