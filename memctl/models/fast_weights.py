@@ -151,18 +151,13 @@ class _ReluRNN(nn.Module):
     the read-out, and the time loop; subclasses define one transition."""
 
     def __init__(
-        self,
-        hidden: int,
-        recurrent_init: float,
-        input_size: int,
-        output_size: int,
-        embedding: int = 0,
-        readout_hidden: int = 0,
-    ):
+        self, config: ControlConfig | RNNLNConfig, input_size: int, output_size: int
+    ) -> None:
         super().__init__()
-        self.input = input_layer(input_size, hidden, embedding)
-        self.recurrent = nn.Parameter(recurrent_init * torch.eye(hidden))
-        self.readout = readout_layer(hidden, output_size, readout_hidden)
+        self.config = config
+        self.input = input_layer(input_size, config.hidden, config.embedding)
+        self.recurrent = nn.Parameter(config.recurrent_init * torch.eye(config.hidden))
+        self.readout = readout_layer(config.hidden, output_size, config.readout_hidden)
 
     def initial_state(self, inputs: torch.Tensor) -> tuple:
         hidden = inputs.new_zeros(inputs.shape[1], self.recurrent.shape[0])
@@ -186,17 +181,6 @@ class _ReluRNN(nn.Module):
 class ControlRNN(_ReluRNN):
     """h(t+1) = ReLU(W h(t) + C x(t) + b)."""
 
-    def __init__(self, config: ControlConfig, input_size: int, output_size: int) -> None:
-        super().__init__(
-            config.hidden,
-            config.recurrent_init,
-            input_size,
-            output_size,
-            config.embedding,
-            config.readout_hidden,
-        )
-        self.config = config
-
     def step(self, driven: torch.Tensor, state: RNNState) -> RNNState:
         return RNNState(torch.relu(state.hidden @ self.recurrent.T + driven))
 
@@ -206,15 +190,7 @@ class LayerNormRNN(_ReluRNN):
     """h(t+1) = ReLU(LN[W h(t) + C x(t) + b]), LN with learned gain and bias."""
 
     def __init__(self, config: RNNLNConfig, input_size: int, output_size: int) -> None:
-        super().__init__(
-            config.hidden,
-            config.recurrent_init,
-            input_size,
-            output_size,
-            config.embedding,
-            config.readout_hidden,
-        )
-        self.config = config
+        super().__init__(config, input_size, output_size)
         self.norm = nn.LayerNorm(config.hidden, eps=config.ln_eps)
 
     def step(self, driven: torch.Tensor, state: RNNState) -> RNNState:
@@ -230,15 +206,7 @@ class FastWeightsRNN(_ReluRNN):
     """
 
     def __init__(self, config: FastWeightsConfig, input_size: int, output_size: int) -> None:
-        super().__init__(
-            config.hidden,
-            config.recurrent_init,
-            input_size,
-            output_size,
-            config.embedding,
-            config.readout_hidden,
-        )
-        self.config = config
+        super().__init__(config, input_size, output_size)
         self.norm = nn.LayerNorm(config.hidden, eps=config.ln_eps)
 
     def initial_state(
