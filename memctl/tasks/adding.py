@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from memctl.registry import TASKS
 from memctl.tasks.base import Batch, Task, TaskConfig, draw_levels
@@ -34,13 +34,7 @@ class NumbersConfig(TaskConfig):
     min_length: int = Field(2, ge=1)
     max_length: int = Field(100, ge=1, description="curriculum parameter")
 
-    @model_validator(mode="after")
-    def _lengths_ordered(self) -> NumbersConfig:
-        if self.min_length > self.max_length:
-            raise ValueError(
-                f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})"
-            )
-        return self
+    ordered_fields = (("min_length", "max_length"),)
 
 
 class AddingConfig(NumbersConfig):

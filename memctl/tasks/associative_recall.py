@@ -20,7 +20,7 @@ sequences with different numbers of items share a batch, padded at the end and m
 from __future__ import annotations
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from memctl.registry import TASKS
 from memctl.tasks.base import Batch, Task, TaskConfig, draw_levels
@@ -33,13 +33,7 @@ class AssociativeRecallConfig(TaskConfig):
     min_items: int = Field(2, ge=2, description="a query needs an item after it")
     max_items: int = Field(6, ge=2, description="curriculum parameter")
 
-    @model_validator(mode="after")
-    def _items_ordered(self) -> AssociativeRecallConfig:
-        if self.min_items > self.max_items:
-            raise ValueError(
-                f"min_items ({self.min_items}) must not exceed max_items ({self.max_items})"
-            )
-        return self
+    ordered_fields = (("min_items", "max_items"),)
 
 
 @TASKS.register("associative_recall", AssociativeRecallConfig)

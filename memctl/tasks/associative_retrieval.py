@@ -21,7 +21,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from memctl.registry import TASKS
 from memctl.tasks.base import Batch, Task, TaskConfig, draw_levels
@@ -37,11 +37,7 @@ class AssociativeRetrievalConfig(TaskConfig):
     pairs: int = Field(4, ge=1, le=LETTERS, description="K, the curriculum parameter")
     min_pairs: int = Field(1, ge=1, le=LETTERS)
 
-    @model_validator(mode="after")
-    def _pairs_ordered(self) -> AssociativeRetrievalConfig:
-        if self.min_pairs > self.pairs:
-            raise ValueError(f"min_pairs ({self.min_pairs}) must not exceed pairs ({self.pairs})")
-        return self
+    ordered_fields = (("min_pairs", "pairs"),)
 
 
 def decode(inputs: torch.Tensor) -> list[str]:

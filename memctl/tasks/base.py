@@ -12,13 +12,23 @@ from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
 class TaskConfig(BaseModel):
-    """Base of every task's config: unknown keys are errors."""
+    """Base of every task's config: unknown keys are errors, and each (low, high) pair of
+    fields named in ``ordered_fields`` must have low <= high (a low of None is unset)."""
 
     model_config = ConfigDict(extra="forbid")
+    ordered_fields: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> TaskConfig:
+        for low_name, high_name in self.ordered_fields:
+            low, high = getattr(self, low_name), getattr(self, high_name)
+            if low is not None and low > high:
+                raise ValueError(f"{low_name} ({low}) must not exceed {high_name} ({high})")
+        return self
 
 
 class Batch(NamedTuple):

@@ -9,7 +9,7 @@ its padding is masked out.
 from __future__ import annotations
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from memctl.registry import TASKS
 from memctl.tasks.base import Batch, Task, TaskConfig, draw_levels
@@ -21,13 +21,7 @@ class CopyConfig(TaskConfig):
     min_length: int = Field(1, ge=1)
     max_length: int = Field(20, ge=1, description="curriculum parameter")
 
-    @model_validator(mode="after")
-    def _lengths_ordered(self) -> CopyConfig:
-        if self.min_length > self.max_length:
-            raise ValueError(
-                f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})"
-            )
-        return self
+    ordered_fields = (("min_length", "max_length"),)
 
 
 @TASKS.register("copy", CopyConfig)

@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from memctl.registry import TASKS
 from memctl.tasks.base import Batch, Task, TaskConfig, draw_levels
@@ -46,11 +46,7 @@ class KeyValueConfig(TaskConfig):
     min_n: int = Field(1, ge=1, description="smallest n in a mixed batch")
     n: int = Field(8, ge=1, description="items per sequence: the curriculum parameter")
 
-    @model_validator(mode="after")
-    def _sizes_ordered(self) -> KeyValueConfig:
-        if self.min_n > self.n:
-            raise ValueError(f"min_n ({self.min_n}) must not exceed n ({self.n})")
-        return self
+    ordered_fields = (("min_n", "n"),)
 
 
 def to_bits(numbers: torch.Tensor, width: int) -> torch.Tensor:

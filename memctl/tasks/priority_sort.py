@@ -21,7 +21,7 @@ padded at the end and masked.
 from __future__ import annotations
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from memctl.registry import TASKS
 from memctl.tasks.base import Batch, Task, TaskConfig, draw_levels
@@ -34,13 +34,7 @@ class PrioritySortConfig(TaskConfig):
     min_items: int | None = Field(None, ge=1, description="default: max_items (all equal)")
     keep_fraction: float = Field(0.8, gt=0, le=1, description="share of vectors output")
 
-    @model_validator(mode="after")
-    def _items_ordered(self) -> PrioritySortConfig:
-        if self.min_items is not None and self.min_items > self.max_items:
-            raise ValueError(
-                f"min_items ({self.min_items}) must not exceed max_items ({self.max_items})"
-            )
-        return self
+    ordered_fields = (("min_items", "max_items"),)
 
 
 @TASKS.register("priority_sort", PrioritySortConfig)

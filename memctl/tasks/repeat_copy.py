@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from memctl.registry import TASKS
 from memctl.tasks.base import Batch, Task, TaskConfig, draw_levels
@@ -40,17 +40,7 @@ class RepeatCopyConfig(TaskConfig):
     min_repeats: int = Field(1, ge=1)
     max_repeats: int = Field(10, ge=1, description="also fixes the count's normalisation")
 
-    @model_validator(mode="after")
-    def _ranges_ordered(self) -> RepeatCopyConfig:
-        if self.min_length > self.max_length:
-            raise ValueError(
-                f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})"
-            )
-        if self.min_repeats > self.max_repeats:
-            raise ValueError(
-                f"min_repeats ({self.min_repeats}) must not exceed max_repeats ({self.max_repeats})"
-            )
-        return self
+    ordered_fields = (("min_length", "max_length"), ("min_repeats", "max_repeats"))
 
 
 def repeat_normalisation(min_repeats: int, max_repeats: int) -> tuple[float, float]:
