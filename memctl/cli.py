@@ -263,13 +263,21 @@ def evaluate(
             "besides the trained one (default: the recipe's eval.lengths)",
         ),
     ] = None,
+    batches: Annotated[
+        int | None,
+        typer.Option(
+            "--batches",
+            help="Held-out batches per level (default: the recipe's eval.batches); the "
+            "first ones are the recipe's, so more batches extend the same sample",
+        ),
+    ] = None,
     device: DeviceOption = None,
 ) -> None:
     """Evaluate a checkpoint on held-out batches; print a table and append to eval.csv."""
     with user_errors():
         from memctl.trainer import evaluate_run
 
-        rows = evaluate_run(run, checkpoint, _parse_lengths(lengths), device)
+        rows = evaluate_run(run, checkpoint, _parse_lengths(lengths), device, batches)
         print_eval_table(rows, f"{run.name}: {checkpoint} checkpoint (step {rows[0]['step']})")
 
 

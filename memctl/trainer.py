@@ -667,10 +667,21 @@ def resume_run(
 
 
 def evaluate_run(
-    path: Path, which: str, lengths: list[int] | None, device: str | None = None
+    path: Path,
+    which: str,
+    lengths: list[int] | None,
+    device: str | None = None,
+    batches: int | None = None,
 ) -> list[dict[str, Any]]:
+    """Evaluate a checkpoint on the recipe's held-out batches, or on the first
+    ``batches`` of the same held-out stream (more sequences: a finer estimate where
+    errors are rare and large, as with long copies), and append the rows to eval.csv."""
     run = RunDir.open(path)
     recipe = load_run_recipe(run)
+    if batches is not None:
+        data = recipe.resolved()
+        data["eval"]["batches"] = batches
+        recipe = validate_recipe(data, "--batches")
     ckpt_path = run.checkpoint_path(which)
     state = checkpoint.load(ckpt_path)
     trainer = Trainer(recipe, device)

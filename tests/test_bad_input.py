@@ -139,3 +139,4 @@ def test_bad_eval_arguments(runs_dir: Path, trained: Path):
     assert_one_line_error(cli("eval", trained, "--lengths", "a,b"), "--lengths")
     assert_one_line_error(cli("eval", trained, "--checkpoint", "newest"), "--checkpoint")
     assert_one_line_error(cli("eval", trained, "--checkpoint", "999"), "step_999.pt")
+    assert_one_line_error(cli("eval", trained, "--batches", "0"), "--batches", "eval.batches")

@@ -159,6 +159,13 @@ def test_eval_and_runs_commands(tiny_recipe: Path, runs_dir: Path):
     assert added["level"].tolist() == [3, 5, 8] and set(added["checkpoint"]) == {"best"}
     assert (added["bit_errors"] >= 0).all() and added["bit_errors"].iloc[-1] > 0
     assert "bit_errors" in result.output
+    # --batches: more held-out sequences for this evaluation only; the recipe is untouched.
+    recipe_text = (run / "recipe.yaml").read_text()
+    result = cli("eval", run, "--lengths", "5", "--batches", "5")
+    assert result.exit_code == 0, result.output
+    added = pd.read_csv(run / "eval.csv").iloc[before + 3 :]
+    assert added["level"].tolist() == [3, 5] and set(added["sequences"]) == {5 * 8}
+    assert (run / "recipe.yaml").read_text() == recipe_text
     listing = cli("runs", runs_dir)
     assert listing.exit_code == 0
     assert "tiny" in listing.output and "finished" in listing.output and "copy" in listing.output
