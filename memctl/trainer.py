@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,6 +127,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler TorchInductor would build CPU kernels with, if there is one."""
+    names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    return next((path for name in names if name and (path := shutil.which(name))), None)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -173,6 +180,11 @@ class Trainer:
                 raise UserError(
                     f"train.compile: model {recipe.model.type!r} has no per-step cell to "
                     "compile; set train.compile: false"
+                )
+            if self.device.type == "cpu" and not cpp_compiler():
+                raise UserError(
+                    "train.compile: torch.compile on the CPU builds C++ and no compiler was "
+                    "found ($CXX, g++, c++ or clang++); install one or set train.compile: false"
                 )
             compile_step()
         self.optimizer = self._make_optimizer()
@@ -678,10 +690,13 @@ def evaluate_run(
     errors are rare and large, as with long copies), and append the rows to eval.csv."""
     run = RunDir.open(path)
     recipe = load_run_recipe(run)
+    data = recipe.resolved()
+    # A compiled step pays its compile time back over thousands of training steps, not
+    # over one evaluation; the eager step computes the same to float tolerance.
+    data["train"]["compile"] = False
     if batches is not None:
-        data = recipe.resolved()
         data["eval"]["batches"] = batches
-        recipe = validate_recipe(data, "--batches")
+    recipe = validate_recipe(data, "--batches" if batches is not None else str(run.recipe_file))
     ckpt_path = run.checkpoint_path(which)
     state = checkpoint.load(ckpt_path)
     trainer = Trainer(recipe, device)

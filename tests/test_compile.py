@@ -7,12 +7,17 @@ serves every sequence length; the DNC's hand-written autograd Functions go throu
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
 
 from memctl.models.dnc import DNCConfig, DNCModel
 from memctl.models.ntm import NTM, NTMConfig
 from memctl.tasks.copy import CopyConfig, CopyTask
+from tests.conftest import TINY, cli, write_recipe
+from tests.test_bad_input import assert_one_line_error
 from tests.test_dnc import TINY as DNC_TINY
 from tests.test_ntm import TINY as NTM_TINY
 
@@ -37,3 +42,33 @@ def test_compiled_step_gives_the_eager_losses_and_gradients(kind: str):
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-6)
     for compiled, eager in zip(compiled_gradients, eager_gradients, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+def ntm_recipe(tmp_path: Path, compile_step: bool) -> Path:
+    data = copy.deepcopy(TINY)
+    data["model"] = {"type": "ntm", "controller_size": 8, "memory_size": 8, "word_size": 4}
+    data["train"].update(steps=2, checkpoint_every=2, eval_every=0, compile=compile_step)
+    return write_recipe(tmp_path / "ntm.yaml", data)
+
+
+def test_compile_without_a_cpp_compiler_is_one_line(tmp_path: Path, runs_dir: Path, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("memctl.trainer.shutil.which", lambda name: None)
+    result = cli("train", ntm_recipe(tmp_path, True), "--runs-dir", runs_dir)
+    assert_one_line_error(result, "train.compile", "compiler")
+    assert list(runs_dir.iterdir()) == []
+
+
+def test_eval_of_a_compiled_recipe_runs_eager(tmp_path: Path, runs_dir: Path, monkeypatch):
+    assert cli("train", ntm_recipe(tmp_path, False), "--runs-dir", runs_dir).exit_code == 0
+    run = runs_dir / "tiny"
+    recipe = run / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("compile: false", "compile: true"))
+
+    def refuse(self, **options):
+        raise AssertionError("memctl eval compiled the step")
+
+    monkeypatch.setattr(NTM, "compile_step", refuse)
+    result = cli("eval", run, "--lengths", "5")
+    assert result.exit_code == 0, result.output
+    assert "compile: true" in recipe.read_text()
