@@ -33,6 +33,8 @@ import time
 import venv
 from pathlib import Path
 
+from machine import cpu_name, time_steps
+
 PEER_PACKAGES = ["torch==2.13.0", "dnc==1.1.0"]
 COPY = dict(
     input_size=10,
@@ -78,18 +80,11 @@ def copy_training(implementation: str, compiled: bool, steps: int, warmup: int) 
     start = time.perf_counter()
     step()
     first_step = time.perf_counter() - start
-    for _ in range(warmup):
-        step()
-    times = []
-    cpu_start = time.process_time()
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times, cpu_seconds = time_steps(step, steps, warmup)
     return {
         "median_step_ms": round(1000 * statistics.median(times), 2),
         "steps_per_second": round(1 / statistics.median(times), 2),
-        "steps_per_cpu_second": round(steps / (time.process_time() - cpu_start), 2),
+        "steps_per_cpu_second": round(steps / cpu_seconds, 2),
         "first_step_s": round(first_step, 2),
         "parameters": sum(p.numel() for p in rnn.parameters()),
     }
@@ -221,13 +216,6 @@ def main() -> None:
     }
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-
-
-def cpu_name() -> str:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from machine import cpu_name as name
-
-    return name()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""What machine a benchmark ran on, for the saved results."""
+"""What machine a benchmark ran on, for the saved results, and the timed loop the
+benchmarks share."""
 
 from __future__ import annotations
 
 import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -15,3 +18,18 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def time_steps(step: Callable[[], object], steps: int, warmup: int) -> tuple[list[float], float]:
+    """Run ``step`` ``warmup`` times untimed, then ``steps`` times: (each timed step's
+    wall seconds, the CPU seconds of all timed steps). On a shared machine wall time
+    includes waiting for a core; CPU time does not."""
+    for _ in range(warmup):
+        step()
+    times = []
+    cpu_start = time.process_time()
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times, time.process_time() - cpu_start

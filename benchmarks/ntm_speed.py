@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from machine import cpu_name
+from machine import cpu_name, time_steps
 
 from memctl.models.base import parameter_count
 from memctl.models.ntm import NTM, NTMConfig
@@ -129,15 +129,7 @@ def measure(
         start = time.perf_counter()
         train_step()
         compile_seconds = time.perf_counter() - start
-    for _ in range(warmup):
-        train_step()
-    times = []
-    cpu_start = time.process_time()
-    for _ in range(steps):
-        start = time.perf_counter()
-        train_step()
-        times.append(time.perf_counter() - start)
-    cpu_seconds = time.process_time() - cpu_start
+    times, cpu_seconds = time_steps(train_step, steps, warmup)
     return {
         "mode": implementation,
         "batch_size": batch_size,
@@ -145,7 +137,6 @@ def measure(
         "steps": steps,
         "sequences_per_second": round(batch_size * steps / sum(times), 1),
         "median_step_ms": round(1000 * statistics.median(times), 2),
-        # On a shared machine wall time includes waiting for a core; CPU time does not.
         "sequences_per_cpu_second": round(batch_size * steps / cpu_seconds, 1),
         "compile_seconds": None if compile_seconds is None else round(compile_seconds, 1),
         "parameters": parameters,
