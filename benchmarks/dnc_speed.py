@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ import time
 import venv
 from pathlib import Path
 
-from machine import cpu_name, time_steps
+from machine import describe_machine, time_steps
 
 PEER_PACKAGES = ["torch==2.13.0", "dnc==1.1.0"]
 COPY = dict(
@@ -202,12 +201,7 @@ def main() -> None:
     report = {
         "benchmark": "dnc_speed",
         "machine": {
-            "cpu": cpu_name(),
-            "logical_cpus": os.cpu_count(),
-            "affinity_cpus": len(os.sched_getaffinity(0)),
-            "torch_threads": args.threads,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
+            **describe_machine(args.threads),
             "load_average_at_start": load_before,
             "load_average_at_end": os.getloadavg(),
         },

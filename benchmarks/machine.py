@@ -3,6 +3,7 @@ benchmarks share."""
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -33,3 +34,15 @@ def time_steps(step: Callable[[], object], steps: int, warmup: int) -> tuple[lis
         step()
         times.append(time.perf_counter() - start)
     return times, time.process_time() - cpu_start
+
+
+def describe_machine(torch_threads: int) -> dict[str, object]:
+    """The machine fields every speed benchmark saves with its results."""
+    return {
+        "cpu": cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)),
+        "torch_threads": torch_threads,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }

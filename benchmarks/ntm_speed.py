@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from machine import cpu_name, time_steps
+from machine import describe_machine, time_steps
 
 from memctl.models.base import parameter_count
 from memctl.models.ntm import NTM, NTMConfig
@@ -176,13 +175,8 @@ def main() -> None:
     report = {
         "benchmark": "ntm_copy_training_throughput",
         "machine": {
-            "cpu": cpu_name(),
-            "logical_cpus": os.cpu_count(),
-            "affinity_cpus": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(),
+            **describe_machine(torch.get_num_threads()),
             "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
             "load_average_at_end": os.getloadavg(),
         },
         "note": args.note,
