@@ -12,8 +12,14 @@ side in one run.
 Both models are built with the same pytorch-dnc constructor arguments, so they have the
 same number of parameters. ``--peer`` creates a separate virtual environment (default
 /tmp/memctl-dnc-peer) with ``torch==2.13.0`` and ``dnc==1.1.0`` and runs the peer's cases
-there; the peer is never a dependency of memctl. Results are saved as JSON with the
-machine, its load average and the torch threads.
+there; ``--peer-here`` runs them with this Python instead, where ``dnc`` 1.1.0 is already
+importable (a GPU machine without internet, the wheel on PYTHONPATH). The peer is never a
+dependency of memctl. Results are saved as JSON with the machine, its load average and
+the torch threads.
+
+``--device cuda`` runs every case on the GPU (the peer with ``gpu_id=0``); each timed
+step ends with ``torch.cuda.synchronize()``, and case 2's memory is the peak of
+``torch.cuda.max_memory_allocated`` instead of resident memory (no address-space limit).
 
     OMP_NUM_THREADS=2 python benchmarks/dnc_speed.py --peer --threads 2 \
         --out benchmarks/dnc_speed.json
@@ -57,24 +63,35 @@ def dnc_class(implementation: str):
     return DNC
 
 
-def copy_training(implementation: str, compiled: bool, steps: int, warmup: int) -> dict:
+def synchronizer(device: str):
+    """A function that waits for the device's queued work (nothing to wait for on a CPU)."""
+    import torch
+
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def copy_training(
+    implementation: str, compiled: bool, steps: int, warmup: int, device: str
+) -> dict:
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    rnn = dnc_class(implementation)(**COPY)
+    rnn = dnc_class(implementation)(**{**COPY, "gpu_id": 0 if device == "cuda" else -1})
     if compiled:
         rnn.compile_step()
     optimizer = torch.optim.Adam(rnn.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
+    synchronize = synchronizer(device)
 
     def step() -> None:
-        x = torch.randint(0, 2, (32, 18, 10), generator=generator).float()
+        x = torch.randint(0, 2, (32, 18, 10), generator=generator).float().to(device)
         output, _ = rnn(x, (None, None, None), reset_experience=True)
         loss = F.binary_cross_entropy_with_logits(output, x)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        synchronize()
 
     start = time.perf_counter()
     step()
@@ -86,10 +103,11 @@ def copy_training(implementation: str, compiled: bool, steps: int, warmup: int) 
         "steps_per_cpu_second": round(steps / cpu_seconds, 2),
         "first_step_s": round(first_step, 2),
         "parameters": sum(p.numel() for p in rnn.parameters()),
+        **({"gpu": torch.cuda.get_device_name()} if device == "cuda" else {}),
     }
 
 
-def forward_backward(implementation: str, slots: int, steps: int) -> dict:
+def forward_backward(implementation: str, slots: int, steps: int, device: str) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -101,13 +119,22 @@ def forward_backward(implementation: str, slots: int, steps: int) -> dict:
         cell_size=32,
         read_heads=4,
         batch_first=True,
-        gpu_id=-1,
+        gpu_id=0 if device == "cuda" else -1,
     )
-    x = torch.randn(8, steps, 16)
+    x = torch.randn(8, steps, 16).to(device)
+    synchronize = synchronizer(device)
+    synchronize()
     start = time.perf_counter()
     output, _ = rnn(x, (None, None, None), reset_experience=True)
     output.square().mean().backward()
+    synchronize()
     seconds = time.perf_counter() - start
+    if device == "cuda":
+        return {
+            "seconds": round(seconds, 3),
+            "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20),
+            "gpu": torch.cuda.get_device_name(),
+        }
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"seconds": round(seconds, 3), "peak_rss_mb": round(peak_kib / 1024)}
 
@@ -117,12 +144,16 @@ def worker(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    device = spec["device"]
     if spec["case"] == "copy":
-        result = copy_training(spec["implementation"], spec["compiled"], spec["steps"], 3)
+        result = copy_training(
+            spec["implementation"], spec["compiled"], spec["steps"], 3, device
+        )
     else:
-        limit = int(spec["memory_limit_gib"] * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        result = forward_backward(spec["implementation"], spec["slots"], spec["steps"])
+        if device == "cpu":
+            limit = int(spec["memory_limit_gib"] * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        result = forward_backward(spec["implementation"], spec["slots"], spec["steps"], device)
     print(json.dumps(result), flush=True)
 
 
@@ -154,6 +185,10 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--peer", action="store_true", help="also run pytorch-dnc 1.1.0")
     parser.add_argument("--peer-venv", type=Path, default=Path("/tmp/memctl-dnc-peer"))
+    parser.add_argument(
+        "--peer-here", action="store_true", help="run the peer with this Python (dnc importable)"
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per case")
     parser.add_argument("--steps", type=int, default=30, help="timed copy training steps")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled case")
@@ -169,18 +204,20 @@ def main() -> None:
         return
 
     pythons = {"memctl": sys.executable}
-    if args.peer:
+    if args.peer_here:
+        pythons["peer"] = sys.executable
+    elif args.peer:
         pythons["peer"] = peer_python(args.peer_venv)
     load_before = os.getloadavg()
     results = []
 
     def record(python: str, spec: dict, timeout: float) -> None:
-        row = run_case(python, {**spec, "threads": args.threads}, timeout)
+        row = run_case(python, {**spec, "threads": args.threads, "device": args.device}, timeout)
         print(json.dumps(row), flush=True)
         results.append(row)
 
     copy_cases = [("memctl", False)] + ([("memctl", True)] if not args.no_compile else [])
-    if args.peer:
+    if "peer" in pythons:
         copy_cases.insert(0, ("peer", False))
     for implementation, compiled in copy_cases:
         spec = {"case": "copy", "implementation": implementation, "compiled": compiled}
@@ -202,6 +239,7 @@ def main() -> None:
         "benchmark": "dnc_speed",
         "machine": {
             **describe_machine(args.threads),
+            "device": args.device,
             "load_average_at_start": load_before,
             "load_average_at_end": os.getloadavg(),
         },

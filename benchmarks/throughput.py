@@ -30,8 +30,8 @@ def device_name(device: torch.device) -> str:
     return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
-def measure(path: Path, device: str, steps: int, warmup: int) -> dict:
-    recipe = load_recipe(path, ["curriculum.type=fixed", f"device={device}"])
+def measure(path: Path, device: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+    recipe = load_recipe(path, ["curriculum.type=fixed", f"device={device}", *overrides])
     trainer = Trainer(recipe)
     synchronize = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
@@ -50,6 +50,8 @@ def measure(path: Path, device: str, steps: int, warmup: int) -> dict:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "recipe": str(path),
+        "overrides": overrides,
+        "compiled": recipe.train.compile,
         "model": recipe.model.type,
         "task": recipe.task.type,
         "level": trainer.curriculum.level,
@@ -67,11 +69,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     results = []
     for path in args.recipes:
-        result = measure(path, args.device, args.steps, args.warmup)
+        result = measure(path, args.device, args.steps, args.warmup, args.set)
         print(json.dumps(result), flush=True)
         results.append(result)
     if args.out:
