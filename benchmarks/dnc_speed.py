@@ -146,9 +146,7 @@ def worker(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     device = spec["device"]
     if spec["case"] == "copy":
-        result = copy_training(
-            spec["implementation"], spec["compiled"], spec["steps"], 3, device
-        )
+        result = copy_training(spec["implementation"], spec["compiled"], spec["steps"], 3, device)
     else:
         if device == "cpu":
             limit = int(spec["memory_limit_gib"] * 2**30)
