@@ -212,43 +212,47 @@ def test_precedence_matches_loops(inputs):
     )
 
 
-def test_link_update_matches_loops_and_keeps_the_diagonal_zero(inputs):
-    names = ("link", "write_weights", "precedence")
-    link = inputs["link"] + torch.eye(SLOTS, dtype=torch.float64)  # even from a nonzero one
-    updated = addressing.link_update(link, inputs["write_weights"], inputs["precedence"])
-    close(updated, np_link(link.numpy(), *numpy(inputs, *names[1:])))
+LINK_STEP = ("link", "write_weights", "precedence", "read_weights")
+
+
+def heads_of(inputs, writes):
+    """The inputs with only the first ``writes`` write heads."""
+    heads = {"write_weights", "gates", "precedence", "link"}
+    return {n: (v[:, :writes] if n in heads else v) for n, v in inputs.items()}
+
+
+@pytest.mark.parametrize("writes", [1, WRITES])
+def test_link_step_matches_loops_and_keeps_the_diagonal_zero(inputs, writes):
+    x = heads_of(inputs, writes)
+    link = x["link"] + torch.eye(SLOTS, dtype=torch.float64)  # even from a nonzero one
+    updated, forward, backward = addressing.link_step(link, *(x[n] for n in LINK_STEP[1:]))
+    expected = np_link(link.numpy(), *numpy(x, "write_weights", "precedence"))
+    close(updated, expected)
     assert (updated.diagonal(dim1=-2, dim2=-1) == 0).all()
+    expected_forward, expected_backward = np_directional(expected, x["read_weights"].numpy())
+    close(forward, expected_forward)
+    close(backward, expected_backward)
 
 
 def test_link_records_the_order_of_writes():
     slots = 4
     link = torch.zeros(1, 1, slots, slots, dtype=torch.float64)
     precedence = torch.zeros(1, 1, slots, dtype=torch.float64)
+    focus = torch.zeros(1, 1, slots, dtype=torch.float64)
+    focus[0, 0, 0] = 1
     for slot in (2, 0, 3):
         weights = torch.zeros(1, 1, slots, dtype=torch.float64)
         weights[0, 0, slot] = 1
-        link = addressing.link_update(link, weights, precedence)
+        link, forward, backward = addressing.link_step(link, weights, precedence, focus)
         precedence = addressing.precedence_update(precedence, weights)
     expected = torch.zeros(slots, slots, dtype=torch.float64)
     expected[0, 2] = expected[3, 0] = 1  # 0 written after 2, 3 after 0
     torch.testing.assert_close(link[0, 0], expected)
-    focus = torch.zeros(1, 1, slots, dtype=torch.float64)
-    focus[0, 0, 0] = 1
-    forward, backward = addressing.directional_weights(link, focus)
     assert forward[0, 0, 0].argmax() == 3 and backward[0, 0, 0].argmax() == 2
 
 
-@pytest.mark.parametrize("writes", [1, WRITES])
-def test_directional_weights_match_loops(inputs, writes):
-    x = {**inputs, "link": inputs["link"][:, :writes]}
-    forward, backward = addressing.directional_weights(x["link"], x["read_weights"])
-    expected_forward, expected_backward = np_directional(*numpy(x, "link", "read_weights"))
-    close(forward, expected_forward)
-    close(backward, expected_backward)
-
-
 def test_read_weighting_matches_loops(inputs):
-    forward, backward = addressing.directional_weights(inputs["link"], inputs["read_weights"])
+    _, forward, backward = addressing.link_step(*(inputs[n] for n in LINK_STEP))
     content, modes = inputs["content"], inputs["modes"]
     expected = np_read_weighting(content.numpy(), forward.numpy(), backward.numpy(), modes.numpy())
     close(addressing.read_weighting(content, forward, backward, modes), expected)
@@ -261,17 +265,14 @@ def test_read_weighting_matches_loops(inputs):
         (addressing.allocation, ("usage",)),
         (addressing.write_allocation, ("usage", "gates")),
         (addressing.precedence_update, ("precedence", "write_weights")),
-        (addressing.link_update, ("link", "write_weights", "precedence")),
-        (addressing.directional_weights, ("link", "read_weights")),
+        (addressing.link_step, LINK_STEP),
     ],
 )
 @pytest.mark.parametrize("writes", [1, WRITES])
 def test_gradcheck(inputs, function, names, writes):
-    # One write head takes shortcuts (no product over heads, plain bmm reads of the link).
-    heads = {"write_weights", "gates", "precedence", "link"}
-    args = tuple(
-        (inputs[n][:, :writes] if n in heads else inputs[n]).clone().requires_grad_() for n in names
-    )
+    # One write head takes shortcuts (no product over heads).
+    x = heads_of(inputs, writes)
+    args = tuple(x[n].clone().requires_grad_() for n in names)
     assert torch.autograd.gradcheck(function, args)
 
 
@@ -300,12 +301,20 @@ def test_fused_content_weights_gradcheck(needs_grad):
     assert torch.autograd.gradcheck(addressing.fused_content_weights, args)
 
 
-def test_link_update_gradcheck_through_the_diagonal(inputs):
+@pytest.mark.parametrize("outputs", [(0,), (1, 2), (0, 2)])
+@pytest.mark.parametrize("needs_grad", [(True,) * 4, (False, True, False, True)])
+def test_link_step_gradcheck_through_the_diagonal_and_unused_outputs(inputs, outputs, needs_grad):
     # A link with a nonzero diagonal: the update zeroes it, so no gradient may pass there.
-    link = (inputs["link"] + torch.eye(SLOTS, dtype=torch.float64)).requires_grad_()
-    weights = inputs["write_weights"].clone().requires_grad_()
-    precedence = inputs["precedence"].clone().requires_grad_()
-    assert torch.autograd.gradcheck(addressing.link_update, (link, weights, precedence))
+    # Outputs left unused get no gradient (None, not zeros), and inputs without
+    # requires_grad are skipped: both are paths of the hand-written backward.
+    x = {**inputs, "link": inputs["link"] + torch.eye(SLOTS, dtype=torch.float64)}
+    args = tuple(x[n].clone().requires_grad_(g) for n, g in zip(LINK_STEP, needs_grad, strict=True))
+
+    def used(*args):
+        results = addressing.link_step(*args)
+        return tuple(results[i] for i in outputs)
+
+    assert torch.autograd.gradcheck(used, args)
 
 
 TINY = {"controller_size": 5, "memory_size": 4, "word_size": 3, "read_heads": 2}
@@ -357,6 +366,41 @@ def test_gradcheck_of_a_whole_step(overrides):
     # fast_mode checks random projections of the Jacobian: full Jacobians of a whole step
     # take minutes; every piece of the maths has its full gradcheck above.
     assert torch.autograd.gradcheck(step, args, fast_mode=True)
+
+
+def sequence_gradients(model: DNCModel, inputs: torch.Tensor, chunks: int):
+    """Outputs and gradients (parameters, inputs) of a loss on every output and the final
+    link, the inputs run in ``chunks`` calls carrying the state (not detached)."""
+    model.zero_grad()
+    inputs = inputs.clone().requires_grad_()
+    state, outputs = None, []
+    for part in inputs.chunk(chunks):
+        output, state = model(part, state)
+        outputs.append(output)
+    outputs = torch.cat(outputs)
+    (outputs.sin().sum() + state.access[0].link.square().sum()).backward()
+    return [outputs.detach(), inputs.grad] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("writes", [1, 2])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_link_workspace_and_recomputation_change_no_number(monkeypatch, writes, chunks):
+    # Eager runs share buffers across a sequence's link steps and, for large memories,
+    # keep every k-th link matrix and recompute the rest backward. Forced on at this size
+    # (k = 3, 8 steps: a stretch cut short at the end), against steps that keep every
+    # matrix and allocate their own (the step function called without workspaces).
+    monkeypatch.setattr(addressing, "CHECKPOINT_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(addressing, "CHECKPOINT_EVERY", 3)
+    model = tiny_dnc(write_heads=writes)
+    inputs = torch.randn(8, 2, 3, dtype=torch.float64)
+    shared = sequence_gradients(model, inputs, chunks)
+    model._step = lambda projected, state: model.step(projected, state)
+    plain = sequence_gradients(model, inputs, chunks)
+    for a, b in zip(shared, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # evaluation: every link matrix into the alternating buffers
+        model._step = model.step
+        torch.testing.assert_close(model(inputs)[0], shared[0], rtol=1e-12, atol=1e-12)
 
 
 def test_output_and_state_shapes():

@@ -13,6 +13,8 @@ offsets (``2 * max_shift + 1``).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 # Keeps two possibly-zero quantities finite: squared norms of keys and memory rows in the
@@ -296,84 +298,263 @@ def precedence_update(precedence: torch.Tensor, write_weights: torch.Tensor) -> 
     return torch.addcmul(write_weights, 1 - write_weights.sum(-1, keepdim=True), precedence)
 
 
-class _LinkUpdate(torch.autograd.Function):
-    """``link_update``'s maths with a hand-written backward: plain autograd of the update
-    would keep one ``[N, N]`` temporary per step alive for the backward pass (the factor
-    ``1 - w[i] - w[j]``) and build several more in it. This one saves only its inputs (the
-    previous link matrix is alive anyway: the previous step's reads keep it) and builds two
-    ``[N, N]`` temporaries forward and three backward (large memories are bound by the
-    passes over ``[N, N]`` matrices)."""
+# Link steps recompute instead of keep (see LinkWorkspace) where one link matrix has at
+# least this many numbers (1 MiB in float32: N = 181 at batch 8), keeping one in this many.
+CHECKPOINT_MIN_ELEMENTS = 1 << 18
+CHECKPOINT_EVERY = 10
+
+
+def _update_link(
+    out: torch.Tensor, link: torch.Tensor, write_weights: torch.Tensor, precedence: torch.Tensor
+) -> torch.Tensor:
+    """``L_t = (1 - w[i]) L - w[j] L + w[i] p[j]`` with a zero diagonal, into ``out``,
+    without an ``[N, N]`` temporary."""
+    rows, columns = write_weights.unsqueeze(-1), write_weights.unsqueeze(-2)
+    torch.mul(link, 1 - rows, out=out)
+    out.addcmul_(link, columns, value=-1)
+    out.addcmul_(rows, precedence.unsqueeze(-2))
+    out.diagonal(dim1=-2, dim2=-1).zero_()
+    return out
+
+
+class _Chain:
+    """An unbroken run of link steps (each one's link input is the previous one's output):
+    every step's ``(w_t, p_{t-1})``, and the link matrices kept, by step (0: the input of
+    the first step)."""
+
+    __slots__ = ("checkpoints", "updates")
+
+    def __init__(self, first: torch.Tensor) -> None:
+        self.updates: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.checkpoints = {0: first}
+
+
+class LinkWorkspace:
+    """What the link steps of one sequence share, so that for large N they neither keep
+    nor allocate a ``[B, W, N, N]`` matrix per step. Fresh buffers of that size cost more
+    than the arithmetic in them (page faults on first touch), and keeping one per step
+    sets the memory of a long sequence.
+
+    Backward, one gradient buffer is handed from step to step and updated in place, with
+    one scratch buffer beside it. A step uses the buffer in place only when its incoming
+    gradient is that very tensor (the next step's, handed on by autograd untouched), and
+    hands it on only to a step whose link input is the previous step's output; anything
+    else (a link from outside the sequence, a gradient summed with another) gets fresh
+    tensors.
+
+    With ``checkpoint_every = k`` and link matrices of at least ``min_elements`` numbers,
+    the forward pass keeps only every k-th step's link matrix and writes the others into
+    two alternating buffers; backward, each stretch of k steps is recomputed from its
+    kept matrix (one elementwise pass a step) into k - 1 reused buffers. Memory: T / k + k
+    + 4 link matrices for T steps instead of T. The outputs written into the alternating
+    buffers are overwritten two steps later, so they must feed only the next step
+    (``DNCCore.run`` uses ``checkpoint_every=None``, keeping every matrix, when it records
+    the states). Without autograd (evaluation) every step writes into those buffers.
+    """
+
+    __slots__ = (
+        "chain",
+        "checkpoint_every",
+        "grad",
+        "min_elements",
+        "output",
+        "ring",
+        "scratch",
+        "segment",
+        "segment_links",
+    )
+
+    def __init__(
+        self, checkpoint_every: int | None = None, min_elements: int | None = None
+    ) -> None:
+        self.checkpoint_every = checkpoint_every
+        self.min_elements = CHECKPOINT_MIN_ELEMENTS if min_elements is None else min_elements
+        self.output: weakref.ref[torch.Tensor] | None = None
+        self.grad: torch.Tensor | None = None
+        self.scratch: torch.Tensor | None = None
+        self.chain: _Chain | None = None
+        self.ring: list[torch.Tensor] = []
+        self.segment: tuple[_Chain, int] | None = None
+        self.segment_links: list[torch.Tensor] = []
 
     @staticmethod
-    def forward(ctx, link, write_weights, precedence):
-        rows, columns = write_weights.unsqueeze(-1), write_weights.unsqueeze(-2)
-        # L - (w[i] + w[j]) L + w[i] p[j]
-        updated = torch.addcmul(link, link, rows + columns, value=-1)
-        updated.addcmul_(rows, precedence.unsqueeze(-2))
-        updated.diagonal(dim1=-2, dim2=-1).zero_()
-        ctx.save_for_backward(link, write_weights, precedence)
-        return updated
+    def _buffer(pool: list[torch.Tensor], index: int, like: torch.Tensor) -> torch.Tensor:
+        while len(pool) <= index:
+            pool.append(torch.empty_like(like))
+        if pool[index].shape != like.shape or pool[index].dtype != like.dtype:
+            pool[index] = torch.empty_like(like)
+        return pool[index]
+
+    def scratch_like(self, tensor: torch.Tensor) -> torch.Tensor:
+        scratch = self.scratch
+        if scratch is None or scratch.shape != tensor.shape or scratch.dtype != tensor.dtype:
+            scratch = self.scratch = torch.empty_like(tensor)
+        return scratch
+
+    def segmented(self, link: torch.Tensor) -> bool:
+        return self.checkpoint_every is not None and link.numel() >= self.min_elements
+
+    def forward_output(
+        self, link: torch.Tensor, chained: bool, write_weights, precedence, grad_needed: bool
+    ) -> tuple[torch.Tensor, _Chain | None, int]:
+        """The new link matrix, written where this step's matrix goes (see the class),
+        with its chain and step number when it is to be recomputed backward."""
+        # The alternating buffer that does not hold the input.
+        ring = int(bool(self.ring) and link.data_ptr() == self.ring[0].data_ptr())
+        if not grad_needed:
+            buffer = self._buffer(self.ring, ring, link)
+            return _update_link(buffer, link, write_weights, precedence).view_as(link), None, 0
+        if not chained or self.chain is None:
+            self.chain = _Chain(link)
+        chain = self.chain
+        chain.updates.append((write_weights.detach(), precedence.detach()))
+        step = len(chain.updates)
+        if step % self.checkpoint_every == 0:
+            updated = _update_link(torch.empty_like(link), link, write_weights, precedence)
+            chain.checkpoints[step] = updated
+            return updated, chain, step
+        buffer = self._buffer(self.ring, ring, link)
+        return _update_link(buffer, link, write_weights, precedence).view_as(link), chain, step
+
+    def links_around(self, chain: _Chain, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L_{t-1}, L_t)`` of step ``t`` of ``chain``, recomputing its stretch of
+        ``checkpoint_every`` steps from the kept matrix unless it is already there."""
+        every = self.checkpoint_every
+        start = (step - 1) // every * every
+        if self.segment is None or self.segment[0] is not chain or self.segment[1] != start:
+            previous = chain.checkpoints[start]
+            for index in range(start + 1, min(start + every, len(chain.updates) + 1)):
+                buffer = self._buffer(self.segment_links, index - start - 1, previous)
+                previous = _update_link(buffer, previous, *chain.updates[index - 1])
+            self.segment = (chain, start)
+
+        def link_at(index: int) -> torch.Tensor:
+            if index in chain.checkpoints:
+                return chain.checkpoints[index]
+            return self.segment_links[index - start - 1]
+
+        return link_at(step - 1), link_at(step)
+
+
+class _LinkStep(torch.autograd.Function):
+    """``link_step``'s maths as one autograd node with a hand-written backward. Large
+    memories are bound by the passes over ``[B, W, N, N]`` matrices and by allocating
+    them, and plain autograd of the update and the two reads makes about fifteen passes
+    per step backward, with several fresh ``[N, N]`` buffers (the factor
+    ``1 - w[i] - w[j]``, one gradient per read, their sum, zero-filled gradients of
+    views). This node keeps the previous and the new link matrix (the steps' states), or
+    recomputes them (see ``LinkWorkspace``), builds the new link's whole gradient (the
+    next step's and the two reads') in one batched product, and turns it into the
+    previous link's gradient in place."""
 
     @staticmethod
-    def backward(ctx, grad):
-        link, write_weights, precedence = ctx.saved_tensors
-        rows, columns = write_weights.unsqueeze(-1), write_weights.unsqueeze(-2)
-        # The diagonal is set to 0, so the gradient's diagonal reaches no input: the sums
-        # below take it out again rather than copy the gradient to zero it.
-        grad_diagonal = grad.diagonal(dim1=-2, dim2=-1)
-        grad_link = grad_weights = grad_precedence = None
-        if ctx.needs_input_grad[0]:
-            grad_link = torch.addcmul(grad, grad, rows + columns, value=-1)
-            grad_link.diagonal(dim1=-2, dim2=-1).zero_()
+    def forward(ctx, link, write_weights, precedence, read_weights, workspace, grad_needed):
+        ctx.set_materialize_grads(False)
+        ctx.workspace, ctx.chained, ctx.chain, ctx.step = workspace, False, None, 0
+        if workspace is not None:
+            previous = workspace.output() if workspace.output is not None else None
+            ctx.chained = previous is link
+        if workspace is not None and workspace.segmented(link):
+            updated, ctx.chain, ctx.step = workspace.forward_output(
+                link, ctx.chained, write_weights, precedence, grad_needed
+            )
+            ctx.save_for_backward(write_weights, precedence, read_weights)
+        else:
+            updated = _update_link(torch.empty_like(link), link, write_weights, precedence)
+            ctx.save_for_backward(write_weights, precedence, read_weights, link, updated)
+        if workspace is not None:
+            workspace.output = weakref.ref(updated)
+        # (Orientations chosen for speed: on CPU, [N, N] @ [N, R] is faster than
+        # [R, N] @ [N, N]^T, and [1, N] @ [N, N]^T than [N, N] @ [N, 1].)
+        heads = read_weights.unsqueeze(1)  # [B, 1, R, N]
+        forward = torch.matmul(updated, heads.transpose(-1, -2)).transpose(-1, -2)
+        backward = torch.matmul(heads, updated)  # sum_i w[i] L[i, j]
+        return updated, forward, backward
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_updated, grad_forward, grad_backward):
+        write_weights, precedence, read_weights, *links = ctx.saved_tensors
+        workspace = ctx.workspace
+        if ctx.chain is not None:
+            links = workspace.links_around(ctx.chain, ctx.step)
+        link, updated = links
+        batch, writes, slots = write_weights.shape
+        heads = read_weights.unsqueeze(1).expand(batch, writes, *read_weights.shape[1:])
+        grad_forward = torch.zeros_like(heads) if grad_forward is None else grad_forward
+        grad_backward = torch.zeros_like(heads) if grad_backward is None else grad_backward
+        # The new link's whole gradient G: the next step's, plus sum_r gf[r, i] w[r, j]
+        # (forward reads) plus sum_r w[r, i] gb[r, j] (backward reads), in one product.
+        left = torch.cat([grad_forward, heads], dim=-2).transpose(-1, -2)  # [B, W, N, 2R]
+        right = torch.cat([heads, grad_backward], dim=-2)  # [B, W, 2R, N]
+        left, right = left.reshape(batch * writes, slots, -1), right.flatten(0, 1)
+        if grad_updated is None:
+            grad = torch.bmm(left, right)
+        elif workspace is not None and grad_updated is workspace.grad:
+            grad = grad_updated.view(batch * writes, slots, slots).baddbmm_(left, right)
+        else:
+            grad = torch.baddbmm(grad_updated.reshape(batch * writes, slots, slots), left, right)
+        grad = grad.view(batch, writes, slots, slots)
+        # The diagonal is set to 0, so its gradient reaches no input.
+        grad.diagonal(dim1=-2, dim2=-1).zero_()
+        grad_link = grad_weights = grad_precedence = grad_reads = None
+        if ctx.needs_input_grad[3]:
+            grad_reads = (
+                torch.matmul(grad_forward, updated)
+                + torch.matmul(updated, grad_backward.transpose(-1, -2)).transpose(-1, -2)
+            ).sum(1)
+        scratch = workspace.scratch_like(grad) if workspace is not None else torch.empty_like(grad)
         if ctx.needs_input_grad[1]:
-            # d/dw[k]: sum_j g[k, j] (p[j] - L[k, j]) - sum_i g[i, k] L[i, k], j, i != k
-            weighted = grad * link
-            diagonal_terms = grad_diagonal * (precedence - 2 * link.diagonal(dim1=-2, dim2=-1))
+            # d/dw[k]: sum_j G[k, j] (p[j] - L[k, j]) - sum_i G[i, k] L[i, k]
+            weighted = torch.mul(grad, link, out=scratch)
+            ones = torch.ones_like(precedence).unsqueeze(-2)
             grad_weights = (
-                torch.matmul(grad, precedence.unsqueeze(-1)).squeeze(-1)
+                torch.matmul(precedence.unsqueeze(-2), grad.transpose(-1, -2)).squeeze(-2)
                 - weighted.sum(-1)
-                - weighted.sum(-2)
-                - diagonal_terms
+                - torch.matmul(ones, weighted).squeeze(-2)
             )
         if ctx.needs_input_grad[2]:
-            # d/dp[j]: sum_i w[i] g[i, j], i != j
-            grad_precedence = (
-                torch.matmul(columns, grad).squeeze(-2) - grad_diagonal * write_weights
-            )
-        return grad_link, grad_weights, grad_precedence
+            # d/dp[j]: sum_i w[i] G[i, j]
+            grad_precedence = torch.matmul(write_weights.unsqueeze(-2), grad).squeeze(-2)
+        if ctx.needs_input_grad[0]:
+            # G (1 - w[i] - w[j]), in place
+            rows, columns = write_weights.unsqueeze(-1), write_weights.unsqueeze(-2)
+            grad_link = grad.addcmul_(grad, torch.add(rows, columns, out=scratch), value=-1)
+            if workspace is not None:
+                # Hand the buffer on only to the previous step: a link from outside the
+                # sequence keeps it, and the workspace lets go of it.
+                workspace.grad = grad_link if ctx.chained else None
+        return grad_link, grad_weights, grad_precedence, grad_reads, None, None
 
 
-def link_update(
-    link: torch.Tensor, write_weights: torch.Tensor, precedence: torch.Tensor
-) -> torch.Tensor:
-    """``L_t[i, j] = (1 - w[i] - w[j]) L_{t-1}[i, j] + w[i] p_{t-1}[j]``, ``L_t[i, i] = 0``:
-    how much slot ``i`` was written right after slot ``j``, one matrix per write head.
+def link_step(
+    link: torch.Tensor,
+    write_weights: torch.Tensor,
+    precedence: torch.Tensor,
+    read_weights: torch.Tensor,
+    workspace: LinkWorkspace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The temporal link matrix's update and the reads through it.
+
+    Update: ``L_t[i, j] = (1 - w[i] - w[j]) L_{t-1}[i, j] + w[i] p_{t-1}[j]``,
+    ``L_t[i, i] = 0``: how much slot ``i`` was written right after slot ``j``, one matrix
+    per write head. Reads: forward ``f^r = L_t w^r_{t-1}`` and backward
+    ``b^r = L_t^T w^r_{t-1}`` weightings of every read head through every write head's
+    link matrix. Pass one ``LinkWorkspace`` to every step of a sequence (not under
+    ``torch.compile``) to share its buffers and, for large N, recompute link matrices
+    backward instead of keeping them.
 
     link: ``[B, W, N, N]``, write_weights: ``[B, W, N]`` (this step's ``w^w_t``),
-    precedence: ``[B, W, N]`` (the previous step's) -> ``[B, W, N, N]``
+    precedence: ``[B, W, N]`` (the previous step's), read_weights: ``[B, R, N]`` (the
+    previous step's) -> (``L_t`` ``[B, W, N, N]``, forward, backward ``[B, R, W, N]``)
     """
-    return _LinkUpdate.apply(link, write_weights, precedence)
-
-
-def directional_weights(
-    link: torch.Tensor, read_weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward ``f^r = L w^r_{t-1}`` and backward ``b^r = L^T w^r_{t-1}`` weightings of every
-    read head through every write head's link matrix.
-
-    link: ``[B, W, N, N]``, read_weights: ``[B, R, N]`` (previous step)
-    -> (forward, backward), each ``[B, R, W, N]``
-    """
-    if link.shape[1] == 1:
-        # One write head: plain bmms, no broadcast over a heads dimension.
-        head = link[:, 0]
-        forward = torch.bmm(read_weights, head.transpose(1, 2))  # sum_j L[i, j] w[j]
-        backward = torch.bmm(read_weights, head)  # sum_i w[i] L[i, j]
-        return forward.unsqueeze(2), backward.unsqueeze(2)
-    heads = read_weights.unsqueeze(1)  # [B, 1, R, N]
-    forward = torch.matmul(heads, link.transpose(-1, -2))
-    backward = torch.matmul(heads, link)
-    return forward.transpose(1, 2), backward.transpose(1, 2)
+    grad_needed = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (link, write_weights, precedence, read_weights)
+    )
+    updated, forward, backward = _LinkStep.apply(
+        link, write_weights, precedence, read_weights, workspace, grad_needed
+    )
+    return updated, forward.transpose(1, 2), backward.transpose(1, 2)
 
 
 def read_weighting(

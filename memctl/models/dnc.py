@@ -19,14 +19,15 @@ one memory shared by the layers or one each. ``DNCModel`` is the recipe model
 Speed: the time loop is the only Python loop (and the layers of a stack); every head is
 a tensor dimension; the controller's weights on the external input and the output layer
 run once over the whole sequence; the allocation is one batched sort; the content lookups
-and the link update are single autograd nodes with hand-written backwards
-(``addressing.fused_content_weights``, ``addressing.link_update``), and the link update
-keeps no ``[N, N]`` temporary for the backward pass. ``compile_step`` runs the time steps
+and the link update with the reads through it are single autograd nodes with hand-written
+backwards (``addressing.fused_content_weights``, ``addressing.link_step``), and the link
+step keeps no ``[N, N]`` temporary for the backward pass. ``compile_step`` runs the time steps
 through ``torch.compile``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -238,10 +239,14 @@ class MemoryAccess(nn.Module):
         )
 
     def step(
-        self, controller_output: torch.Tensor, state: AccessState
+        self,
+        controller_output: torch.Tensor,
+        state: AccessState,
+        workspace: addressing.LinkWorkspace | None = None,
     ) -> tuple[torch.Tensor, AccessState, torch.Tensor]:
         """controller_output ``[B, H]`` -> (read vectors ``[B, R, M]``, state, this step's
-        allocation weightings ``[B, W, N]``)."""
+        allocation weightings ``[B, W, N]``). ``workspace``: one per sequence (see
+        ``addressing.link_step``)."""
         batch, word = controller_output.shape[0], self.word_size
         reads, writes = self.read_heads, self.write_heads
         linear, oneplus, gated, mode_logits = self.interface(controller_output).split(self.sizes, 1)
@@ -265,10 +270,11 @@ class MemoryAccess(nn.Module):
         memory = addressing.write(
             state.memory, write_weights, erase.view(batch, writes, word), write_vectors
         )
-        link = addressing.link_update(state.link, write_weights, state.precedence)
+        link, forward, backward = addressing.link_step(
+            state.link, write_weights, state.precedence, state.read_weights, workspace
+        )
         precedence = addressing.precedence_update(state.precedence, write_weights)
         read_content = addressing.fused_content_weights(memory, read_keys, read_strengths)
-        forward, backward = addressing.directional_weights(link, state.read_weights)
         read_weights = addressing.read_weighting(read_content, forward, backward, read_modes)
         read_vectors = addressing.read(memory, read_weights)
         state = AccessState(memory, read_weights, write_weights, usage, link, precedence)
@@ -346,13 +352,17 @@ class DNCCore(nn.Module):
         )
 
     def step(
-        self, projected: torch.Tensor, state: DNCState
+        self,
+        projected: torch.Tensor,
+        state: DNCState,
+        workspaces: tuple[addressing.LinkWorkspace, ...] | None = None,
     ) -> tuple[torch.Tensor, DNCState, tuple[tuple[AccessState, torch.Tensor], ...]]:
         """One time step. projected: the first controller's ``project`` of this step's
         input ``[B, G]`` -> (the last controller's output ``[B, H]``, which the output layer
         sees with the next state's ``reads``, the next state, and per layer the state of the
         memory it used after its access with that access's allocation weightings
-        ``[B, W, N]``, for traces)."""
+        ``[B, W, N]``, for traces). ``workspaces``: one per memory, shared by a sequence's
+        steps (eager only)."""
         step_input = state.reads.flatten(1)
         controllers, accesses, trail = [], list(state.access), []
         for layer, controller in enumerate(self.controllers):
@@ -362,7 +372,10 @@ class DNCCore(nn.Module):
             if self.clip is not None:
                 output = F.hardtanh(output, -self.clip, self.clip)
             index = layer if len(self.memories) > 1 else 0
-            reads, accesses[index], allocation = self.memories[index].step(output, accesses[index])
+            workspace = None if workspaces is None else workspaces[index]
+            reads, accesses[index], allocation = self.memories[index].step(
+                output, accesses[index], workspace
+            )
             if layer + 1 < len(self.controllers):
                 step_input = torch.cat([output, reads.flatten(1)], 1)
             controllers.append(controller_state)
@@ -377,8 +390,14 @@ class DNCCore(nn.Module):
         if state is None:
             state = self.initial_state(inputs.shape[1], inputs.device, inputs.dtype)
         outputs, reads, records = [], [], []
+        step = self._step
+        if step == self.step:
+            # Recorded states must stay as they are: keep every link matrix then.
+            every = None if record else addressing.CHECKPOINT_EVERY
+            workspaces = tuple(addressing.LinkWorkspace(every) for _ in self.memories)
+            step = functools.partial(self.step, workspaces=workspaces)
         for projected in self.controllers[0].project(inputs).unbind(0):
-            output, state, trail = self._step(projected, state)
+            output, state, trail = step(projected, state)
             outputs.append(output)
             reads.append(state.reads)
             if record:
