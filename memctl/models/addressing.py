@@ -307,11 +307,10 @@ CHECKPOINT_EVERY = 10
 def _update_link(
     out: torch.Tensor, link: torch.Tensor, write_weights: torch.Tensor, precedence: torch.Tensor
 ) -> torch.Tensor:
-    """``L_t = (1 - w[i]) L - w[j] L + w[i] p[j]`` with a zero diagonal, into ``out``,
-    without an ``[N, N]`` temporary."""
+    """``L_t = (1 - w[i] - w[j]) L + w[i] p[j]`` with a zero diagonal, into ``out``,
+    without an ``[N, N]`` temporary (the factor is written into ``out`` first)."""
     rows, columns = write_weights.unsqueeze(-1), write_weights.unsqueeze(-2)
-    torch.mul(link, 1 - rows, out=out)
-    out.addcmul_(link, columns, value=-1)
+    torch.sub(1 - rows, columns, out=out).mul_(link)
     out.addcmul_(rows, precedence.unsqueeze(-2))
     out.diagonal(dim1=-2, dim2=-1).zero_()
     return out
