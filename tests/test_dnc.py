@@ -403,6 +403,34 @@ def test_link_workspace_and_recomputation_change_no_number(monkeypatch, writes, 
         torch.testing.assert_close(model(inputs)[0], shared[0], rtol=1e-12, atol=1e-12)
 
 
+def test_link_workspace_starts_a_chain_from_a_buffer_it_will_overwrite():
+    # Steps without autograd write into the workspace's two alternating buffers; a step
+    # with autograd after them must keep its own copy of its input for the recomputation.
+    generator = torch.Generator().manual_seed(4)
+    steps = [
+        (simplex(generator, 2, 1, SLOTS, total=0.9), torch.rand(2, 1, SLOTS, dtype=torch.float64))
+        for _ in range(7)
+    ]
+    reads = simplex(generator, 2, READS, SLOTS)
+
+    def run(workspace):
+        link = torch.zeros(2, 1, SLOTS, SLOTS, dtype=torch.float64)
+        weights = [w.clone().requires_grad_() for w, _ in steps]
+        total = 0
+        for index, ((_, precedence), w) in enumerate(zip(steps, weights, strict=True)):
+            with torch.set_grad_enabled(index >= 2):
+                link, forward, backward = addressing.link_step(
+                    link, w, precedence, reads, workspace
+                )
+            total = total + forward.sin().sum() + backward.square().sum()
+        total.backward()
+        return [w.grad for w in weights[2:]]
+
+    shared = run(addressing.LinkWorkspace(checkpoint_every=3, min_elements=0))
+    for a, b in zip(shared, run(None), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_output_and_state_shapes():
     config = DNCConfig(controller_size=6, controller_layers=2, memory_size=9, word_size=5)
     model = DNCModel(config.model_copy(update={"read_heads": 3, "write_heads": 2}), 4, 7)

@@ -299,7 +299,7 @@ def precedence_update(precedence: torch.Tensor, write_weights: torch.Tensor) -> 
 
 
 # Link steps recompute instead of keep (see LinkWorkspace) where one link matrix has at
-# least this many numbers (1 MiB in float32: N = 181 at batch 8), keeping one in this many.
+# least this many numbers (1 MiB in float32: N >= 182 at batch 8), keeping one in this many.
 CHECKPOINT_MIN_ELEMENTS = 1 << 18
 CHECKPOINT_EVERY = 10
 
@@ -370,7 +370,7 @@ class LinkWorkspace:
         self.min_elements = CHECKPOINT_MIN_ELEMENTS if min_elements is None else min_elements
         self.output: weakref.ref[torch.Tensor] | None = None
         self.grad: torch.Tensor | None = None
-        self.scratch: torch.Tensor | None = None
+        self.scratch: list[torch.Tensor] = []
         self.chain: _Chain | None = None
         self.ring: list[torch.Tensor] = []
         self.segment: tuple[_Chain, int] | None = None
@@ -385,10 +385,7 @@ class LinkWorkspace:
         return pool[index]
 
     def scratch_like(self, tensor: torch.Tensor) -> torch.Tensor:
-        scratch = self.scratch
-        if scratch is None or scratch.shape != tensor.shape or scratch.dtype != tensor.dtype:
-            scratch = self.scratch = torch.empty_like(tensor)
-        return scratch
+        return self._buffer(self.scratch, 0, tensor)
 
     def segmented(self, link: torch.Tensor) -> bool:
         return self.checkpoint_every is not None and link.numel() >= self.min_elements
@@ -399,12 +396,15 @@ class LinkWorkspace:
         """The new link matrix, written where this step's matrix goes (see the class),
         with its chain and step number when it is to be recomputed backward."""
         # The alternating buffer that does not hold the input.
-        ring = int(bool(self.ring) and link.data_ptr() == self.ring[0].data_ptr())
+        in_ring = [link.data_ptr() == buffer.data_ptr() for buffer in self.ring]
+        ring = int(bool(in_ring) and in_ring[0])
         if not grad_needed:
+            self.chain = None
             buffer = self._buffer(self.ring, ring, link)
             return _update_link(buffer, link, write_weights, precedence).view_as(link), None, 0
         if not chained or self.chain is None:
-            self.chain = _Chain(link)
+            # A chain starts from a matrix that stays: not one the ring will overwrite.
+            self.chain = _Chain(link.clone() if any(in_ring) else link)
         chain = self.chain
         chain.updates.append((write_weights.detach(), precedence.detach()))
         step = len(chain.updates)
