@@ -16,13 +16,15 @@ pytorch-dnc does (layer ``l > 0`` sees layer ``l - 1``'s output and read vectors
 one memory shared by the layers or one each. ``DNCModel`` is the recipe model
 (``model.type: dnc``); ``DNC`` has pytorch-dnc's constructor and call.
 
-Speed: the time loop is the only Python loop (and the layers of a stack); every head is
-a tensor dimension; the controller's weights on the external input and the output layer
-run once over the whole sequence; the allocation is one batched sort; the content lookups
-and the link update with the reads through it are single autograd nodes with hand-written
-backwards (``addressing.fused_content_weights``, ``addressing.link_step``), and the link
-step keeps no ``[N, N]`` temporary for the backward pass. ``compile_step`` runs the time steps
-through ``torch.compile``.
+Speed: the time loop is the only Python loop (with the layers of a stack, and backward
+the same time steps again where link matrices are recomputed); every head is a tensor
+dimension; the controller's weights on the external input and the output layer run once
+over the whole sequence; the allocation is one batched sort; the content lookups and the
+link update with the reads through it are single autograd nodes with hand-written
+backwards (``addressing.fused_content_weights``, ``addressing.link_step``). ``run`` gives
+each sequence an ``addressing.LinkWorkspace``: the link steps share their backward
+buffers and, for large N, keep one link matrix in ten and recompute the rest.
+``compile_step`` runs the time steps through ``torch.compile`` (without the workspace).
 """
 
 from __future__ import annotations
