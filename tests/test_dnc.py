@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 from memctl.errors import UserError
 from memctl.models import addressing, detach_state
 from memctl.models.addressing import EPSILON
-from memctl.models.dnc import DNCConfig, DNCModel
+from memctl.models.dnc import DNCConfig, DNCCore, DNCModel
 from memctl.recipe import validate_recipe
 from memctl.tasks.copy import CopyConfig, CopyTask
 
@@ -382,16 +382,32 @@ def sequence_gradients(model: DNCModel, inputs: torch.Tensor, chunks: int):
     return [outputs.detach(), inputs.grad] + [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("writes", [1, 2])
+@pytest.mark.parametrize(
+    ("writes", "layers", "shared"), [(1, 1, True), (2, 1, True), (1, 2, True), (1, 2, False)]
+)
 @pytest.mark.parametrize("chunks", [1, 2])
-def test_link_workspace_and_recomputation_change_no_number(monkeypatch, writes, chunks):
+def test_link_workspace_and_recomputation_change_no_number(
+    monkeypatch, writes, layers, shared, chunks
+):
     # Eager runs share buffers across a sequence's link steps and, for large memories,
     # keep every k-th link matrix and recompute the rest backward. Forced on at this size
     # (k = 3, 8 steps: a stretch cut short at the end), against steps that keep every
-    # matrix and allocate their own (the step function called without workspaces).
+    # matrix and allocate their own (the step function called without workspaces). Two
+    # layers sharing one memory make two link steps a time step in one workspace.
     monkeypatch.setattr(addressing, "CHECKPOINT_MIN_ELEMENTS", 0)
     monkeypatch.setattr(addressing, "CHECKPOINT_EVERY", 3)
-    model = tiny_dnc(write_heads=writes)
+    torch.manual_seed(0)
+    model = DNCCore(
+        3,
+        2,
+        hidden_size=5,
+        memory_size=4,
+        word_size=3,
+        read_heads=2,
+        write_heads=writes,
+        num_layers=layers,
+        share_memory=shared,
+    ).double()
     inputs = torch.randn(8, 2, 3, dtype=torch.float64)
     shared = sequence_gradients(model, inputs, chunks)
     model._step = lambda projected, state: model.step(projected, state)
