@@ -38,7 +38,7 @@ import time
 import venv
 from pathlib import Path
 
-from machine import describe_machine, time_steps
+from machine import describe_machine, synchronizer, time_steps
 
 PEER_PACKAGES = ["torch==2.13.0", "dnc==1.1.0"]
 COPY = dict(
@@ -61,13 +61,6 @@ def dnc_class(implementation: str):
     else:
         from memctl.models import DNC
     return DNC
-
-
-def synchronizer(device: str):
-    """A function that waits for the device's queued work (nothing to wait for on a CPU)."""
-    import torch
-
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
 def copy_training(

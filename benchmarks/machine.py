@@ -46,3 +46,11 @@ def describe_machine(torch_threads: int) -> dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def synchronizer(device: str) -> Callable[[], object]:
+    """A function that waits for the device's queued work (nothing to wait for on a
+    CPU), so that a timed step ends when its work does."""
+    import torch
+
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_name
+from machine import cpu_name, synchronizer
 
 from memctl.recipe import load_recipe
 from memctl.trainer import Trainer
@@ -33,7 +33,7 @@ def device_name(device: torch.device) -> str:
 def measure(path: Path, device: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     recipe = load_recipe(path, ["curriculum.type=fixed", f"device={device}", *overrides])
     trainer = Trainer(recipe)
-    synchronize = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    synchronize = synchronizer(trainer.device.type)
     for _ in range(warmup):
         trainer.train_step()
     synchronize()

@@ -387,6 +387,10 @@ class LinkWorkspace:
     def scratch_like(self, tensor: torch.Tensor) -> torch.Tensor:
         return self._buffer(self.scratch, 0, tensor)
 
+    def follows(self, link: torch.Tensor) -> bool:
+        """Whether ``link`` is the last step's output: the same tensor, not a copy."""
+        return self.output is not None and self.output() is link
+
     def segmented(self, link: torch.Tensor) -> bool:
         return self.checkpoint_every is not None and link.numel() >= self.min_elements
 
@@ -449,10 +453,8 @@ class _LinkStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, link, write_weights, precedence, read_weights, workspace, grad_needed):
         ctx.set_materialize_grads(False)
-        ctx.workspace, ctx.chained, ctx.chain, ctx.step = workspace, False, None, 0
-        if workspace is not None:
-            previous = workspace.output() if workspace.output is not None else None
-            ctx.chained = previous is link
+        ctx.workspace, ctx.chain, ctx.step = workspace, None, 0
+        ctx.chained = workspace is not None and workspace.follows(link)
         if workspace is not None and workspace.segmented(link):
             updated, ctx.chain, ctx.step = workspace.forward_output(
                 link, ctx.chained, write_weights, precedence, grad_needed
