@@ -3,7 +3,9 @@ side in one run.
 
 1. Copy training (batch 32, 18 time steps of 10 inputs, LSTM 64 with one layer, memory
    32 x 16, 4 read heads, Adam 1e-3, sigmoid cross-entropy): training steps per second
-   of the peer, of memctl's drop-in ``DNC`` eager and with ``compile_step()``.
+   of the peer, of memctl's drop-in ``DNC`` eager, with ``compile_step()`` (each time
+   step compiled, as ``train.compile: true``) and with ``compile_sequence()`` (the whole
+   18-step loop as one graph; minutes to compile, see ``first_step_s``).
 2. One forward + backward (batch 8, T time steps, LSTM 64, cells of 32, 4 read heads,
    16 inputs) against the memory size N: seconds and peak resident memory, each case in
    its own process under an address-space limit (``resource.setrlimit``), so a case that
@@ -63,16 +65,14 @@ def dnc_class(implementation: str):
     return DNC
 
 
-def copy_training(
-    implementation: str, compiled: bool, steps: int, warmup: int, device: str
-) -> dict:
+def copy_training(implementation: str, mode: str, steps: int, warmup: int, device: str) -> dict:
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(0)
     rnn = dnc_class(implementation)(**{**COPY, "gpu_id": 0 if device == "cuda" else -1})
-    if compiled:
-        rnn.compile_step()
+    if mode != "eager":
+        getattr(rnn, f"compile_{mode}")()
     optimizer = torch.optim.Adam(rnn.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     synchronize = synchronizer(device)
@@ -139,7 +139,7 @@ def worker(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     device = spec["device"]
     if spec["case"] == "copy":
-        result = copy_training(spec["implementation"], spec["compiled"], spec["steps"], 3, device)
+        result = copy_training(spec["implementation"], spec["mode"], spec["steps"], 3, device)
     else:
         if device == "cpu":
             limit = int(spec["memory_limit_gib"] * 2**30)
@@ -182,7 +182,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per case")
     parser.add_argument("--steps", type=int, default=30, help="timed copy training steps")
-    parser.add_argument("--no-compile", action="store_true", help="skip the compiled case")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled cases")
+    parser.add_argument("--no-sequence", action="store_true", help="skip the compile_sequence case")
     parser.add_argument("--slots", default="64,256,1024", help="memory sizes N for case 2")
     parser.add_argument("--time-steps", type=int, default=100, help="T of case 2")
     parser.add_argument("--peer-slots", default="64,256,1024", help="N the peer runs")
@@ -207,11 +208,12 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         results.append(row)
 
-    copy_cases = [("memctl", False)] + ([("memctl", True)] if not args.no_compile else [])
-    if "peer" in pythons:
-        copy_cases.insert(0, ("peer", False))
-    for implementation, compiled in copy_cases:
-        spec = {"case": "copy", "implementation": implementation, "compiled": compiled}
+    modes = ["eager"] + ([] if args.no_compile else ["step"])
+    modes += [] if args.no_compile or args.no_sequence else ["sequence"]
+    copy_cases = [("peer", "eager")] if "peer" in pythons else []
+    copy_cases += [("memctl", mode) for mode in modes]
+    for implementation, mode in copy_cases:
+        spec = {"case": "copy", "implementation": implementation, "mode": mode}
         record(pythons[implementation], {**spec, "steps": args.steps}, 1800)
     for implementation, slots_list in (("memctl", args.slots), ("peer", args.peer_slots)):
         if implementation not in pythons:

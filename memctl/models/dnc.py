@@ -24,7 +24,8 @@ link update with the reads through it are single autograd nodes with hand-writte
 backwards (``addressing.fused_content_weights``, ``addressing.link_step``). ``run`` gives
 each sequence an ``addressing.LinkWorkspace``: the link steps share their backward
 buffers and, for large N, keep one link matrix in ten and recompute the rest.
-``compile_step`` runs the time steps through ``torch.compile`` (without the workspace).
+``compile_step`` runs the time steps through ``torch.compile`` (without the workspace);
+``compile_sequence`` compiles the whole time loop as one graph (for fixed lengths).
 """
 
 from __future__ import annotations
@@ -342,6 +343,7 @@ class DNCCore(nn.Module):
         )
         self.readout = nn.Linear(hidden_size + read_size, output_size)
         self._step: Callable[..., Any] = self.step
+        self._sequence: Callable[..., Any] | None = None
 
     def initial_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> DNCState:
         memory = self.memories[0]
@@ -391,25 +393,41 @@ class DNCCore(nn.Module):
         every layer's memory state and allocation after its access, time major)."""
         if state is None:
             state = self.initial_state(inputs.shape[1], inputs.device, inputs.dtype)
-        outputs, reads, records = [], [], []
-        step = self._step
-        if step == self.step:
-            # Recorded states must stay as they are: keep every link matrix then.
-            every = None if record else addressing.CHECKPOINT_EVERY
-            workspaces = tuple(addressing.LinkWorkspace(every) for _ in self.memories)
-            step = functools.partial(self.step, workspaces=workspaces)
-        for projected in self.controllers[0].project(inputs).unbind(0):
-            output, state, trail = step(projected, state)
-            outputs.append(output)
-            reads.append(state.reads)
-            if record:
-                records.extend(trail)
+        projected = self.controllers[0].project(inputs)
+        if self._sequence is not None and not record:
+            outputs, reads, state, records = self._sequence(projected, state)
+        else:
+            step = self._step
+            if step == self.step:
+                # Recorded states must stay as they are: keep every link matrix then.
+                every = None if record else addressing.CHECKPOINT_EVERY
+                workspaces = tuple(addressing.LinkWorkspace(every) for _ in self.memories)
+                step = functools.partial(self.step, workspaces=workspaces)
+            outputs, reads, state, records = self._loop(projected, state, step, record)
         # The output layer's input, [controller output, read vectors], joined once.
-        features = torch.cat([torch.stack(outputs), torch.stack(reads).flatten(2)], -1)
+        features = torch.cat([outputs, reads.flatten(2)], -1)
         outputs = self.readout(features)
         if self.output_clip is not None:
             outputs = F.hardtanh(outputs, -self.output_clip, self.output_clip)
         return outputs, state, records
+
+    def _loop(
+        self,
+        projected: torch.Tensor,
+        state: DNCState,
+        step: Callable[..., Any],
+        record: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, DNCState, list[tuple[AccessState, torch.Tensor]]]:
+        """The time loop: projected inputs ``[T, B, G]`` -> (last controller outputs
+        ``[T, B, H]``, read vectors ``[T, B, R, W]``, final state, records)."""
+        outputs, reads, records = [], [], []
+        for projected_step in projected.unbind(0):
+            output, state, trail = step(projected_step, state)
+            outputs.append(output)
+            reads.append(state.reads)
+            if record:
+                records.extend(trail)
+        return torch.stack(outputs), torch.stack(reads), state, records
 
     def forward(
         self, inputs: torch.Tensor, state: DNCState | None = None
@@ -421,7 +439,19 @@ class DNCCore(nn.Module):
     def compile_step(self, **options: Any) -> None:
         """Run the time steps through ``torch.compile(self.step, **options)``: compiled on
         the first call, again only for a new batch size, dtype or device."""
-        self._step = torch.compile(self.step, **options)
+        self._step, self._sequence = torch.compile(self.step, **options), None
+
+    def compile_sequence(self, **options: Any) -> None:
+        """Compile the whole time loop as one graph, forward and backward
+        (``torch.compile`` of the loop with ``self.step``, unrolled): no per-step call
+        overhead, and the compiler fuses across steps. Compiling takes minutes and is
+        redone for every new sequence length (and batch size, dtype, device), so it pays
+        only where lengths repeat; the trainer's ``train.compile`` uses ``compile_step``.
+        ``debug`` / ``trace`` calls stay eager."""
+        self._step = self.step
+        self._sequence = torch.compile(
+            functools.partial(self._loop, step=self.step, record=False), **options
+        )
 
 
 class DNCConfig(ModelConfig):
