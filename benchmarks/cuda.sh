@@ -45,7 +45,7 @@ print(f"{Path(sys.argv[1]).name}: rows {len(straight)} / {len(split)}, identical
 EOF
 done
 
-(cd benchmarks && $python dnc_speed.py --device cuda --threads 4 --steps 30 $peer \
+(cd benchmarks && $python dnc_speed.py --device cuda --threads 4 --steps 30 --no-sequence $peer \
     --slots 64,256,1024,4096 --peer-slots 64,256,1024 --out "$(realpath "$out")/dnc_speed_cuda.json")
 
 eager=(recipes/copy_lstm.yaml recipes/ntm_copy.yaml recipes/ntm_associative_recall.yaml
