@@ -2,8 +2,9 @@
 (and the DNC's whole compiled time loop, ``compile_sequence``, too).
 
 The step is traced with the ``aot_eager`` backend: dynamo and AOT autograd, as inductor
-uses them, without compiling C++ kernels (minutes on a loaded 2-core machine). One graph
-serves every sequence length; the DNC's hand-written autograd Functions go through it.
+uses them, without compiling C++ kernels (minutes on a loaded 2-core machine). One per-step
+graph serves every sequence length (the whole-loop graph is traced once per length); the
+DNC's hand-written autograd Functions go through both.
 """
 
 from __future__ import annotations
