@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from memctl.models import addressing
+from memctl.models import addressing, native
 from memctl.models.base import ModelConfig
 from memctl.registry import MODELS
 
@@ -250,9 +250,15 @@ class MemoryAccess(nn.Module):
         """controller_output ``[B, H]`` -> (read vectors ``[B, R, M]``, state, this step's
         allocation weightings ``[B, W, N]``). ``workspace``: one per sequence (see
         ``addressing.link_step``)."""
+        interface = self.interface(controller_output)
+        if native.usable(state.memory, self.write_heads) and not (
+            workspace is not None and workspace.segmented(state.link)
+        ):
+            reads, *access, allocation = native.dnc_access(interface, *state)
+            return reads, AccessState(*access), allocation
         batch, word = controller_output.shape[0], self.word_size
         reads, writes = self.read_heads, self.write_heads
-        linear, oneplus, gated, mode_logits = self.interface(controller_output).split(self.sizes, 1)
+        linear, oneplus, gated, mode_logits = interface.split(self.sizes, 1)
         read_keys, write_keys, write_vectors = linear.view(batch, reads + 2 * writes, word).split(
             [reads, writes, writes], 1
         )
@@ -398,7 +404,10 @@ class DNCCore(nn.Module):
             outputs, reads, state, records = self._sequence(projected, state)
         else:
             step = self._step
-            if step == self.step:
+            parameters = self.native_parameters(state) if step == self.step else None
+            if parameters is not None:
+                step = functools.partial(self.native_step, parameters=parameters)
+            elif step == self.step:
                 # Recorded states must stay as they are: keep every link matrix then.
                 every = None if record else addressing.CHECKPOINT_EVERY
                 workspaces = tuple(addressing.LinkWorkspace(every) for _ in self.memories)
@@ -410,6 +419,50 @@ class DNCCore(nn.Module):
         if self.output_clip is not None:
             outputs = F.hardtanh(outputs, -self.output_clip, self.output_clip)
         return outputs, state, records
+
+    def native_parameters(self, state: DNCState) -> tuple[torch.Tensor, ...] | None:
+        """``native.dnc_step``'s parameters, or None where the native step does not serve
+        this model: one LSTM stack without layer norm (nor dropout while training), one
+        write head, a memory that ``native.usable`` takes and whose link matrices are kept
+        rather than recomputed (``addressing.CHECKPOINT_MIN_ELEMENTS``)."""
+        controller, memory = self.controllers[0], self.memories[0]
+        link = state.access[0].link
+        if (
+            len(self.controllers) > 1
+            or controller.kind != "lstm"
+            or controller.norms is not None
+            or (controller.dropout > 0 and controller.layers > 1 and self.training)
+            or link.numel() >= addressing.CHECKPOINT_MIN_ELEMENTS
+            or not native.usable(link, memory.write_heads)
+        ):
+            return None
+        external = controller.external_size
+        parameters = [controller.weight_ih[0][:, external:], controller.weight_hh[0]]
+        for layer in range(1, controller.layers):
+            bias = controller._input_bias(layer)
+            if bias is None:
+                bias = link.new_zeros(controller.weight_hh[layer].shape[0])
+            parameters += [controller.weight_ih[layer], controller.weight_hh[layer], bias]
+        return (*parameters, memory.interface.weight, memory.interface.bias)
+
+    def native_step(
+        self, projected: torch.Tensor, state: DNCState, parameters: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, DNCState, tuple[tuple[AccessState, torch.Tensor], ...]]:
+        """``step`` as one native call forward and one backward (``native.dnc_step``)."""
+        controller = state.controller[0]
+        clip = math.inf if self.clip is None else float(self.clip)
+        output, hidden, cell, reads, *access, allocation = native.dnc_step(
+            projected,
+            state.reads.flatten(1),
+            controller.hidden,
+            controller.cell,
+            clip,
+            tuple(state.access[0]),
+            parameters,
+        )
+        access_state = AccessState(*access)
+        next_state = DNCState((ControllerState(hidden, cell),), (access_state,), reads)
+        return output, next_state, ((access_state, allocation),)
 
     def _loop(
         self,

@@ -1,0 +1,215 @@
+"""The DNC's memory access as one native CPU kernel (``csrc/dnc_access.cpp``), built on
+first use with the machine's C++ compiler and loaded as ``torch.ops.memctl``.
+
+A DNC time step on small tensors is bound by the number of tensor ops, not by their
+arithmetic: the memory access alone is about four hundred small ops and eighty autograd
+nodes a step. ``dnc_access`` does it in one forward and one backward call, the same maths
+as ``addressing.py`` (tested against it in float64), for one write head on the CPU.
+
+The library is compiled once per source, torch version and compiler into
+``$MEMCTL_CACHE`` (default ``~/.cache/memctl``), under a file lock so that parallel
+trials build it once, and written atomically. Where no compiler is found or the build
+fails, ``library()`` says why once on stderr and returns False, and the DNC keeps its
+PyTorch path; ``MEMCTL_NATIVE=0`` chooses that path without trying.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+SOURCE = Path(__file__).parent / "csrc" / "dnc_access.cpp"
+
+
+def _command(output: Path) -> list[str]:
+    torch_lib = Path(torch.__file__).parent / "lib"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    return [
+        compiler,
+        "-O3",
+        "-std=c++20",
+        "-shared",
+        "-fPIC",
+        "-fopenmp",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *includes,
+        str(SOURCE),
+        "-o",
+        str(output),
+        f"-L{torch_lib}",
+        "-lc10",
+        "-ltorch_cpu",
+        f"-Wl,-rpath,{torch_lib}",
+    ]
+
+
+def _cache_path() -> Path:
+    root = Path(os.environ.get("MEMCTL_CACHE") or Path.home() / ".cache" / "memctl")
+    key = hashlib.sha256(
+        SOURCE.read_bytes()
+        + " ".join(_command(Path("out"))).encode()
+        + torch.__version__.encode()
+        + sysconfig.get_config_var("SOABI").encode()
+    ).hexdigest()[:16]
+    return root / "native" / key / "dnc_access.so"
+
+
+def _build(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            partial = Path(scratch) / target.name
+            result = subprocess.run(_command(partial), capture_output=True, text=True)
+            if result.returncode != 0:
+                lines = result.stderr.strip().splitlines()
+                errors = [line for line in lines if "error" in line] or lines[-1:]
+                raise RuntimeError(errors[0] if errors else f"exit {result.returncode}")
+            os.replace(partial, target)
+
+
+@functools.cache
+def library() -> bool:
+    """Whether ``torch.ops.memctl.dnc_access_*`` are loaded (building them if needed)."""
+    target = _cache_path()
+    try:
+        if not target.exists():
+            _build(target)
+        torch.ops.load_library(str(target))
+    except (OSError, RuntimeError) as error:
+        print(
+            f"memctl: the DNC's native kernel is not available ({error}); "
+            "using the PyTorch path (slower)",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def usable(memory: torch.Tensor, write_heads: int) -> bool:
+    """Whether ``dnc_access`` can run this memory: one write head, float32 or float64 on
+    the CPU, not while ``torch.compile`` traces, and the library built."""
+    return (
+        os.environ.get("MEMCTL_NATIVE", "1") != "0"
+        and write_heads == 1
+        and memory.device.type == "cpu"
+        and memory.dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+        and library()
+    )
+
+
+def _kept(interface, state, access) -> list[torch.Tensor]:
+    """What ``dnc_access_backward`` needs of a forward: the interface, the previous state
+    (six tensors) and ``dnc_access_forward``'s results (``access``, fourteen)."""
+    allocation, activated, write_content, order, read_content, forward, backward = access[7:]
+    new_state = access[1:6]  # the new precedence is not needed
+    return [
+        interface,
+        activated,
+        *state,
+        *new_state,
+        write_content,
+        allocation,
+        order,
+        read_content,
+        forward,
+        backward,
+    ]
+
+
+class _Access(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, interface, *state):
+        access = torch.ops.memctl.dnc_access_forward(interface, *state)
+        ctx.save_for_backward(*_kept(interface, state, access))
+        ctx.mark_non_differentiable(access[7])
+        return tuple(access[:8])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        return tuple(torch.ops.memctl.dnc_access_backward(ctx.saved_tensors, grads[:7]))
+
+
+def dnc_access(
+    interface: torch.Tensor,
+    memory: torch.Tensor,
+    read_weights: torch.Tensor,
+    write_weights: torch.Tensor,
+    usage: torch.Tensor,
+    link: torch.Tensor,
+    precedence: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """One memory access with one write head, as ``MemoryAccess.step``.
+
+    interface: the interface layer's output before its activations ``[B, I]``; the
+    previous state: memory ``[B, N, M]``, read_weights ``[B, R, N]``, write_weights
+    ``[B, 1, N]``, usage ``[B, N]``, link ``[B, 1, N, N]``, precedence ``[B, 1, N]``
+    -> (read vectors ``[B, R, M]``, the new state's six tensors in that order, the
+    allocation weighting ``[B, 1, N]``, not differentiable).
+    """
+    return _Access.apply(interface, memory, read_weights, write_weights, usage, link, precedence)
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, clip, projected, reads, hidden, cell, *tensors):
+        state, params = tensors[:6], tensors[6:]
+        results = torch.ops.memctl.dnc_step_forward(
+            projected, reads, hidden, cell, params, clip, *state
+        )
+        output, new_hidden, new_cell = results[:3]
+        access, (gates, interface) = results[3:17], results[17:]
+        ctx.clip = clip
+        kept = _kept(interface, state, access)
+        ctx.save_for_backward(
+            projected, reads, hidden, cell, new_hidden, new_cell, gates, *params, *kept
+        )
+        allocation = access[7]
+        ctx.mark_non_differentiable(allocation)
+        return output, new_hidden, new_cell, *access[:8]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        results = torch.ops.memctl.dnc_step_backward(ctx.saved_tensors, grads[:10], ctx.clip)
+        projected, reads, hidden, cell = results[:4]
+        params, state = results[4:-6], results[-6:]
+        return None, projected, reads, hidden, cell, *state, *params
+
+
+def dnc_step(
+    projected: torch.Tensor,
+    reads: torch.Tensor,
+    hidden: torch.Tensor,
+    cell: torch.Tensor,
+    clip: float,
+    state: tuple[torch.Tensor, ...],
+    params: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, ...]:
+    """One time step of a DNC with one LSTM controller stack and one write head.
+
+    projected: layer 0's input weights on this step's input, with the biases ``[B, 4H]``;
+    reads: the previous read vectors ``[B, R M]``; hidden, cell: ``[L, B, H]``; clip: the
+    controller output's clamp (``inf`` for none); state: the memory's six tensors as in
+    ``dnc_access``; params: ``DNCCore.native_parameters``'s
+    -> (clipped output ``[B, H]``, hidden, cell, read vectors ``[B, R, M]``, the memory's
+    new six tensors, the allocation weighting ``[B, 1, N]``, not differentiable).
+    """
+    return _Step.apply(clip, projected, reads, hidden, cell, *state, *params)
