@@ -71,7 +71,7 @@ def copy_training(implementation: str, mode: str, steps: int, warmup: int, devic
 
     torch.manual_seed(0)
     rnn = dnc_class(implementation)(**{**COPY, "gpu_id": 0 if device == "cuda" else -1})
-    if mode != "eager":
+    if mode in ("step", "sequence"):
         getattr(rnn, f"compile_{mode}")()
     optimizer = torch.optim.Adam(rnn.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
@@ -151,6 +151,8 @@ def worker(spec: dict) -> None:
 def run_case(python: str, spec: dict, timeout: float) -> dict:
     """One case in a fresh process; a failure (memory limit, timeout) is a result too."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    if spec.get("mode") == "torch":
+        env["MEMCTL_NATIVE"] = "0"
     command = [python, __file__, "--worker", json.dumps(spec)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -208,7 +210,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         results.append(row)
 
-    modes = ["eager"] + ([] if args.no_compile else ["step"])
+    modes = ["eager", "torch"] + ([] if args.no_compile else ["step"])
     modes += [] if args.no_compile or args.no_sequence else ["sequence"]
     copy_cases = [("peer", "eager")] if "peer" in pythons else []
     copy_cases += [("memctl", mode) for mode in modes]

@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ from memctl import checkpoint
 from memctl.curriculum import Curriculum, Trigger
 from memctl.errors import UserError
 from memctl.models.base import parameter_count
+from memctl.models.native import cpp_compiler
 from memctl.recipe import Recipe, apply_overrides, read_yaml, validate_recipe
 from memctl.registry import MODELS, TASKS
 from memctl.rundir import CsvLog, RunDir, now, pid_alive
@@ -125,12 +125,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda was asked for but CUDA is not available here")
     return torch.device(name)
-
-
-def cpp_compiler() -> str | None:
-    """The C++ compiler TorchInductor would build CPU kernels with, if there is one."""
-    names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
-    return next((path for name in names if name and (path := shutil.which(name))), None)
 
 
 def seed_everything(seed: int) -> None:

@@ -31,7 +31,11 @@ MODELS = {"ntm": (NTM, NTMConfig, NTM_TINY), "dnc": (DNCModel, DNCConfig, DNC_TI
     ("kind", "compile_method"),
     [("ntm", "compile_step"), ("dnc", "compile_step"), ("dnc", "compile_sequence")],
 )
-def test_compiled_step_gives_the_eager_losses_and_gradients(kind: str, compile_method: str):
+def test_compiled_step_gives_the_eager_losses_and_gradients(
+    kind: str, compile_method: str, monkeypatch
+):
+    # The DNC's PyTorch path: where its native step serves a model, run() uses that.
+    monkeypatch.setenv("MEMCTL_NATIVE", "0")
     model_class, config_class, tiny = MODELS[kind]
     task = CopyTask(CopyConfig(width=4, max_length=5))
     # float64: in float32 the eager and compiled steps round differently (the DNC's eager
@@ -64,7 +68,7 @@ def ntm_recipe(tmp_path: Path, compile_step: bool) -> Path:
 
 def test_compile_without_a_cpp_compiler_is_one_line(tmp_path: Path, runs_dir: Path, monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr("memctl.trainer.shutil.which", lambda name: None)
+    monkeypatch.setattr("memctl.models.native.shutil.which", lambda name: None)
     result = cli("train", ntm_recipe(tmp_path, True), "--runs-dir", runs_dir)
     assert_one_line_error(result, "train.compile", "compiler")
     assert list(runs_dir.iterdir()) == []

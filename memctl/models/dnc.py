@@ -400,14 +400,15 @@ class DNCCore(nn.Module):
         if state is None:
             state = self.initial_state(inputs.shape[1], inputs.device, inputs.dtype)
         projected = self.controllers[0].project(inputs)
-        if self._sequence is not None and not record:
+        parameters = self.native_parameters(state)
+        if parameters is not None:
+            step = functools.partial(self.native_step, parameters=parameters)
+            outputs, reads, state, records = self._loop(projected, state, step, record)
+        elif self._sequence is not None and not record:
             outputs, reads, state, records = self._sequence(projected, state)
         else:
             step = self._step
-            parameters = self.native_parameters(state) if step == self.step else None
-            if parameters is not None:
-                step = functools.partial(self.native_step, parameters=parameters)
-            elif step == self.step:
+            if step == self.step:
                 # Recorded states must stay as they are: keep every link matrix then.
                 every = None if record else addressing.CHECKPOINT_EVERY
                 workspaces = tuple(addressing.LinkWorkspace(every) for _ in self.memories)
@@ -491,7 +492,9 @@ class DNCCore(nn.Module):
 
     def compile_step(self, **options: Any) -> None:
         """Run the time steps through ``torch.compile(self.step, **options)``: compiled on
-        the first call, again only for a new batch size, dtype or device."""
+        the first call, again only for a new batch size, dtype or device. Where the native
+        step serves the model (``native_parameters``), ``run`` keeps using it: a step is
+        one native call already, faster than the compiled PyTorch step."""
         self._step, self._sequence = torch.compile(self.step, **options), None
 
     def compile_sequence(self, **options: Any) -> None:
@@ -500,7 +503,8 @@ class DNCCore(nn.Module):
         overhead, and the compiler fuses across steps. Compiling takes minutes and is
         redone for every new sequence length (and batch size, dtype, device), so it pays
         only where lengths repeat; the trainer's ``train.compile`` uses ``compile_step``.
-        ``debug`` / ``trace`` calls stay eager."""
+        ``debug`` / ``trace`` calls stay eager, and the native step, where it serves the
+        model, is used instead (as with ``compile_step``)."""
         self._step = self.step
         self._sequence = torch.compile(
             functools.partial(self._loop, step=self.step, record=False), **options

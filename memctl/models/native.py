@@ -19,6 +19,7 @@ import fcntl
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -32,14 +33,21 @@ from torch.utils import cpp_extension
 SOURCE = Path(__file__).parent / "csrc" / "dnc_access.cpp"
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler (as TorchInductor looks for one): ``$CXX``, g++, c++ or clang++."""
+    names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    return next((path for name in names if name and (path := shutil.which(name))), None)
+
+
 def _command(output: Path) -> list[str]:
     torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    compiler = cpp_compiler() or "c++"
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     return [
         compiler,
         "-O3",
+        "-march=native",
         "-std=c++20",
         "-shared",
         "-fPIC",
@@ -56,6 +64,17 @@ def _command(output: Path) -> list[str]:
     ]
 
 
+def _cpu() -> bytes:
+    """What ``-march=native`` compiles for: the CPU's model and feature flags (Linux), so a
+    shared cache on a cluster of mixed nodes keeps one build per kind of CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor().encode()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.startswith(wanted)})).encode()
+
+
 def _cache_path() -> Path:
     root = Path(os.environ.get("MEMCTL_CACHE") or Path.home() / ".cache" / "memctl")
     key = hashlib.sha256(
@@ -63,6 +82,7 @@ def _cache_path() -> Path:
         + " ".join(_command(Path("out"))).encode()
         + torch.__version__.encode()
         + sysconfig.get_config_var("SOABI").encode()
+        + _cpu()
     ).hexdigest()[:16]
     return root / "native" / key / "dnc_access.so"
 
@@ -175,20 +195,27 @@ class _Step(torch.autograd.Function):
             projected, reads, hidden, cell, params, clip, *state
         )
         output, new_hidden, new_cell = results[:3]
-        access, (gates, interface) = results[3:17], results[17:]
-        ctx.clip = clip
-        kept = _kept(interface, state, access)
-        ctx.save_for_backward(
-            projected, reads, hidden, cell, new_hidden, new_cell, gates, *params, *kept
-        )
-        allocation = access[7]
-        ctx.mark_non_differentiable(allocation)
+        access, (gates, interface, squashed) = results[3:17], results[17:]
+        # Outputs through save_for_backward (kept on ctx they would make a reference
+        # cycle); inputs and intermediates as they are: fewer saved variables to pack and
+        # unpack, which costs more than the kernels' own work at small sizes.
+        ctx.save_for_backward(new_hidden, *access[1:6], access[7])
+        ctx.clip, ctx.kept = clip, (projected, reads, hidden, cell, squashed, gates, params)
+        ctx.access = (interface, access[8], state, access[9], access[10:])
+        ctx.mark_non_differentiable(access[7])
         return output, new_hidden, new_cell, *access[:8]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        results = torch.ops.memctl.dnc_step_backward(ctx.saved_tensors, grads[:10], ctx.clip)
+        new_hidden, *new_state, allocation = ctx.saved_tensors
+        projected, reads, hidden, cell, squashed, gates, params = ctx.kept
+        interface, activated, state, write_content, extras = ctx.access
+        order, read_content, forward, backward = extras
+        saved = [projected, reads, hidden, cell, new_hidden, squashed, gates, *params]
+        saved += [interface, activated, *state, *new_state, write_content, allocation]
+        saved += [order, read_content, forward, backward]
+        results = torch.ops.memctl.dnc_step_backward(saved, grads[:10], ctx.clip)
         projected, reads, hidden, cell = results[:4]
         params, state = results[4:-6], results[-6:]
         return None, projected, reads, hidden, cell, *state, *params

@@ -23,8 +23,10 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/lt.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/tanh.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -117,6 +119,7 @@ void content_backward(const T* memory, const T* memory_inverse, const T* key, T 
                         memory_inverse[n] * memory_inverse[n];
     by_dots += grad_logit * d * memory_inverse[n];
     T* grad_row = grad_memory + n * M;
+#pragma omp simd
     for (int64_t j = 0; j < M; ++j) {
       grad_key[j] += grad_dot * row[j];
       grad_row[j] += grad_dot * key[j] - grad_norm * row[j];
@@ -124,6 +127,7 @@ void content_backward(const T* memory, const T* memory_inverse, const T* key, T 
   }
   *grad_strength += key_inverse * by_dots;
   const T grad_norm = strength * by_dots * key_inverse * key_inverse * key_inverse;
+#pragma omp simd
   for (int64_t j = 0; j < M; ++j) grad_key[j] -= grad_norm * key[j];
 }
 
@@ -219,16 +223,22 @@ void forward_kernel(const Tensor& interface, const Tensor& memory0, const Tensor
         written += w[n];
       }
       for (int64_t n = 0; n < N; ++n) {
-        for (int64_t j = 0; j < M; ++j) {
-          const T old = mem0[n * M + j];
-          mem[n * M + j] = old + w[n] * (write_vector[j] - old * erase[j]);
-        }
+        const T* old = mem0 + n * M;
+        T* slot = mem + n * M;
+        const T weight = w[n];
+#pragma omp simd
+        for (int64_t j = 0; j < M; ++j) slot[j] = old[j] + weight * (write_vector[j] - old[j] * erase[j]);
       }
       // link (zero diagonal) and precedence
       for (int64_t i = 0; i < N; ++i) {
+        T* l_row = l + i * N;
+        const T* l0_row = l0 + i * N;
+        const T keep = 1 - w[i], written_here = w[i];
+#pragma omp simd
         for (int64_t j = 0; j < N; ++j) {
-          l[i * N + j] = i == j ? T(0) : (1 - w[i] - w[j]) * l0[i * N + j] + w[i] * p0[j];
+          l_row[j] = (keep - w[j]) * l0_row[j] + written_here * p0[j];
         }
+        l_row[i] = 0;
       }
       for (int64_t n = 0; n < N; ++n) p[n] = (1 - written) * p0[n] + w[n];
       // forward f = L w^r, backward b = L^T w^r of the previous read weights
@@ -238,7 +248,10 @@ void forward_kernel(const Tensor& interface, const Tensor& memory0, const Tensor
         for (int64_t i = 0; i < N; ++i) {
           fw[r * N + i] = dot(l + i * N, weights, N);
           const T weight = weights[i];
-          for (int64_t j = 0; j < N; ++j) bw[r * N + j] += weight * l[i * N + j];
+          T* bw_row = bw + r * N;
+          const T* l_row = l + i * N;
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) bw_row[j] += weight * l_row[j];
         }
       }
       // read keys on the new memory, the read modes' mix, the reads
@@ -254,7 +267,10 @@ void forward_kernel(const Tensor& interface, const Tensor& memory0, const Tensor
         for (int64_t n = 0; n < N; ++n) {
           weights[n] = modes[0] * bw[r * N + n] + modes[1] * fw[r * N + n] +
                        modes[2] * cr[r * N + n];
-          for (int64_t j = 0; j < M; ++j) vector[j] += weights[n] * mem[n * M + j];
+          const T weight = weights[n];
+          const T* slot = mem + n * M;
+#pragma omp simd
+          for (int64_t j = 0; j < M; ++j) vector[j] += weight * slot[j];
         }
       }
     }
@@ -328,7 +344,9 @@ void backward_kernel(const std::vector<Tensor>& saved, const std::vector<Tensor>
         for (int64_t n = 0; n < N; ++n) {
           const T weight = rw[r * N + n];
           T grad = grad_read[r * N + n] + dot(g, mem + n * M, M);
-          for (int64_t j = 0; j < M; ++j) grad_mem[n * M + j] += weight * g[j];
+          T* grad_slot = grad_mem.data() + n * M;
+#pragma omp simd
+          for (int64_t j = 0; j < M; ++j) grad_slot[j] += weight * g[j];
           const int64_t k = r * N + n;
           modes[0] += grad * bw[k];
           modes[1] += grad * fw[k];
@@ -552,40 +570,40 @@ struct StepParams {
   const Tensor& interface_bias() const { return params[3 + 3 * (layers - 1)]; }
 };
 
-// gates [B, 4H] (pre-activation, activated in place), cell [B, H] -> new cell and hidden.
+// gates [B, 4H] (pre-activation; activated in place: sigmoid, the candidate block tanh),
+// cell [B, H] -> new cell, its tanh and the new hidden. The transcendental functions are
+// ATen's vectorised ones.
 template <typename T>
-void lstm_forward(Tensor& gates, const Tensor& cell, Tensor& new_cell, Tensor& new_hidden) {
+void lstm_forward(Tensor& gates, const Tensor& cell, Tensor& new_cell, Tensor& squashed,
+                  Tensor& new_hidden) {
   const int64_t B = gates.size(0), H = cell.size(1);
-  T* g = gates.data_ptr<T>();
+  const Tensor candidate = gates.narrow(1, 2 * H, H).tanh();
+  gates.sigmoid_();
+  gates.narrow(1, 2 * H, H).copy_(candidate);
+  const T* g = gates.data_ptr<T>();
   const T* c = cell.data_ptr<T>();
   T* c2 = new_cell.data_ptr<T>();
-  T* h2 = new_hidden.data_ptr<T>();
   for (int64_t b = 0; b < B; ++b) {
-    T* row_gates = g + b * 4 * H;
+    const T* row_gates = g + b * 4 * H;
+#pragma omp simd
     for (int64_t k = 0; k < H; ++k) {
-      const T input = sigmoid(row_gates[k]), forget = sigmoid(row_gates[H + k]);
-      const T candidate = std::tanh(row_gates[2 * H + k]), output = sigmoid(row_gates[3 * H + k]);
-      row_gates[k] = input;
-      row_gates[H + k] = forget;
-      row_gates[2 * H + k] = candidate;
-      row_gates[3 * H + k] = output;
-      const T value = forget * c[b * H + k] + input * candidate;
-      c2[b * H + k] = value;
-      h2[b * H + k] = output * std::tanh(value);
+      c2[b * H + k] = row_gates[H + k] * c[b * H + k] + row_gates[k] * row_gates[2 * H + k];
     }
   }
+  at::tanh_out(squashed, new_cell);
+  at::mul_out(new_hidden, gates.narrow(1, 3 * H, H), squashed);
 }
 
 // Given the new hidden and cell's gradients, the gates' (pre-activation) gradient and the
 // previous cell's.
 template <typename T>
-void lstm_backward(const Tensor& gates, const Tensor& cell, const Tensor& new_cell,
+void lstm_backward(const Tensor& gates, const Tensor& cell, const Tensor& squashed,
                    const Tensor& grad_hidden, const Tensor& grad_new_cell, Tensor& grad_gates,
                    Tensor& grad_cell) {
   const int64_t B = gates.size(0), H = cell.size(1);
   const T* g = gates.data_ptr<T>();
   const T* c = cell.data_ptr<T>();
-  const T* c2 = new_cell.data_ptr<T>();
+  const T* sq = squashed.data_ptr<T>();
   const T* gh = grad_hidden.data_ptr<T>();
   const T* gc2 = grad_new_cell.data_ptr<T>();
   T* gg = grad_gates.data_ptr<T>();
@@ -593,16 +611,16 @@ void lstm_backward(const Tensor& gates, const Tensor& cell, const Tensor& new_ce
   for (int64_t b = 0; b < B; ++b) {
     const T* row_gates = g + b * 4 * H;
     T* row_grad = gg + b * 4 * H;
+#pragma omp simd
     for (int64_t k = 0; k < H; ++k) {
       const int64_t at = b * H + k;
       const T input = row_gates[k], forget = row_gates[H + k];
       const T candidate = row_gates[2 * H + k], output = row_gates[3 * H + k];
-      const T squashed = std::tanh(c2[at]);
-      const T grad_value = gc2[at] + gh[at] * output * (1 - squashed * squashed);
+      const T grad_value = gc2[at] + gh[at] * output * (1 - sq[at] * sq[at]);
       row_grad[k] = grad_value * candidate * input * (1 - input);
       row_grad[H + k] = grad_value * c[at] * forget * (1 - forget);
       row_grad[2 * H + k] = grad_value * input * (1 - candidate * candidate);
-      row_grad[3 * H + k] = gh[at] * squashed * output * (1 - output);
+      row_grad[3 * H + k] = gh[at] * sq[at] * output * (1 - output);
       gc[at] = grad_value * forget;
     }
   }
@@ -617,7 +635,7 @@ void check_step(const Tensor& projected, const Tensor& hidden, const StepParams&
 
 // Returns: clipped output [B, H], hidden [L, B, H], cell [L, B, H], then
 // dnc_access_forward's 14 results; then to keep for backward: the activated gates
-// [L, B, 4H], the interface [B, I].
+// [L, B, 4H], the interface [B, I], the tanh of the new cells [L, B, H].
 std::vector<Tensor> dnc_step_forward(const Tensor& projected, const Tensor& reads,
                                      const Tensor& hidden_in, const Tensor& cell_in,
                                      at::TensorList params_in, double clip,
@@ -628,7 +646,7 @@ std::vector<Tensor> dnc_step_forward(const Tensor& projected, const Tensor& read
   const StepParams p{hidden_in.size(0), params};
   check_step(projected, hidden_in, p);
   const Tensor hidden = hidden_in.contiguous(), cell = cell_in.contiguous();
-  std::vector<Tensor> gates(p.layers), hiddens(p.layers), cells(p.layers);
+  std::vector<Tensor> gates(p.layers), hiddens(p.layers), cells(p.layers), squashed(p.layers);
   Tensor below;
   for (int64_t layer = 0; layer < p.layers; ++layer) {
     if (layer == 0) {
@@ -639,8 +657,10 @@ std::vector<Tensor> dnc_step_forward(const Tensor& projected, const Tensor& read
     gates[layer].addmm_(hidden[layer], p.recurrent(layer).t());
     cells[layer] = at::empty_like(cell[layer]);
     hiddens[layer] = at::empty_like(hidden[layer]);
+    squashed[layer] = at::empty_like(hidden[layer]);
     AT_DISPATCH_FLOATING_TYPES(projected.scalar_type(), "dnc_step_forward", [&] {
-      lstm_forward<scalar_t>(gates[layer], cell[layer], cells[layer], hiddens[layer]);
+      lstm_forward<scalar_t>(gates[layer], cell[layer], cells[layer], squashed[layer],
+                             hiddens[layer]);
     });
     below = hiddens[layer];
   }
@@ -652,16 +672,17 @@ std::vector<Tensor> dnc_step_forward(const Tensor& projected, const Tensor& read
   results.insert(results.end(), access.begin(), access.end());
   results.push_back(at::stack(gates));
   results.push_back(interface);
+  results.push_back(at::stack(squashed));
   return results;
 }
 
-// saved: projected, reads, hidden, cell, the step's outputs hidden and cell, activated
-// gates, the params, then the 19 tensors dnc_access_backward keeps; grads: output,
+// saved: projected, reads, hidden, cell, the step's new hidden, the tanh of its new cell,
+// the activated gates, the params, then the 19 tensors dnc_access_backward keeps; grads: output,
 // hidden, cell, then dnc_access_backward's 7. Returns the gradients of projected, reads,
 // hidden, cell, each param, and the 6 memory states.
 std::vector<Tensor> dnc_step_backward(at::TensorList saved, at::TensorList grads, double clip) {
   const Tensor &reads = saved[1], &hidden = saved[2], &cell = saved[3],
-               &new_hidden = saved[4], &new_cell = saved[5], &gates = saved[6];
+               &new_hidden = saved[4], &squashed = saved[5], &gates = saved[6];
   const int64_t layers = hidden.size(0);
   const int64_t count = 4 + 3 * (layers - 1);
   std::vector<Tensor> params(saved.begin() + 7, saved.begin() + 7 + count);
@@ -685,7 +706,7 @@ std::vector<Tensor> dnc_step_backward(at::TensorList saved, at::TensorList grads
     Tensor grad_previous_cell = grad_cell[layer];
     const Tensor grad_new_cell = grads[2][layer].contiguous();
     AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "dnc_step_backward", [&] {
-      lstm_backward<scalar_t>(gates[layer], cell[layer].contiguous(), new_cell[layer],
+      lstm_backward<scalar_t>(gates[layer], cell[layer].contiguous(), squashed[layer],
                               grad_out, grad_new_cell, grad_gates, grad_previous_cell);
     });
     grad_hidden[layer].copy_(at::mm(grad_gates, p.recurrent(layer)));
