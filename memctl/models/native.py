@@ -121,6 +121,11 @@ def library() -> bool:
     return True
 
 
+def _require() -> None:
+    if not library():
+        raise RuntimeError("memctl's native DNC kernels could not be built (see above)")
+
+
 def usable(memory: torch.Tensor, write_heads: int) -> bool:
     """Whether ``dnc_access`` can run this memory: one write head, float32 or float64 on
     the CPU, not while ``torch.compile`` traces, and the library built."""
@@ -184,6 +189,7 @@ def dnc_access(
     -> (read vectors ``[B, R, M]``, the new state's six tensors in that order, the
     allocation weighting ``[B, 1, N]``, not differentiable).
     """
+    _require()
     return _Access.apply(interface, memory, read_weights, write_weights, usage, link, precedence)
 
 
@@ -239,4 +245,5 @@ def dnc_step(
     -> (clipped output ``[B, H]``, hidden, cell, read vectors ``[B, R, M]``, the memory's
     new six tensors, the allocation weighting ``[B, 1, N]``, not differentiable).
     """
+    _require()
     return _Step.apply(clip, projected, reads, hidden, cell, *state, *params)

@@ -1,0 +1,213 @@
+"""The DNC's native CPU kernels (``memctl.models.native``): the same numbers and gradients
+as the PyTorch path in float64, gradcheck, the whole models on both paths, and the
+fallback when the kernels cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memctl.models import DNC, native
+from memctl.models.dnc import AccessState, MemoryAccess
+
+pytestmark = pytest.mark.skipif(native.cpp_compiler() is None, reason="no C++ compiler")
+
+B, N, M, R = 3, 6, 5, 2
+
+
+def random_state(generator: torch.Generator, usage: str) -> AccessState:
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, dtype=torch.float64, generator=generator)
+
+    link = rand(B, 1, N, N) / N
+    link.diagonal(dim1=-2, dim2=-1).zero_()
+    used = rand(B, N)
+    if usage == "ties":
+        used[:, 1] = used[:, 3] = used[:, 4]
+    elif usage == "full":
+        used[0] = 1.0
+        used[1, :3] = 1.0
+    return AccessState(
+        memory=torch.randn(B, N, M, dtype=torch.float64, generator=generator),
+        read_weights=torch.softmax(3 * rand(B, R, N), -1),
+        write_weights=torch.softmax(3 * rand(B, 1, N), -1) * 0.9,
+        usage=used,
+        link=link,
+        precedence=torch.softmax(3 * rand(B, 1, N), -1) * 0.8,
+    )
+
+
+def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("usage", ["random", "ties", "full"])
+def test_access_gives_the_pytorch_paths_numbers_and_gradients(usage: str, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    access = MemoryAccess(7, N, M, R, 1).double()
+    state = random_state(generator, usage)
+    controller = torch.randn(B, 7, dtype=torch.float64, generator=generator)
+
+    monkeypatch.setenv("MEMCTL_NATIVE", "0")
+    inputs = leaves(controller, *state)
+    reads, new_state, allocation = access.step(inputs[0], AccessState(*inputs[1:]))
+    expected = [reads, *new_state]
+    monkeypatch.setenv("MEMCTL_NATIVE", "1")
+    native_inputs = leaves(controller, *state)
+    got = native.dnc_access(access.interface(native_inputs[0]), *native_inputs[1:])
+
+    for have, want in zip(got[:7], expected, strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[7], allocation, rtol=1e-12, atol=1e-12)
+    cotangents = [torch.randn(t.shape, dtype=torch.float64, generator=generator) for t in got[:7]]
+    want = torch.autograd.grad(expected, inputs, cotangents)
+    have = torch.autograd.grad(got[:7], native_inputs, cotangents)
+    for a, b in zip(have, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_of_the_access():
+    generator = torch.Generator().manual_seed(1)
+    state = random_state(generator, "ties")
+    size = MemoryAccess(1, N, M, R, 1).interface.out_features
+    interface = torch.randn(B, size, dtype=torch.float64, generator=generator)
+    assert torch.autograd.gradcheck(native.dnc_access, leaves(interface, *state))
+
+
+def step_inputs(layers: int, generator: torch.Generator):
+    hidden_size, gates = 4, 16
+    interface_size = MemoryAccess(1, N, M, R, 1).interface.out_features
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=torch.float64, generator=generator) * 0.5
+
+    params = [randn(gates, R * M), randn(gates, hidden_size)]
+    for _ in range(layers - 1):
+        params += [randn(gates, hidden_size), randn(gates, hidden_size), randn(gates)]
+    params += [randn(interface_size, hidden_size), randn(interface_size)]
+    tensors = [randn(B, gates), randn(B, R * M), randn(layers, B, hidden_size)]
+    tensors += [randn(layers, B, hidden_size)]
+    return tensors, list(random_state(generator, "random")), params
+
+
+@pytest.mark.parametrize(("layers", "clip"), [(1, 20.0), (2, 0.3)])
+def test_gradcheck_of_the_whole_step(layers: int, clip: float):
+    tensors, state, params = step_inputs(layers, torch.Generator().manual_seed(2))
+    count = len(tensors) + len(state)
+
+    def step(*args: torch.Tensor):
+        outputs = native.dnc_step(*args[:4], clip, tuple(args[4:count]), tuple(args[count:]))
+        return outputs[:-1]  # the allocation weighting is not differentiated
+
+    assert torch.autograd.gradcheck(step, leaves(*tensors, *state, *params))
+
+
+CONFIGS = [
+    {"num_hidden_layers": 1},
+    {"num_hidden_layers": 2, "clip": 0.3},
+    {"num_hidden_layers": 2, "bias": False},
+    {"rnn_type": "gru"},  # the memory access alone is native
+]
+
+
+@pytest.mark.parametrize("overrides", CONFIGS)
+def test_a_dnc_gives_the_same_outputs_and_gradients_on_both_paths(overrides, monkeypatch):
+    calls = {"dnc_step": 0, "dnc_access": 0}
+    for name in calls:
+        original = getattr(native, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(native, name, counted)
+
+    def run(flag: str):
+        monkeypatch.setenv("MEMCTL_NATIVE", flag)
+        torch.manual_seed(3)
+        kwargs = {"hidden_size": 8, "nr_cells": N, "cell_size": M, "read_heads": R}
+        rnn = DNC(5, **kwargs, **overrides).double()
+        x = torch.randn(3, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        output, (_, memory, reads) = rnn(x, (None, None, None), reset_experience=True)
+        loss = output.square().sum() + memory["link_matrix"].sum() + reads.sum()
+        return output, torch.autograd.grad(loss, list(rnn.parameters()))
+
+    output, gradients = run("0")
+    assert calls == {"dnc_step": 0, "dnc_access": 0}
+    native_output, native_gradients = run("1")
+    used = "dnc_access" if overrides.get("rnn_type") == "gru" else "dnc_step"
+    assert calls[used] == 7  # once per time step
+    torch.testing.assert_close(native_output, output, rtol=1e-12, atol=1e-12)
+    for have, want in zip(native_gradients, gradients, strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_training_steps_agree(monkeypatch):
+    def train(flag: str) -> list[float]:
+        monkeypatch.setenv("MEMCTL_NATIVE", flag)
+        torch.manual_seed(5)
+        rnn = DNC(6, hidden_size=16, nr_cells=8, cell_size=6, read_heads=2)
+        optimizer = torch.optim.Adam(rnn.parameters(), lr=1e-2)
+        generator = torch.Generator().manual_seed(6)
+        losses = []
+        for _ in range(5):
+            x = torch.randint(0, 2, (4, 5, 6), generator=generator).float()
+            output, _ = rnn(x, (None, None, None), reset_experience=True)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(output, x)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
+
+    assert train("1") == pytest.approx(train("0"), rel=1e-4)
+
+
+def python_with(env: dict[str, str], code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
+
+
+RUN_A_DNC = (
+    "import torch; from memctl.models import DNC, native; "
+    "rnn = DNC(4, 8, nr_cells=4, cell_size=3, read_heads=1); "
+    "out, _ = rnn(torch.rand(2, 3, 4)); out.sum().backward(); "
+    "print(native.library())"
+)
+
+
+def test_without_a_working_compiler_the_dnc_says_so_once_and_runs(tmp_path: Path):
+    done = python_with({"CXX": "false", "MEMCTL_CACHE": str(tmp_path)}, RUN_A_DNC)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("memctl: the DNC's native kernel is not available")
+    assert "using the PyTorch path" in lines[0]
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_parallel_processes_build_the_library_once(tmp_path: Path):
+    env = {**os.environ, "MEMCTL_CACHE": str(tmp_path)}
+    command = [sys.executable, "-c", RUN_A_DNC]
+    runs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr.decode()
+        assert stdout.decode().strip() == "True"
+    built = list(tmp_path.rglob("*.so"))
+    assert len(built) == 1
+    assert sorted(p.name for p in built[0].parent.iterdir()) == ["build.lock", "dnc_access.so"]
