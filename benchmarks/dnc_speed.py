@@ -3,9 +3,12 @@ side in one run.
 
 1. Copy training (batch 32, 18 time steps of 10 inputs, LSTM 64 with one layer, memory
    32 x 16, 4 read heads, Adam 1e-3, sigmoid cross-entropy): training steps per second
-   of the peer, of memctl's drop-in ``DNC`` eager, with ``compile_step()`` (each time
-   step compiled, as ``train.compile: true``) and with ``compile_sequence()`` (the whole
-   18-step loop as one graph; minutes to compile, see ``first_step_s``).
+   of the peer and of memctl's drop-in ``DNC``, by ``mode``: ``eager``, what a user
+   gets (the native CPU step, ``memctl.models.native``; with ``train.compile: true``
+   too, since ``run`` keeps the native step where it serves the model); ``torch``, the
+   PyTorch path eager (``MEMCTL_NATIVE=0``); ``step``, the PyTorch path with
+   ``compile_step()`` (each time step compiled); ``sequence``, with ``compile_sequence()``
+   (the whole 18-step loop as one graph; minutes to compile, see ``first_step_s``).
 2. One forward + backward (batch 8, T time steps, LSTM 64, cells of 32, 4 read heads,
    16 inputs) against the memory size N: seconds and peak resident memory, each case in
    its own process under an address-space limit (``resource.setrlimit``), so a case that
@@ -151,7 +154,7 @@ def worker(spec: dict) -> None:
 def run_case(python: str, spec: dict, timeout: float) -> dict:
     """One case in a fresh process; a failure (memory limit, timeout) is a result too."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-    if spec.get("mode") == "torch":
+    if spec.get("mode") in ("torch", "step", "sequence"):
         env["MEMCTL_NATIVE"] = "0"
     command = [python, __file__, "--worker", json.dumps(spec)]
     try:

@@ -626,6 +626,11 @@ void lstm_backward(const Tensor& gates, const Tensor& cell, const Tensor& squash
   }
 }
 
+// One tensor per layer -> [L, ...]; a view, not a copy, for one layer.
+Tensor stacked(const std::vector<Tensor>& layers) {
+  return layers.size() == 1 ? layers[0].unsqueeze(0) : at::stack(layers);
+}
+
 void check_step(const Tensor& projected, const Tensor& hidden, const StepParams& p) {
   TORCH_CHECK(projected.device().is_cpu(), "dnc_step: CPU tensors only");
   TORCH_CHECK(hidden.dim() == 3 && hidden.size(0) == p.layers, "dnc_step: hidden [L, B, H]");
@@ -668,11 +673,11 @@ std::vector<Tensor> dnc_step_forward(const Tensor& projected, const Tensor& read
   const Tensor interface = at::addmm(p.interface_bias(), output, p.interface_weight().t());
   std::vector<Tensor> access = dnc_access_forward(interface, memory, read_weights,
                                                   write_weights, usage, link, precedence);
-  std::vector<Tensor> results{output, at::stack(hiddens), at::stack(cells)};
+  std::vector<Tensor> results{output, stacked(hiddens), stacked(cells)};
   results.insert(results.end(), access.begin(), access.end());
-  results.push_back(at::stack(gates));
+  results.push_back(stacked(gates));
   results.push_back(interface);
-  results.push_back(at::stack(squashed));
+  results.push_back(stacked(squashed));
   return results;
 }
 
