@@ -396,6 +396,7 @@ def test_link_workspace_and_recomputation_change_no_number(
     # layers sharing one memory make two link steps a time step in one workspace.
     monkeypatch.setattr(addressing, "CHECKPOINT_MIN_ELEMENTS", 0)
     monkeypatch.setattr(addressing, "CHECKPOINT_EVERY", 3)
+    monkeypatch.setenv("MEMCTL_NATIVE", "0")  # the workspaces are the PyTorch path's
     torch.manual_seed(0)
     model = DNCCore(
         3,

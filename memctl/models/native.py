@@ -32,6 +32,12 @@ from torch.utils import cpp_extension
 
 SOURCE = Path(__file__).parent / "csrc" / "dnc_access.cpp"
 
+# The native step keeps every step's link matrices ([B, N, N]) for backward. Up to this
+# many numbers per step (4 MiB in float32: N <= 362 at batch 8, 181 at batch 32) that is
+# the faster choice; beyond it the PyTorch path, which keeps one in ten and recomputes the
+# rest (addressing.LinkWorkspace), saves memory where a step is long anyway.
+MAX_LINK_ELEMENTS = 1 << 20
+
 
 def cpp_compiler() -> str | None:
     """The C++ compiler (as TorchInductor looks for one): ``$CXX``, g++, c++ or clang++."""
