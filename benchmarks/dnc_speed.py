@@ -167,6 +167,26 @@ def run_case(python: str, spec: dict, timeout: float) -> dict:
     return {**spec, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
+def copy_summary(results: list[dict]) -> dict:
+    """Per memctl mode: the median over rounds of its median step time, and of its speed-up
+    over the peer's run in the same round."""
+    copies = [r for r in results if r["case"] == "copy" and "median_step_ms" in r]
+    peer = {r["round"]: r["median_step_ms"] for r in copies if r["implementation"] == "peer"}
+    summary = {}
+    for mode in sorted({r["mode"] for r in copies if r["implementation"] == "memctl"}):
+        rows = [r for r in copies if r["implementation"] == "memctl" and r["mode"] == mode]
+        times = [r["median_step_ms"] for r in rows]
+        ratios = [peer[r["round"]] / r["median_step_ms"] for r in rows if r["round"] in peer]
+        summary[mode] = {
+            "median_step_ms": round(statistics.median(times), 2),
+            "speedups": [round(ratio, 2) for ratio in ratios],
+            **({"median_speedup": round(statistics.median(ratios), 2)} if ratios else {}),
+        }
+    if peer:
+        summary["peer"] = {"median_step_ms": round(statistics.median(peer.values()), 2)}
+    return summary
+
+
 def peer_python(path: Path) -> str:
     python = path / "bin" / "python"
     if not python.exists():
@@ -187,6 +207,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per case")
     parser.add_argument("--steps", type=int, default=30, help="timed copy training steps")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of the (uncompiled) copy cases"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled cases")
     parser.add_argument("--no-sequence", action="store_true", help="skip the compile_sequence case")
     parser.add_argument("--slots", default="64,256,1024", help="memory sizes N for case 2")
@@ -217,9 +240,14 @@ def main() -> None:
     modes += [] if args.no_compile or args.no_sequence else ["sequence"]
     copy_cases = [("peer", "eager")] if "peer" in pythons else []
     copy_cases += [("memctl", mode) for mode in modes]
-    for implementation, mode in copy_cases:
-        spec = {"case": "copy", "implementation": implementation, "mode": mode}
-        record(pythons[implementation], {**spec, "steps": args.steps}, 1800)
+    # Round-robin, so that a slow minute of a shared machine hits every case alike.
+    for round_number in range(args.repeat):
+        for implementation, mode in copy_cases:
+            if round_number > 0 and mode in ("step", "sequence"):
+                continue  # minutes of compiling: once is enough
+            spec = {"case": "copy", "implementation": implementation, "mode": mode}
+            spec.update(steps=args.steps, round=round_number)
+            record(pythons[implementation], spec, 1800)
     for implementation, slots_list in (("memctl", args.slots), ("peer", args.peer_slots)):
         if implementation not in pythons:
             continue
@@ -235,6 +263,7 @@ def main() -> None:
 
     report = {
         "benchmark": "dnc_speed",
+        "copy_summary": copy_summary(results),
         "machine": {
             **describe_machine(args.threads),
             "device": args.device,
@@ -246,6 +275,7 @@ def main() -> None:
     }
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["copy_summary"]))
 
 
 if __name__ == "__main__":
