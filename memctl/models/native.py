@@ -99,6 +99,7 @@ def _build(target: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists():
             return
+        print("memctl: building the DNC's native CPU kernel (once, 15-30 s)", file=sys.stderr)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             partial = Path(scratch) / target.name
             result = subprocess.run(_command(partial), capture_output=True, text=True)
