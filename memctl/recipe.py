@@ -57,6 +57,9 @@ class LrDecaySection(Section):
     window: int = Field(4, ge=1, description="logged rows averaged")
     factor: float = Field(0.5, gt=0, lt=1, description="lr multiplier each time it passes")
     min_lr: float = Field(1e-5, gt=0)
+    after_curriculum: bool = Field(
+        False, description="watch only rows logged at the curriculum's last level"
+    )
 
 
 class TrainSection(Section):

@@ -262,10 +262,14 @@ class Trainer:
         """``train.lr_decay``: once the watched metric passes, multiply the learning rate
         by ``factor`` (not below ``min_lr``) and watch a fresh window. Adam's steps stay
         about lr-sized however small the gradients get, which can throw a converged model
-        off its solution; a smaller lr after convergence keeps it there."""
+        off its solution; a smaller lr after convergence keeps it there. With
+        ``after_curriculum`` only rows trained at the curriculum's last level count (the
+        early, easy levels pass any threshold)."""
+        decay, base = self.recipe.train.lr_decay, self.recipe.train.optimizer.lr
+        if decay.after_curriculum and row["level"] < self.curriculum.max:
+            return
         if self.lr_trigger is None or not self.lr_trigger.passed(row):
             return
-        decay, base = self.recipe.train.lr_decay, self.recipe.train.optimizer.lr
         scale = max(self.lr_scale * decay.factor, decay.min_lr / base)
         self.lr_trigger.window = []
         if scale < self.lr_scale:

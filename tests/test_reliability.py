@@ -71,6 +71,25 @@ def test_exact_resume_in_a_new_process(tiny_recipe: Path, runs_dir: Path):
     assert [e["event"] for e in lineage] == ["train", "resume"]
 
 
+def test_lr_decay_after_the_curriculum_watches_only_last_level_rows(
+    tiny_recipe: Path, runs_dir: Path
+):
+    # The same always-passing decay; the step curriculum ends at level 3 (from step 15).
+    decay = ["--set", "train.lr_decay.metric=loss", "--set", "train.lr_decay.threshold=10"]
+    decay += ["--set", "train.lr_decay.window=3", "--set", "train.lr_decay.after_curriculum=true"]
+    code, _, err = finish(
+        cli_process(
+            "train", tiny_recipe, "--runs-dir", runs_dir, "--set", "curriculum.max=3", *decay
+        )
+    )
+    assert code == 0, err
+    (run,) = runs_dir.iterdir()
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert metrics["level"].tolist() == [2, 2, 2, 3, 3, 3, 3, 3]
+    # Rows of steps 20, 25 and 30 fill the window: halved from step 31, not before.
+    assert metrics["lr"].tolist() == [1e-3] * 6 + [5e-4] * 2
+
+
 def wait_for(predicate, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -141,6 +141,34 @@ T* mutable_row(Tensor& tensor, int64_t b) {
   return tensor.data_ptr<T>() + b * tensor.stride(0);
 }
 
+// One batch element's activated gates and write vector (pointers into the activated
+// interface).
+template <typename T>
+struct Gates {
+  const T *erase, *free, *vector;
+  T allocation, write;
+  Gates(const T* act, const Layout& layout)
+      : erase(act + layout.erase),
+        free(act + layout.free_gates),
+        vector(act + layout.write_vector),
+        allocation(act[layout.allocation_gate]),
+        write(act[layout.write_gate]) {}
+};
+
+// One batch element's rows of the previous state.
+template <typename T>
+struct Previous {
+  const T *memory, *read, *write, *usage, *link, *precedence;
+  Previous(const Tensor& memory0, const Tensor& read0, const Tensor& write0,
+           const Tensor& usage0, const Tensor& link0, const Tensor& precedence0, int64_t b)
+      : memory(row<T>(memory0, b)),
+        read(row<T>(read0, b)),
+        write(row<T>(write0, b)),
+        usage(row<T>(usage0, b)),
+        link(row<T>(link0, b)),
+        precedence(row<T>(precedence0, b)) {}
+};
+
 template <typename T>
 void forward_kernel(const Tensor& interface, const Tensor& memory0, const Tensor& read0,
                     const Tensor& write0, const Tensor& usage0, const Tensor& link0,
@@ -169,18 +197,8 @@ void forward_kernel(const Tensor& interface, const Tensor& memory0, const Tensor
         for (int k = 0; k < 3; ++k) total += modes[k] = std::exp(logits[k] - largest);
         for (int k = 0; k < 3; ++k) modes[k] /= total;
       }
-      const T* erase = act + layout.erase;
-      const T* free_gates = act + layout.free_gates;
-      const T* write_vector = act + layout.write_vector;
-      const T allocation_gate = act[layout.allocation_gate];
-      const T write_gate = act[layout.write_gate];
-
-      const T* mem0 = row<T>(memory0, b);
-      const T* r0 = row<T>(read0, b);
-      const T* w0 = row<T>(write0, b);
-      const T* u0 = row<T>(usage0, b);
-      const T* l0 = row<T>(link0, b);
-      const T* p0 = row<T>(precedence0, b);
+      const Gates<T> in(act, layout);
+      const Previous<T> prev(memory0, read0, write0, usage0, link0, precedence0, b);
       T* mem = mutable_row<T>(memory, b);
       T* u = mutable_row<T>(usage, b);
       T* w = mutable_row<T>(write, b);
@@ -197,13 +215,13 @@ void forward_kernel(const Tensor& interface, const Tensor& memory0, const Tensor
       // usage_update: (u + w - u w) prod_r (1 - f^r w^r)
       for (int64_t n = 0; n < N; ++n) {
         T retention = 1;
-        for (int64_t r = 0; r < R; ++r) retention *= 1 - free_gates[r] * r0[r * N + n];
-        u[n] = (u0[n] + w0[n] - u0[n] * w0[n]) * retention;
+        for (int64_t r = 0; r < R; ++r) retention *= 1 - in.free[r] * prev.read[r * N + n];
+        u[n] = (prev.usage[n] + prev.write[n] - prev.usage[n] * prev.write[n]) * retention;
       }
       // write key lookup on the previous memory
-      for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(mem0 + n * M, M);
-      content_forward(mem0, inverse.data(), act + layout.write_key, act[layout.write_strength],
-                      N, M, cw);
+      for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(prev.memory + n * M, M);
+      content_forward(prev.memory, inverse.data(), act + layout.write_key,
+                      act[layout.write_strength], N, M, cw);
       // allocation: a stable ascending sort of the (floored) usage
       for (int64_t n = 0; n < N; ++n) sorted_usage[n] = u[n] * T(1 - kEpsilon) + T(kEpsilon);
       std::iota(slots, slots + N, int64_t(0));
@@ -219,32 +237,34 @@ void forward_kernel(const Tensor& interface, const Tensor& memory0, const Tensor
       // write weighting, then erase and add
       T written = 0;
       for (int64_t n = 0; n < N; ++n) {
-        w[n] = write_gate * (cw[n] + allocation_gate * (alloc[n] - cw[n]));
+        w[n] = in.write * (cw[n] + in.allocation * (alloc[n] - cw[n]));
         written += w[n];
       }
       for (int64_t n = 0; n < N; ++n) {
-        const T* old = mem0 + n * M;
+        const T* old = prev.memory + n * M;
         T* slot = mem + n * M;
         const T weight = w[n];
 #pragma omp simd
-        for (int64_t j = 0; j < M; ++j) slot[j] = old[j] + weight * (write_vector[j] - old[j] * erase[j]);
+        for (int64_t j = 0; j < M; ++j) {
+          slot[j] = old[j] + weight * (in.vector[j] - old[j] * in.erase[j]);
+        }
       }
       // link (zero diagonal) and precedence
       for (int64_t i = 0; i < N; ++i) {
         T* l_row = l + i * N;
-        const T* l0_row = l0 + i * N;
+        const T* l0_row = prev.link + i * N;
         const T keep = 1 - w[i], written_here = w[i];
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j) {
-          l_row[j] = (keep - w[j]) * l0_row[j] + written_here * p0[j];
+          l_row[j] = (keep - w[j]) * l0_row[j] + written_here * prev.precedence[j];
         }
         l_row[i] = 0;
       }
-      for (int64_t n = 0; n < N; ++n) p[n] = (1 - written) * p0[n] + w[n];
+      for (int64_t n = 0; n < N; ++n) p[n] = (1 - written) * prev.precedence[n] + w[n];
       // forward f = L w^r, backward b = L^T w^r of the previous read weights
       std::fill(bw, bw + R * N, T(0));
       for (int64_t r = 0; r < R; ++r) {
-        const T* weights = r0 + r * N;
+        const T* weights = prev.read + r * N;
         for (int64_t i = 0; i < N; ++i) {
           fw[r * N + i] = dot(l + i * N, weights, N);
           const T weight = weights[i];
@@ -297,17 +317,8 @@ void backward_kernel(const std::vector<Tensor>& saved, const std::vector<Tensor>
     for (int64_t b = begin; b < end; ++b) {
       const T* raw = row<T>(interface, b);
       const T* act = row<T>(activated, b);
-      const T* erase = act + layout.erase;
-      const T* free_gates = act + layout.free_gates;
-      const T* write_vector = act + layout.write_vector;
-      const T allocation_gate = act[layout.allocation_gate];
-      const T write_gate = act[layout.write_gate];
-      const T* mem0 = row<T>(memory0, b);
-      const T* r0 = row<T>(read0, b);
-      const T* w0 = row<T>(write0, b);
-      const T* u0 = row<T>(usage0, b);
-      const T* l0 = row<T>(link0, b);
-      const T* p0 = row<T>(precedence0, b);
+      const Gates<T> in(act, layout);
+      const Previous<T> prev(memory0, read0, write0, usage0, link0, precedence0, b);
       const T* mem = row<T>(memory, b);
       const T* rw = row<T>(read, b);
       const T* w = row<T>(write, b);
@@ -366,7 +377,7 @@ void backward_kernel(const std::vector<Tensor>& saved, const std::vector<Tensor>
       }
       // forward / backward reads: the link's whole gradient, then the previous reads'
       for (int64_t r = 0; r < R; ++r) {
-        const T* weights = r0 + r * N;
+        const T* weights = prev.read + r * N;
         const T* gf = grad_f.data() + r * N;
         const T* gb = grad_b.data() + r * N;
         T* g_weights = g_r0 + r * N;
@@ -389,7 +400,7 @@ void backward_kernel(const std::vector<Tensor>& saved, const std::vector<Tensor>
       T written = 0, by_prec = 0;
       for (int64_t n = 0; n < N; ++n) {
         written += w[n];
-        by_prec += grad_prec[n] * p0[n];
+        by_prec += grad_prec[n] * prev.precedence[n];
       }
       for (int64_t n = 0; n < N; ++n) {
         g_p0[n] = (1 - written) * grad_prec[n];
@@ -398,14 +409,14 @@ void backward_kernel(const std::vector<Tensor>& saved, const std::vector<Tensor>
       // link L = (1 - w[i] - w[j]) L0 + w[i] p0[j]
       for (int64_t i = 0; i < N; ++i) {
         const T* g_row = grad_link.data() + i * N;
-        const T* l0_row = l0 + i * N;
+        const T* l0_row = prev.link + i * N;
         T* out_row = g_l0 + i * N;
         T by_row = 0;
 #pragma omp simd reduction(+ : by_row)
         for (int64_t j = 0; j < N; ++j) {
           const T weighted = g_row[j] * l0_row[j];
           out_row[j] = (1 - w[i] - w[j]) * g_row[j];
-          by_row += g_row[j] * p0[j] - weighted;
+          by_row += g_row[j] * prev.precedence[j] - weighted;
           grad_write[j] -= weighted;
           g_p0[j] += g_row[j] * w[i];
         }
@@ -418,23 +429,23 @@ void backward_kernel(const std::vector<Tensor>& saved, const std::vector<Tensor>
         T by_slot = 0;
 #pragma omp simd reduction(+ : by_slot)
         for (int64_t j = 0; j < M; ++j) {
-          const T g = grad_mem[n * M + j], old = mem0[n * M + j];
-          by_slot += g * (write_vector[j] - old * erase[j]);
+          const T g = grad_mem[n * M + j], old = prev.memory[n * M + j];
+          by_slot += g * (in.vector[j] - old * in.erase[j]);
           g_erase[j] -= g * old * w[n];
           g_vector[j] += g * w[n];
-          g_mem0[n * M + j] = g * (1 - w[n] * erase[j]);
+          g_mem0[n * M + j] = g * (1 - w[n] * in.erase[j]);
         }
         grad_write[n] += by_slot;
       }
       // write weighting w = g^w (c + g^a (a - c))
       T g_write_gate = 0, g_allocation_gate = 0;
       for (int64_t n = 0; n < N; ++n) {
-        const T mixed = cw[n] + allocation_gate * (alloc[n] - cw[n]);
+        const T mixed = cw[n] + in.allocation * (alloc[n] - cw[n]);
         g_write_gate += grad_write[n] * mixed;
-        const T g_mixed = write_gate * grad_write[n];
+        const T g_mixed = in.write * grad_write[n];
         g_allocation_gate += g_mixed * (alloc[n] - cw[n]);
-        grad_cw[n] = g_mixed * (1 - allocation_gate);
-        grad_alloc[n] = g_mixed * allocation_gate;
+        grad_cw[n] = g_mixed * (1 - in.allocation);
+        grad_alloc[n] = g_mixed * in.allocation;
       }
       grad_act[layout.write_gate] += g_write_gate;
       grad_act[layout.allocation_gate] += g_allocation_gate;
@@ -453,30 +464,31 @@ void backward_kernel(const std::vector<Tensor>& saved, const std::vector<Tensor>
         later += grad_alloc[slot] * alloc[slot];
       }
       // write key lookup on the previous memory
-      for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(mem0 + n * M, M);
-      content_backward(mem0, inverse.data(), act + layout.write_key, act[layout.write_strength],
-                       cw, grad_cw.data(), N, M, g_mem0, grad_act.data() + layout.write_key,
+      for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(prev.memory + n * M, M);
+      content_backward(prev.memory, inverse.data(), act + layout.write_key,
+                       act[layout.write_strength], cw, grad_cw.data(), N, M, g_mem0,
+                       grad_act.data() + layout.write_key,
                        grad_act.data() + layout.write_strength);
       // usage u = (u0 + w0 - u0 w0) psi, psi = prod_r (1 - f^r w^r)
       T* g_free = grad_act.data() + layout.free_gates;
       for (int64_t n = 0; n < N; ++n) {
         T retention = 1;
         for (int64_t r = 0; r < R; ++r) {
-          factors[r] = 1 - free_gates[r] * r0[r * N + n];
+          factors[r] = 1 - in.free[r] * prev.read[r * N + n];
           retention *= factors[r];
         }
         const T g = grad_usage[n];
-        g_u0[n] = g * retention * (1 - w0[n]);
-        g_w0[n] = g * retention * (1 - u0[n]);
-        const T g_retention = g * (u0[n] + w0[n] - u0[n] * w0[n]);
+        g_u0[n] = g * retention * (1 - prev.write[n]);
+        g_w0[n] = g * retention * (1 - prev.usage[n]);
+        const T g_retention = g * (prev.usage[n] + prev.write[n] - prev.usage[n] * prev.write[n]);
         for (int64_t r = 0; r < R; ++r) {
           T others = 1;
           for (int64_t k = 0; k < R; ++k) {
             if (k != r) others *= factors[k];
           }
           const T g_factor = g_retention * others;
-          g_free[r] -= g_factor * r0[r * N + n];
-          g_r0[r * N + n] -= g_factor * free_gates[r];
+          g_free[r] -= g_factor * prev.read[r * N + n];
+          g_r0[r * N + n] -= g_factor * in.free[r];
         }
       }
       // activations: identity, oneplus, sigmoid, softmax over each head's three modes
