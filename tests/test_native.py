@@ -86,9 +86,9 @@ def step_inputs(layers: int, generator: torch.Generator):
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, dtype=torch.float64, generator=generator) * 0.5
 
-    params = [randn(gates, R * M), randn(gates, hidden_size)]
+    params = [randn(gates, R * M + hidden_size)]
     for _ in range(layers - 1):
-        params += [randn(gates, hidden_size), randn(gates, hidden_size), randn(gates)]
+        params += [randn(gates, 2 * hidden_size), randn(gates)]
     params += [randn(interface_size, hidden_size), randn(interface_size)]
     tensors = [randn(B, gates), randn(B, R * M), randn(layers, B, hidden_size)]
     tensors += [randn(layers, B, hidden_size)]

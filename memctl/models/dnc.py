@@ -438,13 +438,17 @@ class DNCCore(nn.Module):
             or not native.usable(link, memory.write_heads)
         ):
             return None
-        external = controller.external_size
-        parameters = [controller.weight_ih[0][:, external:], controller.weight_hh[0]]
-        for layer in range(1, controller.layers):
-            bias = controller._input_bias(layer)
-            if bias is None:
-                bias = link.new_zeros(controller.weight_hh[layer].shape[0])
-            parameters += [controller.weight_ih[layer], controller.weight_hh[layer], bias]
+        # Each layer's weights on [its input, its hidden state] side by side (one matrix
+        # product a layer and step; joined once a sequence, so autograd splits their
+        # gradient once, too).
+        inputs = [controller.weight_ih[0][:, controller.external_size :]]
+        inputs += list(controller.weight_ih[1:])
+        parameters = []
+        for layer, (weight, recurrent) in enumerate(zip(inputs, controller.weight_hh, strict=True)):
+            parameters.append(torch.cat([weight, recurrent], 1))
+            if layer > 0:
+                bias = controller._input_bias(layer)
+                parameters.append(link.new_zeros(weight.shape[0]) if bias is None else bias)
         return (*parameters, memory.interface.weight, memory.interface.bias)
 
     def native_step(

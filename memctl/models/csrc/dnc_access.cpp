@@ -19,6 +19,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/abs.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/lt.h>
@@ -563,8 +564,9 @@ std::vector<Tensor> dnc_access_backward(at::TensorList saved_in, at::TensorList 
 
 // -- Whole step: LSTM controller stack, output clip, interface layer, memory access ------
 //
-// params: layer 0's weights on the read vectors [4H, R M] and recurrent weights [4H, H];
-// then per upper layer its input weights [4H, H], recurrent weights [4H, H] and input bias
+// params: layer 0's weights on [read vectors, hidden] [4H, R M + H] (its input weights'
+// read-vector columns and its recurrent weights, side by side: one product for both);
+// then per upper layer its weights on [layer below, hidden] [4H, 2H] and its input bias
 // [4H] (both of torch's biases summed; zeros without bias); then the interface layer's
 // weight [I, H] and bias [I]. Gate blocks in torch.nn.LSTM's order: input, forget,
 // candidate, output.
@@ -572,14 +574,13 @@ std::vector<Tensor> dnc_access_backward(at::TensorList saved_in, at::TensorList 
 struct StepParams {
   int64_t layers;
   const std::vector<Tensor>& params;
-  const Tensor& reads_weight() const { return params[0]; }
-  const Tensor& recurrent(int64_t layer) const {
-    return layer == 0 ? params[1] : params[2 + 3 * (layer - 1) + 1];
+  const Tensor& weight(int64_t layer) const {
+    return layer == 0 ? params[0] : params[1 + 2 * (layer - 1)];
   }
-  const Tensor& input_weight(int64_t layer) const { return params[2 + 3 * (layer - 1)]; }
-  const Tensor& input_bias(int64_t layer) const { return params[2 + 3 * (layer - 1) + 2]; }
-  const Tensor& interface_weight() const { return params[2 + 3 * (layers - 1)]; }
-  const Tensor& interface_bias() const { return params[3 + 3 * (layers - 1)]; }
+  const Tensor& input_bias(int64_t layer) const { return params[2 + 2 * (layer - 1)]; }
+  const Tensor& interface_weight() const { return params[1 + 2 * (layers - 1)]; }
+  const Tensor& interface_bias() const { return params[2 + 2 * (layers - 1)]; }
+  static int64_t count(int64_t layers) { return 3 + 2 * (layers - 1); }
 };
 
 // gates [B, 4H] (pre-activation; activated in place: sigmoid, the candidate block tanh),
@@ -646,8 +647,8 @@ Tensor stacked(const std::vector<Tensor>& layers) {
 void check_step(const Tensor& projected, const Tensor& hidden, const StepParams& p) {
   TORCH_CHECK(projected.device().is_cpu(), "dnc_step: CPU tensors only");
   TORCH_CHECK(hidden.dim() == 3 && hidden.size(0) == p.layers, "dnc_step: hidden [L, B, H]");
-  TORCH_CHECK(p.params.size() == static_cast<size_t>(4 + 3 * (p.layers - 1)),
-              "dnc_step: 4 + 3 (L - 1) parameters");
+  TORCH_CHECK(p.params.size() == static_cast<size_t>(StepParams::count(p.layers)),
+              "dnc_step: 3 + 2 (L - 1) parameters");
 }
 
 // Returns: clipped output [B, H], hidden [L, B, H], cell [L, B, H], then
@@ -664,14 +665,11 @@ std::vector<Tensor> dnc_step_forward(const Tensor& projected, const Tensor& read
   check_step(projected, hidden_in, p);
   const Tensor hidden = hidden_in.contiguous(), cell = cell_in.contiguous();
   std::vector<Tensor> gates(p.layers), hiddens(p.layers), cells(p.layers), squashed(p.layers);
-  Tensor below;
+  Tensor below = reads;
   for (int64_t layer = 0; layer < p.layers; ++layer) {
-    if (layer == 0) {
-      gates[0] = at::addmm(projected, reads, p.reads_weight().t());
-    } else {
-      gates[layer] = at::addmm(p.input_bias(layer), below, p.input_weight(layer).t());
-    }
-    gates[layer].addmm_(hidden[layer], p.recurrent(layer).t());
+    const Tensor inputs = at::cat({below, hidden[layer]}, 1);
+    const Tensor& bias = layer == 0 ? projected : p.input_bias(layer);
+    gates[layer] = at::addmm(bias, inputs, p.weight(layer).t());
     cells[layer] = at::empty_like(cell[layer]);
     hiddens[layer] = at::empty_like(hidden[layer]);
     squashed[layer] = at::empty_like(hidden[layer]);
@@ -701,7 +699,7 @@ std::vector<Tensor> dnc_step_backward(at::TensorList saved, at::TensorList grads
   const Tensor &reads = saved[1], &hidden = saved[2], &cell = saved[3],
                &new_hidden = saved[4], &squashed = saved[5], &gates = saved[6];
   const int64_t layers = hidden.size(0);
-  const int64_t count = 4 + 3 * (layers - 1);
+  const int64_t count = StepParams::count(layers);
   std::vector<Tensor> params(saved.begin() + 7, saved.begin() + 7 + count);
   const StepParams p{layers, params};
   std::vector<Tensor> access_saved(saved.begin() + 7 + count, saved.end());
@@ -710,8 +708,8 @@ std::vector<Tensor> dnc_step_backward(at::TensorList saved, at::TensorList grads
   const Tensor& grad_interface = access[0];
   const Tensor& output_before = new_hidden[layers - 1];
   std::vector<Tensor> grad_params(count);
-  grad_params[2 + 3 * (layers - 1)] = at::mm(grad_interface.t(), output_before.clamp(-clip, clip));
-  grad_params[3 + 3 * (layers - 1)] = grad_interface.sum(0);
+  grad_params[count - 2] = at::mm(grad_interface.t(), output_before.clamp(-clip, clip));
+  grad_params[count - 1] = grad_interface.sum(0);
   // hardtanh's gradient: through where -clip < x < clip
   Tensor grad_below = at::addmm(grads[0], grad_interface, p.interface_weight());
   grad_below.mul_(output_before.abs().lt(clip).to(grad_below.scalar_type()));
@@ -726,19 +724,19 @@ std::vector<Tensor> dnc_step_backward(at::TensorList saved, at::TensorList grads
       lstm_backward<scalar_t>(gates[layer], cell[layer].contiguous(), squashed[layer],
                               grad_out, grad_new_cell, grad_gates, grad_previous_cell);
     });
-    grad_hidden[layer].copy_(at::mm(grad_gates, p.recurrent(layer)));
-    const Tensor grad_recurrent = at::mm(grad_gates.t(), hidden[layer]);
+    const Tensor& below = layer == 0 ? reads : new_hidden[layer - 1];
+    const int64_t width = below.size(1);
+    const Tensor grad_inputs = at::mm(grad_gates, p.weight(layer));
+    grad_hidden[layer].copy_(grad_inputs.narrow(1, width, grad_inputs.size(1) - width));
+    grad_below = grad_inputs.narrow(1, 0, width);
+    const Tensor weight_grad = at::mm(grad_gates.t(), at::cat({below, hidden[layer]}, 1));
     if (layer == 0) {
-      grad_params[1] = grad_recurrent;
-      grad_params[0] = at::mm(grad_gates.t(), reads);
-      grad_reads = at::mm(grad_gates, p.reads_weight());
+      grad_params[0] = weight_grad;
+      grad_reads = grad_below;
       grad_projected = grad_gates;
     } else {
-      const int64_t base = 2 + 3 * (layer - 1);
-      grad_params[base] = at::mm(grad_gates.t(), new_hidden[layer - 1]);
-      grad_params[base + 1] = grad_recurrent;
-      grad_params[base + 2] = grad_gates.sum(0);
-      grad_below = at::mm(grad_gates, p.input_weight(layer));
+      grad_params[1 + 2 * (layer - 1)] = weight_grad;
+      grad_params[2 + 2 * (layer - 1)] = grad_gates.sum(0);
     }
   }
   std::vector<Tensor> results{grad_projected, grad_reads, grad_hidden, grad_cell};
