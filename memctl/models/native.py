@@ -1,16 +1,19 @@
-"""The DNC's memory access as one native CPU kernel (``csrc/dnc_access.cpp``), built on
-first use with the machine's C++ compiler and loaded as ``torch.ops.memctl``.
+"""The DNC's time step as native CPU kernels (``csrc/dnc_access.cpp``), built on first
+use with the machine's C++ compiler and loaded as ``torch.ops.memctl``.
 
 A DNC time step on small tensors is bound by the number of tensor ops, not by their
-arithmetic: the memory access alone is about four hundred small ops and eighty autograd
-nodes a step. ``dnc_access`` does it in one forward and one backward call, the same maths
-as ``addressing.py`` (tested against it in float64), for one write head on the CPU.
+arithmetic: on the PyTorch path the memory access alone is about four hundred small ops
+and eighty autograd nodes a step. ``dnc_step`` does a whole step of a DNC with one LSTM
+controller stack (controller, output clip, interface layer, memory access) in one forward
+and one backward call; ``dnc_access`` does the memory access alone, for the other
+controllers. Both have one write head, run on the CPU, and compute ``addressing.py``'s
+maths (tested against the PyTorch path in float64, and gradchecked).
 
-The library is compiled once per source, torch version and compiler into
+The library is compiled once per source, compile command, torch version and CPU into
 ``$MEMCTL_CACHE`` (default ``~/.cache/memctl``), under a file lock so that parallel
 trials build it once, and written atomically. Where no compiler is found or the build
-fails, ``library()`` says why once on stderr and returns False, and the DNC keeps its
-PyTorch path; ``MEMCTL_NATIVE=0`` chooses that path without trying.
+fails, ``library()`` says why on stderr and returns False, and the DNC keeps its PyTorch
+path; ``MEMCTL_NATIVE=0`` chooses that path without trying.
 """
 
 from __future__ import annotations
