@@ -25,7 +25,10 @@ backwards (``addressing.fused_content_weights``, ``addressing.link_step``). ``ru
 each sequence an ``addressing.LinkWorkspace``: the link steps share their backward
 buffers and, for large N, keep one link matrix in ten and recompute the rest.
 ``compile_step`` runs the time steps through ``torch.compile`` (without the workspace);
-``compile_sequence`` compiles the whole time loop as one graph (for fixed lengths).
+``compile_sequence`` compiles the whole time loop as one graph (for fixed lengths). On the
+CPU, ``run`` does each step as one native call forward and one backward where the model
+allows (``native_parameters``, ``native.py``), and ``MemoryAccess.step`` its memory access
+where only that does: the same maths, tested against this path.
 """
 
 from __future__ import annotations
