@@ -31,7 +31,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 SOURCE = Path(__file__).parent / "csrc" / "dnc_access.cpp"
 
@@ -49,6 +48,8 @@ def cpp_compiler() -> str | None:
 
 
 def _command(output: Path) -> list[str]:
+    from torch.utils import cpp_extension  # a quarter of a second: only when building
+
     torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     compiler = cpp_compiler() or "c++"
@@ -212,26 +213,18 @@ class _Step(torch.autograd.Function):
         )
         output, new_hidden, new_cell = results[:3]
         access, (gates, interface, squashed) = results[3:17], results[17:]
-        # Outputs through save_for_backward (kept on ctx they would make a reference
-        # cycle); inputs and intermediates as they are: fewer saved variables to pack and
-        # unpack, which costs more than the kernels' own work at small sizes.
-        ctx.save_for_backward(new_hidden, *access[1:6], access[7])
-        ctx.clip, ctx.kept = clip, (projected, reads, hidden, cell, squashed, gates, params)
-        ctx.access = (interface, access[8], state, access[9], access[10:])
+        ctx.clip = clip
+        kept = _kept(interface, state, access)
+        ctx.save_for_backward(
+            projected, reads, hidden, cell, new_hidden, squashed, gates, *params, *kept
+        )
         ctx.mark_non_differentiable(access[7])
         return output, new_hidden, new_cell, *access[:8]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        new_hidden, *new_state, allocation = ctx.saved_tensors
-        projected, reads, hidden, cell, squashed, gates, params = ctx.kept
-        interface, activated, state, write_content, extras = ctx.access
-        order, read_content, forward, backward = extras
-        saved = [projected, reads, hidden, cell, new_hidden, squashed, gates, *params]
-        saved += [interface, activated, *state, *new_state, write_content, allocation]
-        saved += [order, read_content, forward, backward]
-        results = torch.ops.memctl.dnc_step_backward(saved, grads[:10], ctx.clip)
+        results = torch.ops.memctl.dnc_step_backward(ctx.saved_tensors, grads[:10], ctx.clip)
         projected, reads, hidden, cell = results[:4]
         params, state = results[4:-6], results[-6:]
         return None, projected, reads, hidden, cell, *state, *params
