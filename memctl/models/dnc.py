@@ -254,9 +254,7 @@ class MemoryAccess(nn.Module):
         allocation weightings ``[B, W, N]``). ``workspace``: one per sequence (see
         ``addressing.link_step``)."""
         interface = self.interface(controller_output)
-        if state.link.numel() <= native.MAX_LINK_ELEMENTS and native.usable(
-            state.memory, self.write_heads
-        ):
+        if native.usable(state.link, self.write_heads):
             reads, *access, allocation = native.dnc_access(interface, *state)
             return reads, AccessState(*access), allocation
         batch, word = controller_output.shape[0], self.word_size
@@ -427,9 +425,9 @@ class DNCCore(nn.Module):
     def native_parameters(self, state: DNCState) -> tuple[torch.Tensor, ...] | None:
         """``native.dnc_step``'s parameters, or None where the native step does not serve
         this model: one LSTM stack without layer norm (nor dropout while training), one
-        write head, a memory that ``native.usable`` takes, and link matrices of at most
-        ``native.MAX_LINK_ELEMENTS`` numbers (the native step keeps every step's; larger
-        ones take the PyTorch path, which recomputes them)."""
+        write head and a memory that ``native.usable`` takes (its link matrices small
+        enough to keep every step's; larger ones take the PyTorch path, which recomputes
+        them)."""
         controller, memory = self.controllers[0], self.memories[0]
         link = state.access[0].link
         if (
@@ -437,7 +435,6 @@ class DNCCore(nn.Module):
             or controller.kind != "lstm"
             or controller.norms is not None
             or (controller.dropout > 0 and controller.layers > 1 and self.training)
-            or link.numel() > native.MAX_LINK_ELEMENTS
             or not native.usable(link, memory.write_heads)
         ):
             return None

@@ -137,14 +137,16 @@ def _require() -> None:
         raise RuntimeError("memctl's native DNC kernels could not be built (see above)")
 
 
-def usable(memory: torch.Tensor, write_heads: int) -> bool:
-    """Whether ``dnc_access`` can run this memory: one write head, float32 or float64 on
-    the CPU, not while ``torch.compile`` traces, and the library built."""
+def usable(link: torch.Tensor, write_heads: int) -> bool:
+    """Whether the native kernels can run a memory with this link matrix ``[B, 1, N, N]``:
+    one write head, float32 or float64 on the CPU, at most ``MAX_LINK_ELEMENTS`` link
+    numbers, not while ``torch.compile`` traces, and the library built."""
     return (
         os.environ.get("MEMCTL_NATIVE", "1") != "0"
         and write_heads == 1
-        and memory.device.type == "cpu"
-        and memory.dtype in (torch.float32, torch.float64)
+        and link.device.type == "cpu"
+        and link.dtype in (torch.float32, torch.float64)
+        and link.numel() <= MAX_LINK_ELEMENTS
         and not torch.compiler.is_compiling()
         and library()
     )

@@ -34,7 +34,6 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
-#include <tuple>
 #include <vector>
 
 namespace {
