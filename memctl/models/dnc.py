@@ -26,9 +26,9 @@ each sequence an ``addressing.LinkWorkspace``: the link steps share their backwa
 buffers and, for large N, keep one link matrix in ten and recompute the rest.
 ``compile_step`` runs the time steps through ``torch.compile`` (without the workspace);
 ``compile_sequence`` compiles the whole time loop as one graph (for fixed lengths). On the
-CPU, ``run`` does each step as one native call forward and one backward where the model
-allows (``native_parameters``, ``native.py``), and ``MemoryAccess.step`` its memory access
-where only that does: the same maths, tested against this path.
+CPU, ``run`` does the whole sequence as one native call forward and one backward where
+the model allows (``native_parameters``, ``native.py``), and ``MemoryAccess.step`` its
+memory access where only that does: the same maths, tested against this path.
 """
 
 from __future__ import annotations
@@ -403,8 +403,7 @@ class DNCCore(nn.Module):
         projected = self.controllers[0].project(inputs)
         parameters = self.native_parameters(state)
         if parameters is not None:
-            step = functools.partial(self.native_step, parameters=parameters)
-            outputs, reads, state, records = self._loop(projected, state, step, record)
+            outputs, reads, state, records = self.native_run(projected, state, parameters, record)
         elif self._sequence is not None and not record:
             outputs, reads, state, records = self._sequence(projected, state)
         else:
@@ -423,7 +422,7 @@ class DNCCore(nn.Module):
         return outputs, state, records
 
     def native_parameters(self, state: DNCState) -> tuple[torch.Tensor, ...] | None:
-        """``native.dnc_step``'s parameters, or None where the native step does not serve
+        """``native.dnc_sequence``'s parameters, or None where it does not serve
         this model: one LSTM stack without layer norm (nor dropout while training), one
         write head and a memory that ``native.usable`` takes (its link matrices small
         enough to keep every step's; larger ones take the PyTorch path, which recomputes
@@ -451,24 +450,33 @@ class DNCCore(nn.Module):
                 parameters.append(link.new_zeros(weight.shape[0]) if bias is None else bias)
         return (*parameters, memory.interface.weight, memory.interface.bias)
 
-    def native_step(
-        self, projected: torch.Tensor, state: DNCState, parameters: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, DNCState, tuple[tuple[AccessState, torch.Tensor], ...]]:
-        """``step`` as one native call forward and one backward (``native.dnc_step``)."""
+    def native_run(
+        self,
+        projected: torch.Tensor,
+        state: DNCState,
+        parameters: tuple[torch.Tensor, ...],
+        record: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, DNCState, list[tuple[AccessState, torch.Tensor]]]:
+        """``_loop`` over ``step`` as one native call forward and one backward for the
+        whole sequence (``native.dnc_sequence``)."""
         controller = state.controller[0]
         clip = math.inf if self.clip is None else float(self.clip)
-        output, hidden, cell, reads, *access, allocation = native.dnc_step(
+        outputs, reads, hidden, cell, *access, allocations = native.dnc_sequence(
             projected,
-            state.reads.flatten(1),
+            state.reads,
             controller.hidden,
             controller.cell,
             clip,
             tuple(state.access[0]),
             parameters,
         )
-        access_state = AccessState(*access)
-        next_state = DNCState((ControllerState(hidden, cell),), (access_state,), reads)
-        return output, next_state, ((access_state, allocation),)
+        final = AccessState(*(tensor[-1] for tensor in access))
+        next_state = DNCState((ControllerState(hidden[-1], cell[-1]),), (final,), reads[-1])
+        records = []
+        if record:
+            states = [AccessState(*step) for step in zip(*(t[1:] for t in access), strict=True)]
+            records = list(zip(states, allocations.unbind(0), strict=True))
+        return outputs, reads[1:], next_state, records
 
     def _loop(
         self,
@@ -498,8 +506,8 @@ class DNCCore(nn.Module):
     def compile_step(self, **options: Any) -> None:
         """Run the time steps through ``torch.compile(self.step, **options)``: compiled on
         the first call, again only for a new batch size, dtype or device. Where the native
-        step serves the model (``native_parameters``), ``run`` keeps using it: a step is
-        one native call already, faster than the compiled PyTorch step."""
+        sequence serves the model (``native_parameters``), ``run`` keeps using it: one
+        native call a sequence, faster than the compiled PyTorch step."""
         self._step, self._sequence = torch.compile(self.step, **options), None
 
     def compile_sequence(self, **options: Any) -> None:
@@ -508,8 +516,8 @@ class DNCCore(nn.Module):
         overhead, and the compiler fuses across steps. Compiling takes minutes and is
         redone for every new sequence length (and batch size, dtype, device), so it pays
         only where lengths repeat; the trainer's ``train.compile`` uses ``compile_step``.
-        ``debug`` / ``trace`` calls stay eager, and the native step, where it serves the
-        model, is used instead (as with ``compile_step``)."""
+        ``debug`` / ``trace`` calls stay eager, and the native sequence, where it serves
+        the model, is used instead (as with ``compile_step``)."""
         self._step = self.step
         self._sequence = torch.compile(
             functools.partial(self._loop, step=self.step, record=False), **options

@@ -1,13 +1,14 @@
-"""The DNC's time step as native CPU kernels (``csrc/dnc_access.cpp``), built on first
-use with the machine's C++ compiler and loaded as ``torch.ops.memctl``.
+"""The DNC as native CPU kernels (``csrc/dnc_access.cpp``), built on first use with the
+machine's C++ compiler and loaded as ``torch.ops.memctl``.
 
 A DNC time step on small tensors is bound by the number of tensor ops, not by their
 arithmetic: on the PyTorch path the memory access alone is about four hundred small ops
-and eighty autograd nodes a step. ``dnc_step`` does a whole step of a DNC with one LSTM
-controller stack (controller, output clip, interface layer, memory access) in one forward
-and one backward call; ``dnc_access`` does the memory access alone, for the other
-controllers. Both have one write head, run on the CPU, and compute ``addressing.py``'s
-maths (tested against the PyTorch path in float64, and gradchecked).
+and eighty autograd nodes a step. ``dnc_sequence`` runs a whole sequence of a DNC with
+one LSTM controller stack (controller, output clip, interface layer, memory access) in
+one forward and one backward call, the time loop inside, each thread a block of the batch
+from the first step to the last; ``dnc_access`` does one step's memory access alone, for
+the other controllers. Both have one write head, run on the CPU, and compute
+``addressing.py``'s maths (tested against the PyTorch path in float64, and gradchecked).
 
 The library is compiled once per source, compile command, torch version and CPU into
 ``$MEMCTL_CACHE`` (default ``~/.cache/memctl``), under a file lock so that parallel
@@ -152,30 +153,12 @@ def usable(link: torch.Tensor, write_heads: int) -> bool:
     )
 
 
-def _kept(interface, state, access) -> list[torch.Tensor]:
-    """What ``dnc_access_backward`` needs of a forward: the interface, the previous state
-    (six tensors) and ``dnc_access_forward``'s results (``access``, fourteen)."""
-    allocation, activated, write_content, order, read_content, forward, backward = access[7:]
-    new_state = access[1:6]  # the new precedence is not needed
-    return [
-        interface,
-        activated,
-        *state,
-        *new_state,
-        write_content,
-        allocation,
-        order,
-        read_content,
-        forward,
-        backward,
-    ]
-
-
 class _Access(torch.autograd.Function):
     @staticmethod
     def forward(ctx, interface, *state):
         access = torch.ops.memctl.dnc_access_forward(interface, *state)
-        ctx.save_for_backward(*_kept(interface, state, access))
+        # dnc_access_backward's saved: the interface, both states, the intermediates.
+        ctx.save_for_backward(interface, *state, *access[1:7], *access[7:])
         ctx.mark_non_differentiable(access[7])
         return tuple(access[:8])
 
@@ -206,33 +189,38 @@ def dnc_access(
     return _Access.apply(interface, memory, read_weights, write_weights, usage, link, precedence)
 
 
-class _Step(torch.autograd.Function):
+# dnc_sequence_forward's results: these first ones are the sequence's outputs (the last,
+# the allocation weightings, not differentiable); the rest are kept for backward only.
+_OUTPUTS = 11
+
+
+class _Sequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, clip, projected, reads, hidden, cell, *tensors):
         state, params = tensors[:6], tensors[6:]
-        results = torch.ops.memctl.dnc_step_forward(
+        results = torch.ops.memctl.dnc_sequence_forward(
             projected, reads, hidden, cell, params, clip, *state
         )
-        output, new_hidden, new_cell = results[:3]
-        access, (gates, interface, squashed) = results[3:17], results[17:]
-        ctx.clip = clip
-        kept = _kept(interface, state, access)
-        ctx.save_for_backward(
-            projected, reads, hidden, cell, new_hidden, squashed, gates, *params, *kept
-        )
-        ctx.mark_non_differentiable(access[7])
-        return output, new_hidden, new_cell, *access[:8]
+        ctx.clip, ctx.params = clip, len(params)
+        ctx.set_materialize_grads(False)  # most of the states' gradients are None
+        ctx.save_for_backward(*params, *results)
+        ctx.mark_non_differentiable(results[_OUTPUTS - 1])
+        return tuple(results[:_OUTPUTS])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        results = torch.ops.memctl.dnc_step_backward(ctx.saved_tensors, grads[:10], ctx.clip)
-        projected, reads, hidden, cell = results[:4]
-        params, state = results[4:-6], results[-6:]
+        saved = ctx.saved_tensors
+        params, results = saved[: ctx.params], saved[ctx.params :]
+        empty = results[0].new_empty(0)
+        flowing = [empty if grad is None else grad for grad in grads[: _OUTPUTS - 1]]
+        out = torch.ops.memctl.dnc_sequence_backward(params, results, flowing, ctx.clip)
+        projected, reads, hidden, cell = out[:4]
+        params, state = out[4:-6], out[-6:]
         return None, projected, reads, hidden, cell, *state, *params
 
 
-def dnc_step(
+def dnc_sequence(
     projected: torch.Tensor,
     reads: torch.Tensor,
     hidden: torch.Tensor,
@@ -241,14 +229,17 @@ def dnc_step(
     state: tuple[torch.Tensor, ...],
     params: tuple[torch.Tensor, ...],
 ) -> tuple[torch.Tensor, ...]:
-    """One time step of a DNC with one LSTM controller stack and one write head.
+    """A whole sequence of a DNC with one LSTM controller stack and one write head, the
+    time loop inside one native call forward and one backward.
 
-    projected: layer 0's input weights on this step's input, with the biases ``[B, 4H]``;
-    reads: the previous read vectors ``[B, R M]``; hidden, cell: ``[L, B, H]``; clip: the
-    controller output's clamp (``inf`` for none); state: the memory's six tensors as in
-    ``dnc_access``; params: ``DNCCore.native_parameters``'s
-    -> (clipped output ``[B, H]``, hidden, cell, read vectors ``[B, R, M]``, the memory's
-    new six tensors, the allocation weighting ``[B, 1, N]``, not differentiable).
+    projected: layer 0's input weights on the inputs, with the biases ``[T, B, 4H]``; the
+    initial state: reads ``[B, R, M]``, hidden and cell ``[L, B, H]``, the memory's six
+    tensors as in ``dnc_access``; clip: the controller output's clamp (``inf`` for none);
+    params: ``DNCCore.native_parameters``'s
+    -> (the clipped controller outputs ``[T, B, H]``, then every step's state, time major
+    with the initial state at ``[0]``: reads ``[T+1, B, R, M]``, hidden and cell
+    ``[T+1, L, B, H]``, the memory's six ``[T+1, B, ...]``; last the allocation
+    weightings ``[T, B, 1, N]``, not differentiable).
     """
     _require()
-    return _Step.apply(clip, projected, reads, hidden, cell, *state, *params)
+    return _Sequence.apply(clip, projected, reads, hidden, cell, *state, *params)

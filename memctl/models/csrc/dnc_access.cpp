@@ -1,12 +1,13 @@
-// The DNC's time step on the CPU as native kernels, forward and backward, built and
-// wrapped in memctl/models/native.py:
+// The DNC on the CPU as native kernels, forward and backward, built and wrapped in
+// memctl/models/native.py:
 // - dnc_access_forward / dnc_access_backward: one memory access with one write head, the
 //   maths of addressing.py step by step in the order of MemoryAccess.step, each batch
 //   element a few plain loops over N slots (two calls instead of about four hundred small
 //   tensor ops a step);
-// - dnc_step_forward / dnc_step_backward: a whole step of a DNC with one LSTM controller
-//   stack (Controller.step without layer norm or dropout, the output clip, the interface
-//   layer) and that memory access; the matrix products are ATen's.
+// - dnc_sequence_forward / dnc_sequence_backward: a whole sequence of a DNC with one LSTM
+//   controller stack (Controller.step without layer norm or dropout, the output clip, the
+//   interface layer, that memory access), the time loop inside: one call forward and one
+//   backward a sequence. The matrix products are ATen's.
 //
 // Shapes: B batch, N slots, M word size, R read heads; I = (R + 3) M + 5 R + 3 interface
 // numbers, laid out as MemoryAccess.sizes: read keys R x M, write key M, write vector M
@@ -16,21 +17,18 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/abs.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/lt.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/stack.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/tanh.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -131,15 +129,22 @@ void content_backward(const T* memory, const T* memory_inverse, const T* key, T 
   for (int64_t j = 0; j < M; ++j) grad_key[j] -= grad_norm * key[j];
 }
 
-// Pointers to one batch element's rows of the tensors below.
-template <typename T>
-const T* row(const Tensor& tensor, int64_t b) {
-  return tensor.data_ptr<T>() + b * tensor.stride(0);
+// A pointer to one batch element's row: of a tensor [B, ...] (index b), of step t of
+// [T, B, ...] (t, b) or of layer l at step t of [T, L, B, ...] (t, l, b).
+template <typename T, typename... Index>
+T* row(const Tensor& tensor, Index... index) {
+  int64_t offset = 0, dim = 0;
+  ((offset += index * tensor.stride(dim++)), ...);
+  return tensor.data_ptr<T>() + offset;
 }
-template <typename T>
-T* mutable_row(Tensor& tensor, int64_t b) {
-  return tensor.data_ptr<T>() + b * tensor.stride(0);
-}
+
+struct Sizes {
+  int64_t N, M, R;
+  Layout layout;
+  Sizes(int64_t N, int64_t M, int64_t R) : N(N), M(M), R(R), layout(M, R) {}
+  // Numbers per batch element of each state tensor, in AccessState's order.
+  std::array<int64_t, 6> state() const { return {N * M, R * N, N, N, N * N, N}; }
+};
 
 // One batch element's activated gates and write vector (pointers into the activated
 // interface).
@@ -155,413 +160,440 @@ struct Gates {
         write(act[layout.write_gate]) {}
 };
 
-// One batch element's rows of the previous state.
+// One batch element's memory state (or its gradient): memory [N, M], read weights [R, N],
+// write weights [N], usage [N], link [N, N], precedence [N].
 template <typename T>
-struct Previous {
-  const T *memory, *read, *write, *usage, *link, *precedence;
-  Previous(const Tensor& memory0, const Tensor& read0, const Tensor& write0,
-           const Tensor& usage0, const Tensor& link0, const Tensor& precedence0, int64_t b)
-      : memory(row<T>(memory0, b)),
-        read(row<T>(read0, b)),
-        write(row<T>(write0, b)),
-        usage(row<T>(usage0, b)),
-        link(row<T>(link0, b)),
-        precedence(row<T>(precedence0, b)) {}
+struct Memory {
+  T *memory, *read, *write, *usage, *link, *precedence;
+  // From the rows of six tensors: rows(k) is the k-th's.
+  template <typename Rows>
+  static Memory of(Rows rows) {
+    return {rows(0), rows(1), rows(2), rows(3), rows(4), rows(5)};
+  }
+  T* operator[](int k) const {
+    return std::array<T*, 6>{memory, read, write, usage, link, precedence}[k];
+  }
 };
 
+// One batch element's forward results that backward needs besides the states.
 template <typename T>
-void forward_kernel(const Tensor& interface, const Tensor& memory0, const Tensor& read0,
-                    const Tensor& write0, const Tensor& usage0, const Tensor& link0,
-                    const Tensor& precedence0, Tensor& reads, Tensor& memory, Tensor& read,
-                    Tensor& write, Tensor& usage, Tensor& link, Tensor& precedence,
-                    Tensor& allocation, Tensor& activated, Tensor& write_content,
-                    Tensor& read_content, Tensor& forward, Tensor& backward, Tensor& order) {
-  const int64_t B = memory0.size(0), N = memory0.size(1), M = memory0.size(2);
-  const int64_t R = read0.size(1);
-  const Layout layout(M, R);
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> inverse(N), sorted_usage(N);
-    for (int64_t b = begin; b < end; ++b) {
-      const T* raw = row<T>(interface, b);
-      T* act = mutable_row<T>(activated, b);
-      for (int64_t k = 0; k < layout.read_strengths; ++k) act[k] = raw[k];
-      for (int64_t k = layout.read_strengths; k < layout.erase; ++k) {
-        act[k] = 1 + (raw[k] > kSoftplusThreshold ? raw[k] : std::log1p(std::exp(raw[k])));
-      }
-      for (int64_t k = layout.erase; k < layout.modes; ++k) act[k] = sigmoid(raw[k]);
-      for (int64_t r = 0; r < R; ++r) {
-        const T* logits = raw + layout.modes + 3 * r;
-        T* modes = act + layout.modes + 3 * r;
-        const T largest = std::max({logits[0], logits[1], logits[2]});
-        T total = 0;
-        for (int k = 0; k < 3; ++k) total += modes[k] = std::exp(logits[k] - largest);
-        for (int k = 0; k < 3; ++k) modes[k] /= total;
-      }
-      const Gates<T> in(act, layout);
-      const Previous<T> prev(memory0, read0, write0, usage0, link0, precedence0, b);
-      T* mem = mutable_row<T>(memory, b);
-      T* u = mutable_row<T>(usage, b);
-      T* w = mutable_row<T>(write, b);
-      T* l = mutable_row<T>(link, b);
-      T* p = mutable_row<T>(precedence, b);
-      T* alloc = mutable_row<T>(allocation, b);
-      T* cw = mutable_row<T>(write_content, b);
-      T* cr = mutable_row<T>(read_content, b);
-      T* fw = mutable_row<T>(forward, b);
-      T* bw = mutable_row<T>(backward, b);
-      T* rw = mutable_row<T>(read, b);
-      int64_t* slots = mutable_row<int64_t>(order, b);
+struct Kept {
+  T *activated, *write_content, *allocation, *read_content, *forward, *backward;
+  int64_t* order;
+};
 
-      // usage_update: (u + w - u w) prod_r (1 - f^r w^r)
-      for (int64_t n = 0; n < N; ++n) {
-        T retention = 1;
-        for (int64_t r = 0; r < R; ++r) retention *= 1 - in.free[r] * prev.read[r * N + n];
-        u[n] = (prev.usage[n] + prev.write[n] - prev.usage[n] * prev.write[n]) * retention;
-      }
-      // write key lookup on the previous memory
-      for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(prev.memory + n * M, M);
-      content_forward(prev.memory, inverse.data(), act + layout.write_key,
-                      act[layout.write_strength], N, M, cw);
-      // allocation: a stable ascending sort of the (floored) usage
-      for (int64_t n = 0; n < N; ++n) sorted_usage[n] = u[n] * T(1 - kEpsilon) + T(kEpsilon);
-      std::iota(slots, slots + N, int64_t(0));
-      std::stable_sort(slots, slots + N, [&](int64_t i, int64_t j) {
-        return sorted_usage[i] < sorted_usage[j];
-      });
-      T product = 1;
-      for (int64_t j = 0; j < N; ++j) {
-        const int64_t slot = slots[j];
-        alloc[slot] = (1 - sorted_usage[slot]) * product;
-        product *= sorted_usage[slot];
-      }
-      // write weighting, then erase and add
-      T written = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        w[n] = in.write * (cw[n] + in.allocation * (alloc[n] - cw[n]));
-        written += w[n];
-      }
-      for (int64_t n = 0; n < N; ++n) {
-        const T* old = prev.memory + n * M;
-        T* slot = mem + n * M;
-        const T weight = w[n];
+// One memory access of one batch element: the interface before its activations, the
+// previous state -> the next state, the read vectors [R, M] and what backward keeps.
+template <typename T>
+void access_forward(const Sizes& s, const T* raw, const Memory<T>& prev, const Memory<T>& next,
+                    const Kept<T>& kept, T* out, T* inverse, T* sorted_usage) {
+  const int64_t N = s.N, M = s.M, R = s.R;
+  const Layout& layout = s.layout;
+  T* act = kept.activated;
+  for (int64_t k = 0; k < layout.read_strengths; ++k) act[k] = raw[k];
+  for (int64_t k = layout.read_strengths; k < layout.erase; ++k) {
+    act[k] = 1 + (raw[k] > kSoftplusThreshold ? raw[k] : std::log1p(std::exp(raw[k])));
+  }
+  for (int64_t k = layout.erase; k < layout.modes; ++k) act[k] = sigmoid(raw[k]);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* logits = raw + layout.modes + 3 * r;
+    T* modes = act + layout.modes + 3 * r;
+    const T largest = std::max({logits[0], logits[1], logits[2]});
+    T total = 0;
+    for (int k = 0; k < 3; ++k) total += modes[k] = std::exp(logits[k] - largest);
+    for (int k = 0; k < 3; ++k) modes[k] /= total;
+  }
+  const Gates<T> in(act, layout);
+  T *mem = next.memory, *u = next.usage, *w = next.write, *l = next.link, *p = next.precedence,
+    *rw = next.read;
+  T *alloc = kept.allocation, *cw = kept.write_content, *cr = kept.read_content,
+    *fw = kept.forward, *bw = kept.backward;
+  int64_t* slots = kept.order;
+
+  // usage_update: (u + w - u w) prod_r (1 - f^r w^r)
+  for (int64_t n = 0; n < N; ++n) {
+    T retention = 1;
+    for (int64_t r = 0; r < R; ++r) retention *= 1 - in.free[r] * prev.read[r * N + n];
+    u[n] = (prev.usage[n] + prev.write[n] - prev.usage[n] * prev.write[n]) * retention;
+  }
+  // write key lookup on the previous memory
+  for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(prev.memory + n * M, M);
+  content_forward(prev.memory, inverse, act + layout.write_key, act[layout.write_strength], N,
+                  M, cw);
+  // allocation: a stable ascending sort of the (floored) usage
+  for (int64_t n = 0; n < N; ++n) sorted_usage[n] = u[n] * T(1 - kEpsilon) + T(kEpsilon);
+  std::iota(slots, slots + N, int64_t(0));
+  std::stable_sort(slots, slots + N,
+                   [&](int64_t i, int64_t j) { return sorted_usage[i] < sorted_usage[j]; });
+  T product = 1;
+  for (int64_t j = 0; j < N; ++j) {
+    const int64_t slot = slots[j];
+    alloc[slot] = (1 - sorted_usage[slot]) * product;
+    product *= sorted_usage[slot];
+  }
+  // write weighting, then erase and add
+  T written = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    w[n] = in.write * (cw[n] + in.allocation * (alloc[n] - cw[n]));
+    written += w[n];
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const T* old = prev.memory + n * M;
+    T* slot = mem + n * M;
+    const T weight = w[n];
 #pragma omp simd
-        for (int64_t j = 0; j < M; ++j) {
-          slot[j] = old[j] + weight * (in.vector[j] - old[j] * in.erase[j]);
-        }
-      }
-      // link (zero diagonal) and precedence
-      for (int64_t i = 0; i < N; ++i) {
-        T* l_row = l + i * N;
-        const T* l0_row = prev.link + i * N;
-        const T keep = 1 - w[i], written_here = w[i];
+    for (int64_t j = 0; j < M; ++j) slot[j] = old[j] + weight * (in.vector[j] - old[j] * in.erase[j]);
+  }
+  // link (zero diagonal) and precedence
+  for (int64_t i = 0; i < N; ++i) {
+    T* l_row = l + i * N;
+    const T* l0_row = prev.link + i * N;
+    const T keep = 1 - w[i], written_here = w[i];
 #pragma omp simd
-        for (int64_t j = 0; j < N; ++j) {
-          l_row[j] = (keep - w[j]) * l0_row[j] + written_here * prev.precedence[j];
-        }
-        l_row[i] = 0;
-      }
-      for (int64_t n = 0; n < N; ++n) p[n] = (1 - written) * prev.precedence[n] + w[n];
-      // forward f = L w^r, backward b = L^T w^r of the previous read weights
-      std::fill(bw, bw + R * N, T(0));
-      for (int64_t r = 0; r < R; ++r) {
-        const T* weights = prev.read + r * N;
-        for (int64_t i = 0; i < N; ++i) {
-          fw[r * N + i] = dot(l + i * N, weights, N);
-          const T weight = weights[i];
-          T* bw_row = bw + r * N;
-          const T* l_row = l + i * N;
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) bw_row[j] += weight * l_row[j];
-        }
-      }
-      // read keys on the new memory, the read modes' mix, the reads
-      for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(mem + n * M, M);
-      T* out = mutable_row<T>(reads, b);
-      for (int64_t r = 0; r < R; ++r) {
-        content_forward(mem, inverse.data(), act + layout.read_keys + r * M,
-                        act[layout.read_strengths + r], N, M, cr + r * N);
-        const T* modes = act + layout.modes + 3 * r;
-        T* weights = rw + r * N;
-        T* vector = out + r * M;
-        std::fill(vector, vector + M, T(0));
-        for (int64_t n = 0; n < N; ++n) {
-          weights[n] = modes[0] * bw[r * N + n] + modes[1] * fw[r * N + n] +
-                       modes[2] * cr[r * N + n];
-          const T weight = weights[n];
-          const T* slot = mem + n * M;
-#pragma omp simd
-          for (int64_t j = 0; j < M; ++j) vector[j] += weight * slot[j];
-        }
-      }
+    for (int64_t j = 0; j < N; ++j) {
+      l_row[j] = (keep - w[j]) * l0_row[j] + written_here * prev.precedence[j];
     }
-  });
+    l_row[i] = 0;
+  }
+  for (int64_t n = 0; n < N; ++n) p[n] = (1 - written) * prev.precedence[n] + w[n];
+  // forward f = L w^r, backward b = L^T w^r of the previous read weights
+  std::fill(bw, bw + R * N, T(0));
+  for (int64_t r = 0; r < R; ++r) {
+    const T* weights = prev.read + r * N;
+    T* bw_row = bw + r * N;
+    for (int64_t i = 0; i < N; ++i) {
+      const T* l_row = l + i * N;
+      fw[r * N + i] = dot(l_row, weights, N);
+      const T weight = weights[i];
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) bw_row[j] += weight * l_row[j];
+    }
+  }
+  // read keys on the new memory, the read modes' mix, the reads
+  for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(mem + n * M, M);
+  for (int64_t r = 0; r < R; ++r) {
+    content_forward(mem, inverse, act + layout.read_keys + r * M, act[layout.read_strengths + r],
+                    N, M, cr + r * N);
+    const T* modes = act + layout.modes + 3 * r;
+    T* weights = rw + r * N;
+    T* vector = out + r * M;
+    std::fill(vector, vector + M, T(0));
+    for (int64_t n = 0; n < N; ++n) {
+      weights[n] = modes[0] * bw[r * N + n] + modes[1] * fw[r * N + n] + modes[2] * cr[r * N + n];
+      const T weight = weights[n];
+      const T* slot = mem + n * M;
+#pragma omp simd
+      for (int64_t j = 0; j < M; ++j) vector[j] += weight * slot[j];
+    }
+  }
 }
 
+// Backward's work space for one batch element.
 template <typename T>
-void backward_kernel(const std::vector<Tensor>& saved, const std::vector<Tensor>& grads,
-                     std::vector<Tensor>& out) {
-  const Tensor &interface = saved[0], &activated = saved[1], &memory0 = saved[2],
-               &read0 = saved[3], &write0 = saved[4], &usage0 = saved[5], &link0 = saved[6],
-               &precedence0 = saved[7], &memory = saved[8], &read = saved[9],
-               &write = saved[10], &usage = saved[11], &link = saved[12],
-               &write_content = saved[13], &allocation = saved[14], &order = saved[15],
-               &read_content = saved[16], &forward = saved[17], &backward = saved[18];
-  const int64_t B = memory0.size(0), N = memory0.size(1), M = memory0.size(2);
-  const int64_t R = read0.size(1);
-  const Layout layout(M, R);
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> inverse(N), grad_mem(N * M), grad_read(R * N), grad_write(N),
-        grad_usage(N), grad_link(N * N), grad_prec(N), grad_modes(3 * R), grad_act(layout.size),
-        grad_cr(R * N), grad_f(R * N), grad_b(R * N), grad_cw(N), grad_alloc(N),
-        prefix(N), factors(R);
-    for (int64_t b = begin; b < end; ++b) {
-      const T* raw = row<T>(interface, b);
-      const T* act = row<T>(activated, b);
-      const Gates<T> in(act, layout);
-      const Previous<T> prev(memory0, read0, write0, usage0, link0, precedence0, b);
-      const T* mem = row<T>(memory, b);
-      const T* rw = row<T>(read, b);
-      const T* w = row<T>(write, b);
-      const T* u = row<T>(usage, b);
-      const T* l = row<T>(link, b);
-      const T* cw = row<T>(write_content, b);
-      const T* alloc = row<T>(allocation, b);
-      const int64_t* slots = row<int64_t>(order, b);
-      const T* cr = row<T>(read_content, b);
-      const T* fw = row<T>(forward, b);
-      const T* bw = row<T>(backward, b);
-      const T* g_reads = row<T>(grads[0], b);
-      std::copy_n(row<T>(grads[1], b), N * M, grad_mem.begin());
-      std::copy_n(row<T>(grads[2], b), R * N, grad_read.begin());
-      std::copy_n(row<T>(grads[3], b), N, grad_write.begin());
-      std::copy_n(row<T>(grads[4], b), N, grad_usage.begin());
-      std::copy_n(row<T>(grads[5], b), N * N, grad_link.begin());
-      std::copy_n(row<T>(grads[6], b), N, grad_prec.begin());
-      std::fill(grad_act.begin(), grad_act.end(), T(0));
-      std::fill(grad_modes.begin(), grad_modes.end(), T(0));
-      T* g_mem0 = mutable_row<T>(out[1], b);
-      T* g_r0 = mutable_row<T>(out[2], b);
-      T* g_w0 = mutable_row<T>(out[3], b);
-      T* g_u0 = mutable_row<T>(out[4], b);
-      T* g_l0 = mutable_row<T>(out[5], b);
-      T* g_p0 = mutable_row<T>(out[6], b);
-      std::fill(g_r0, g_r0 + R * N, T(0));
+struct Scratch {
+  std::vector<T> inverse, grad_modes, grad_act, grad_cr, grad_f, grad_b, grad_cw, grad_alloc,
+      prefix, factors;
+  explicit Scratch(const Sizes& s)
+      : inverse(s.N),
+        grad_modes(3 * s.R),
+        grad_act(s.layout.size),
+        grad_cr(s.R * s.N),
+        grad_f(s.R * s.N),
+        grad_b(s.R * s.N),
+        grad_cw(s.N),
+        grad_alloc(s.N),
+        prefix(s.N),
+        factors(s.R) {}
+};
 
-      // reads = rw M; read weights = the modes' mix
-      for (int64_t r = 0; r < R; ++r) {
-        const T* g = g_reads + r * M;
-        T* modes = grad_modes.data() + 3 * r;
-        const T* pi = act + layout.modes + 3 * r;
-        for (int64_t n = 0; n < N; ++n) {
-          const T weight = rw[r * N + n];
-          T grad = grad_read[r * N + n] + dot(g, mem + n * M, M);
-          T* grad_slot = grad_mem.data() + n * M;
+// The gradients of one batch element's access: given those of its read vectors (g_reads)
+// and of its next state (grad: consumed, used as work space) -> those of the interface
+// before its activations (g_raw) and of the previous state (grad_prev).
+template <typename T>
+void access_backward(const Sizes& s, const T* raw, const Memory<T>& prev, const Memory<T>& next,
+                     const Kept<T>& kept, const T* g_reads, const Memory<T>& grad,
+                     const Memory<T>& grad_prev, T* g_raw, Scratch<T>& scratch) {
+  const int64_t N = s.N, M = s.M, R = s.R;
+  const Layout& layout = s.layout;
+  const T* act = kept.activated;
+  const Gates<T> in(act, layout);
+  const T *mem = next.memory, *rw = next.read, *w = next.write, *u = next.usage, *l = next.link;
+  const T *cw = kept.write_content, *alloc = kept.allocation, *cr = kept.read_content,
+          *fw = kept.forward, *bw = kept.backward;
+  const int64_t* slots = kept.order;
+  T *grad_mem = grad.memory, *grad_write = grad.write, *grad_usage = grad.usage,
+    *grad_link = grad.link;
+  const T *grad_read = grad.read, *grad_prec = grad.precedence;
+  T *g_mem0 = grad_prev.memory, *g_r0 = grad_prev.read, *g_w0 = grad_prev.write,
+    *g_u0 = grad_prev.usage, *g_l0 = grad_prev.link, *g_p0 = grad_prev.precedence;
+  T *grad_act = scratch.grad_act.data(), *grad_modes = scratch.grad_modes.data(),
+    *grad_cr = scratch.grad_cr.data(), *grad_f = scratch.grad_f.data(),
+    *grad_b = scratch.grad_b.data(), *grad_cw = scratch.grad_cw.data(),
+    *grad_alloc = scratch.grad_alloc.data(), *inverse = scratch.inverse.data(),
+    *prefix = scratch.prefix.data(), *factors = scratch.factors.data();
+  std::fill(grad_act, grad_act + layout.size, T(0));
+  std::fill(grad_modes, grad_modes + 3 * R, T(0));
+  std::fill(g_r0, g_r0 + R * N, T(0));
+
+  // reads = rw M; read weights = the modes' mix
+  for (int64_t r = 0; r < R; ++r) {
+    const T* g = g_reads + r * M;
+    T* modes = grad_modes + 3 * r;
+    const T* pi = act + layout.modes + 3 * r;
+    for (int64_t n = 0; n < N; ++n) {
+      const T weight = rw[r * N + n];
+      T grad_weight = grad_read[r * N + n] + dot(g, mem + n * M, M);
+      T* grad_slot = grad_mem + n * M;
 #pragma omp simd
-          for (int64_t j = 0; j < M; ++j) grad_slot[j] += weight * g[j];
-          const int64_t k = r * N + n;
-          modes[0] += grad * bw[k];
-          modes[1] += grad * fw[k];
-          modes[2] += grad * cr[k];
-          grad_b[k] = pi[0] * grad;
-          grad_f[k] = pi[1] * grad;
-          grad_cr[k] = pi[2] * grad;
-        }
-      }
-      // read key lookups on the new memory
-      for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(mem + n * M, M);
-      for (int64_t r = 0; r < R; ++r) {
-        content_backward(mem, inverse.data(), act + layout.read_keys + r * M,
-                         act[layout.read_strengths + r], cr + r * N, grad_cr.data() + r * N,
-                         N, M, grad_mem.data(), grad_act.data() + layout.read_keys + r * M,
-                         grad_act.data() + layout.read_strengths + r);
-      }
-      // forward / backward reads: the link's whole gradient, then the previous reads'
-      for (int64_t r = 0; r < R; ++r) {
-        const T* weights = prev.read + r * N;
-        const T* gf = grad_f.data() + r * N;
-        const T* gb = grad_b.data() + r * N;
-        T* g_weights = g_r0 + r * N;
-        for (int64_t i = 0; i < N; ++i) {
-          T* g_row = grad_link.data() + i * N;
-          const T* l_row = l + i * N;
-          const T left = gf[i], right = weights[i];
-          T from_backward = 0;
+      for (int64_t j = 0; j < M; ++j) grad_slot[j] += weight * g[j];
+      const int64_t k = r * N + n;
+      modes[0] += grad_weight * bw[k];
+      modes[1] += grad_weight * fw[k];
+      modes[2] += grad_weight * cr[k];
+      grad_b[k] = pi[0] * grad_weight;
+      grad_f[k] = pi[1] * grad_weight;
+      grad_cr[k] = pi[2] * grad_weight;
+    }
+  }
+  // read key lookups on the new memory
+  for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(mem + n * M, M);
+  for (int64_t r = 0; r < R; ++r) {
+    content_backward(mem, inverse, act + layout.read_keys + r * M, act[layout.read_strengths + r],
+                     cr + r * N, grad_cr + r * N, N, M, grad_mem,
+                     grad_act + layout.read_keys + r * M, grad_act + layout.read_strengths + r);
+  }
+  // forward / backward reads: the link's whole gradient, then the previous reads'
+  for (int64_t r = 0; r < R; ++r) {
+    const T* weights = prev.read + r * N;
+    const T* gf = grad_f + r * N;
+    const T* gb = grad_b + r * N;
+    T* g_weights = g_r0 + r * N;
+    for (int64_t i = 0; i < N; ++i) {
+      T* g_row = grad_link + i * N;
+      const T* l_row = l + i * N;
+      const T left = gf[i], right = weights[i];
+      T from_backward = 0;
 #pragma omp simd reduction(+ : from_backward)
-          for (int64_t j = 0; j < N; ++j) {
-            g_row[j] += left * weights[j] + right * gb[j];
-            g_weights[j] += l_row[j] * left;
-            from_backward += l_row[j] * gb[j];
-          }
-          g_weights[i] += from_backward;
-        }
-      }
-      for (int64_t i = 0; i < N; ++i) grad_link[i * N + i] = 0;
-      // precedence p = (1 - sum w) p0 + w
-      T written = 0, by_prec = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        written += w[n];
-        by_prec += grad_prec[n] * prev.precedence[n];
-      }
-      for (int64_t n = 0; n < N; ++n) {
-        g_p0[n] = (1 - written) * grad_prec[n];
-        grad_write[n] += grad_prec[n] - by_prec;
-      }
-      // link L = (1 - w[i] - w[j]) L0 + w[i] p0[j]
-      for (int64_t i = 0; i < N; ++i) {
-        const T* g_row = grad_link.data() + i * N;
-        const T* l0_row = prev.link + i * N;
-        T* out_row = g_l0 + i * N;
-        T by_row = 0;
-#pragma omp simd reduction(+ : by_row)
-        for (int64_t j = 0; j < N; ++j) {
-          const T weighted = g_row[j] * l0_row[j];
-          out_row[j] = (1 - w[i] - w[j]) * g_row[j];
-          by_row += g_row[j] * prev.precedence[j] - weighted;
-          grad_write[j] -= weighted;
-          g_p0[j] += g_row[j] * w[i];
-        }
-        grad_write[i] += by_row;
-      }
-      // erase and add: M = M0 + w (v - M0 e)
-      T* g_erase = grad_act.data() + layout.erase;
-      T* g_vector = grad_act.data() + layout.write_vector;
-      for (int64_t n = 0; n < N; ++n) {
-        T by_slot = 0;
-#pragma omp simd reduction(+ : by_slot)
-        for (int64_t j = 0; j < M; ++j) {
-          const T g = grad_mem[n * M + j], old = prev.memory[n * M + j];
-          by_slot += g * (in.vector[j] - old * in.erase[j]);
-          g_erase[j] -= g * old * w[n];
-          g_vector[j] += g * w[n];
-          g_mem0[n * M + j] = g * (1 - w[n] * in.erase[j]);
-        }
-        grad_write[n] += by_slot;
-      }
-      // write weighting w = g^w (c + g^a (a - c))
-      T g_write_gate = 0, g_allocation_gate = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const T mixed = cw[n] + in.allocation * (alloc[n] - cw[n]);
-        g_write_gate += grad_write[n] * mixed;
-        const T g_mixed = in.write * grad_write[n];
-        g_allocation_gate += g_mixed * (alloc[n] - cw[n]);
-        grad_cw[n] = g_mixed * (1 - in.allocation);
-        grad_alloc[n] = g_mixed * in.allocation;
-      }
-      grad_act[layout.write_gate] += g_write_gate;
-      grad_act[layout.allocation_gate] += g_allocation_gate;
-      // allocation a[s_j] = (1 - u[s_j]) prod_{i<j} u[s_i] of the floored, sorted usage
-      T product = 1;
       for (int64_t j = 0; j < N; ++j) {
-        prefix[j] = product;
-        product *= u[slots[j]] * T(1 - kEpsilon) + T(kEpsilon);
+        g_row[j] += left * weights[j] + right * gb[j];
+        g_weights[j] += l_row[j] * left;
+        from_backward += l_row[j] * gb[j];
       }
-      T later = 0;  // sum_{l > j} grad a[s_l] a[s_l]
-      for (int64_t j = N - 1; j >= 0; --j) {
-        const int64_t slot = slots[j];
-        const T floored = u[slot] * T(1 - kEpsilon) + T(kEpsilon);
-        grad_usage[slot] +=
-            T(1 - kEpsilon) * (later / floored - grad_alloc[slot] * prefix[j]);
-        later += grad_alloc[slot] * alloc[slot];
-      }
-      // write key lookup on the previous memory
-      for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(prev.memory + n * M, M);
-      content_backward(prev.memory, inverse.data(), act + layout.write_key,
-                       act[layout.write_strength], cw, grad_cw.data(), N, M, g_mem0,
-                       grad_act.data() + layout.write_key,
-                       grad_act.data() + layout.write_strength);
-      // usage u = (u0 + w0 - u0 w0) psi, psi = prod_r (1 - f^r w^r)
-      T* g_free = grad_act.data() + layout.free_gates;
-      for (int64_t n = 0; n < N; ++n) {
-        T retention = 1;
-        for (int64_t r = 0; r < R; ++r) {
-          factors[r] = 1 - in.free[r] * prev.read[r * N + n];
-          retention *= factors[r];
-        }
-        const T g = grad_usage[n];
-        g_u0[n] = g * retention * (1 - prev.write[n]);
-        g_w0[n] = g * retention * (1 - prev.usage[n]);
-        const T g_retention = g * (prev.usage[n] + prev.write[n] - prev.usage[n] * prev.write[n]);
-        for (int64_t r = 0; r < R; ++r) {
-          T others = 1;
-          for (int64_t k = 0; k < R; ++k) {
-            if (k != r) others *= factors[k];
-          }
-          const T g_factor = g_retention * others;
-          g_free[r] -= g_factor * prev.read[r * N + n];
-          g_r0[r * N + n] -= g_factor * in.free[r];
-        }
-      }
-      // activations: identity, oneplus, sigmoid, softmax over each head's three modes
-      T* g_raw = mutable_row<T>(out[0], b);
-      for (int64_t k = 0; k < layout.read_strengths; ++k) g_raw[k] = grad_act[k];
-      for (int64_t k = layout.read_strengths; k < layout.erase; ++k) {
-        g_raw[k] = raw[k] > kSoftplusThreshold ? grad_act[k] : grad_act[k] * sigmoid(raw[k]);
-      }
-      for (int64_t k = layout.erase; k < layout.modes; ++k) {
-        g_raw[k] = grad_act[k] * act[k] * (1 - act[k]);
-      }
-      for (int64_t r = 0; r < R; ++r) {
-        const T* pi = act + layout.modes + 3 * r;
-        const T* g = grad_modes.data() + 3 * r;
-        const T mean = pi[0] * g[0] + pi[1] * g[1] + pi[2] * g[2];
-        for (int k = 0; k < 3; ++k) g_raw[layout.modes + 3 * r + k] = pi[k] * (g[k] - mean);
-      }
+      g_weights[i] += from_backward;
     }
-  });
+  }
+  for (int64_t i = 0; i < N; ++i) grad_link[i * N + i] = 0;
+  // precedence p = (1 - sum w) p0 + w
+  T written = 0, by_prec = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    written += w[n];
+    by_prec += grad_prec[n] * prev.precedence[n];
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    g_p0[n] = (1 - written) * grad_prec[n];
+    grad_write[n] += grad_prec[n] - by_prec;
+  }
+  // link L = (1 - w[i] - w[j]) L0 + w[i] p0[j]
+  for (int64_t i = 0; i < N; ++i) {
+    const T* g_row = grad_link + i * N;
+    const T* l0_row = prev.link + i * N;
+    T* out_row = g_l0 + i * N;
+    T by_row = 0;
+#pragma omp simd reduction(+ : by_row)
+    for (int64_t j = 0; j < N; ++j) {
+      const T weighted = g_row[j] * l0_row[j];
+      out_row[j] = (1 - w[i] - w[j]) * g_row[j];
+      by_row += g_row[j] * prev.precedence[j] - weighted;
+      grad_write[j] -= weighted;
+      g_p0[j] += g_row[j] * w[i];
+    }
+    grad_write[i] += by_row;
+  }
+  // erase and add: M = M0 + w (v - M0 e)
+  T* g_erase = grad_act + layout.erase;
+  T* g_vector = grad_act + layout.write_vector;
+  for (int64_t n = 0; n < N; ++n) {
+    T by_slot = 0;
+#pragma omp simd reduction(+ : by_slot)
+    for (int64_t j = 0; j < M; ++j) {
+      const T g = grad_mem[n * M + j], old = prev.memory[n * M + j];
+      by_slot += g * (in.vector[j] - old * in.erase[j]);
+      g_erase[j] -= g * old * w[n];
+      g_vector[j] += g * w[n];
+      g_mem0[n * M + j] = g * (1 - w[n] * in.erase[j]);
+    }
+    grad_write[n] += by_slot;
+  }
+  // write weighting w = g^w (c + g^a (a - c))
+  T g_write_gate = 0, g_allocation_gate = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const T mixed = cw[n] + in.allocation * (alloc[n] - cw[n]);
+    g_write_gate += grad_write[n] * mixed;
+    const T g_mixed = in.write * grad_write[n];
+    g_allocation_gate += g_mixed * (alloc[n] - cw[n]);
+    grad_cw[n] = g_mixed * (1 - in.allocation);
+    grad_alloc[n] = g_mixed * in.allocation;
+  }
+  grad_act[layout.write_gate] += g_write_gate;
+  grad_act[layout.allocation_gate] += g_allocation_gate;
+  // allocation a[s_j] = (1 - u[s_j]) prod_{i<j} u[s_i] of the floored, sorted usage
+  T product = 1;
+  for (int64_t j = 0; j < N; ++j) {
+    prefix[j] = product;
+    product *= u[slots[j]] * T(1 - kEpsilon) + T(kEpsilon);
+  }
+  T later = 0;  // sum_{l > j} grad a[s_l] a[s_l]
+  for (int64_t j = N - 1; j >= 0; --j) {
+    const int64_t slot = slots[j];
+    const T floored = u[slot] * T(1 - kEpsilon) + T(kEpsilon);
+    grad_usage[slot] += T(1 - kEpsilon) * (later / floored - grad_alloc[slot] * prefix[j]);
+    later += grad_alloc[slot] * alloc[slot];
+  }
+  // write key lookup on the previous memory
+  for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(prev.memory + n * M, M);
+  content_backward(prev.memory, inverse, act + layout.write_key, act[layout.write_strength], cw,
+                   grad_cw, N, M, g_mem0, grad_act + layout.write_key,
+                   grad_act + layout.write_strength);
+  // usage u = (u0 + w0 - u0 w0) psi, psi = prod_r (1 - f^r w^r)
+  T* g_free = grad_act + layout.free_gates;
+  for (int64_t n = 0; n < N; ++n) {
+    T retention = 1;
+    for (int64_t r = 0; r < R; ++r) {
+      factors[r] = 1 - in.free[r] * prev.read[r * N + n];
+      retention *= factors[r];
+    }
+    const T g = grad_usage[n];
+    g_u0[n] = g * retention * (1 - prev.write[n]);
+    g_w0[n] = g * retention * (1 - prev.usage[n]);
+    const T g_retention = g * (prev.usage[n] + prev.write[n] - prev.usage[n] * prev.write[n]);
+    for (int64_t r = 0; r < R; ++r) {
+      T others = 1;
+      for (int64_t k = 0; k < R; ++k) {
+        if (k != r) others *= factors[k];
+      }
+      const T g_factor = g_retention * others;
+      g_free[r] -= g_factor * prev.read[r * N + n];
+      g_r0[r * N + n] -= g_factor * in.free[r];
+    }
+  }
+  // activations: identity, oneplus, sigmoid, softmax over each head's three modes
+  for (int64_t k = 0; k < layout.read_strengths; ++k) g_raw[k] = grad_act[k];
+  for (int64_t k = layout.read_strengths; k < layout.erase; ++k) {
+    g_raw[k] = raw[k] > kSoftplusThreshold ? grad_act[k] : grad_act[k] * sigmoid(raw[k]);
+  }
+  for (int64_t k = layout.erase; k < layout.modes; ++k) g_raw[k] = grad_act[k] * act[k] * (1 - act[k]);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* pi = act + layout.modes + 3 * r;
+    const T* g = grad_modes + 3 * r;
+    const T mean = pi[0] * g[0] + pi[1] * g[1] + pi[2] * g[2];
+    for (int k = 0; k < 3; ++k) g_raw[layout.modes + 3 * r + k] = pi[k] * (g[k] - mean);
+  }
 }
+
+// Forward results kept for backward, as tensors [B, ...] (one access) or [T, B, ...] (a
+// sequence); the rows of element b (at step t).
+struct KeptTensors {
+  Tensor activated, write_content, allocation, read_content, forward, backward, order;
+  template <typename T, typename... Index>
+  Kept<T> rows(Index... index) const {
+    return {row<T>(activated, index...),    row<T>(write_content, index...),
+            row<T>(allocation, index...),   row<T>(read_content, index...),
+            row<T>(forward, index...),      row<T>(backward, index...),
+            row<int64_t>(order, index...)};
+  }
+};
 
 void check(const Tensor& interface, const Tensor& memory0, const Tensor& read0) {
   TORCH_CHECK(interface.device().is_cpu(), "dnc_access: CPU tensors only");
   TORCH_CHECK(memory0.dim() == 3 && read0.dim() == 3, "dnc_access: memory [B, N, M]");
-  TORCH_CHECK(interface.size(1) == Layout(memory0.size(2), read0.size(1)).size,
+  TORCH_CHECK(interface.size(-1) == Layout(memory0.size(2), read0.size(1)).size,
               "dnc_access: interface size does not match N, M, R");
 }
 
-std::vector<Tensor> dnc_access_forward(const Tensor& interface_in, const Tensor& memory0_in,
-                                       const Tensor& read0_in, const Tensor& write0_in,
-                                       const Tensor& usage0_in, const Tensor& link0_in,
-                                       const Tensor& precedence0_in) {
-  const Tensor interface = interface_in.contiguous(), memory0 = memory0_in.contiguous(),
-               read0 = read0_in.contiguous(), write0 = write0_in.contiguous(),
-               usage0 = usage0_in.contiguous(), link0 = link0_in.contiguous(),
-               precedence0 = precedence0_in.contiguous();
-  check(interface, memory0, read0);
-  const int64_t B = memory0.size(0), N = memory0.size(1), M = memory0.size(2);
-  const int64_t R = read0.size(1);
-  Tensor reads = at::empty({B, R, M}, memory0.options());
-  Tensor memory = at::empty_like(memory0), read = at::empty_like(read0),
-         write = at::empty_like(write0), usage = at::empty_like(usage0),
-         link = at::empty_like(link0), precedence = at::empty_like(precedence0),
-         allocation = at::empty_like(write0), activated = at::empty_like(interface),
-         write_content = at::empty({B, N}, memory0.options()),
-         read_content = at::empty_like(read0), forward = at::empty_like(read0),
-         backward = at::empty_like(read0),
-         order = at::empty({B, N}, memory0.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(memory0.scalar_type(), "dnc_access_forward", [&] {
-    forward_kernel<scalar_t>(interface, memory0, read0, write0, usage0, link0, precedence0,
-                             reads, memory, read, write, usage, link, precedence, allocation,
-                             activated, write_content, read_content, forward, backward, order);
-  });
-  return {reads,      memory,        read,  write,        usage,   link,     precedence,
-          allocation, activated, write_content, order, read_content, forward, backward};
+std::vector<Tensor> contiguous(at::TensorList tensors) {
+  std::vector<Tensor> out;
+  for (const Tensor& tensor : tensors) out.push_back(tensor.contiguous());
+  return out;
 }
 
+// interface [B, I], the previous state (six tensors [B, ...]) -> read vectors [B, R, M],
+// the next state's six tensors, the allocation weighting [B, 1, N]; then what backward
+// keeps: activated interface [B, I], write content weights [B, N], the allocation's slot
+// order [B, N], read content weights, forward and backward weights [B, R, N].
+std::vector<Tensor> dnc_access_forward(const Tensor& interface_in, const Tensor& memory0,
+                                       const Tensor& read0, const Tensor& write0,
+                                       const Tensor& usage0, const Tensor& link0,
+                                       const Tensor& precedence0) {
+  const Tensor interface = interface_in.contiguous();
+  const std::vector<Tensor> prev =
+      contiguous({memory0, read0, write0, usage0, link0, precedence0});
+  check(interface, prev[0], prev[1]);
+  const Sizes s(prev[0].size(1), prev[0].size(2), prev[1].size(1));
+  const int64_t B = interface.size(0);
+  const auto options = interface.options();
+  const Tensor reads = at::empty({B, s.R, s.M}, options);
+  std::vector<Tensor> next;
+  for (const Tensor& tensor : prev) next.push_back(at::empty_like(tensor));
+  const KeptTensors kept{at::empty_like(interface),         at::empty({B, s.N}, options),
+                         at::empty({B, 1, s.N}, options),   at::empty({B, s.R, s.N}, options),
+                         at::empty({B, s.R, s.N}, options), at::empty({B, s.R, s.N}, options),
+                         at::empty({B, s.N}, options.dtype(at::kLong))};
+  AT_DISPATCH_FLOATING_TYPES(interface.scalar_type(), "dnc_access_forward", [&] {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> inverse(s.N), sorted_usage(s.N);
+      for (int64_t b = begin; b < end; ++b) {
+        access_forward(
+            s, row<scalar_t>(interface, b),
+            Memory<scalar_t>::of([&](int k) { return row<scalar_t>(prev[k], b); }),
+            Memory<scalar_t>::of([&](int k) { return row<scalar_t>(next[k], b); }),
+            kept.rows<scalar_t>(b), row<scalar_t>(reads, b), inverse.data(),
+            sorted_usage.data());
+      }
+    });
+  });
+  std::vector<Tensor> results{reads};
+  results.insert(results.end(), next.begin(), next.end());
+  results.insert(results.end(), {kept.allocation, kept.activated, kept.write_content, kept.order,
+                                 kept.read_content, kept.forward, kept.backward});
+  return results;
+}
+
+// saved: interface, the previous state (6), the next state (6), then dnc_access_forward's
+// results from the allocation on (7); grads: of the read vectors and of the next state (6)
+// -> the gradients of the interface and of the previous state (6).
 std::vector<Tensor> dnc_access_backward(at::TensorList saved_in, at::TensorList grads_in) {
-  std::vector<Tensor> saved, grads;
-  for (const Tensor& tensor : saved_in) saved.push_back(tensor.contiguous());
-  for (const Tensor& tensor : grads_in) grads.push_back(tensor.contiguous());
-  TORCH_CHECK(saved.size() == 19 && grads.size() == 7, "dnc_access_backward: 19 + 7 tensors");
-  check(saved[0], saved[2], saved[3]);
-  std::vector<Tensor> out;
-  for (int index : {0, 2, 3, 4, 5, 6, 7}) out.push_back(at::empty_like(saved[index]));
-  AT_DISPATCH_FLOATING_TYPES(saved[2].scalar_type(), "dnc_access_backward", [&] {
-    backward_kernel<scalar_t>(saved, grads, out);
+  const std::vector<Tensor> saved = contiguous(saved_in), grads = contiguous(grads_in);
+  TORCH_CHECK(saved.size() == 20 && grads.size() == 7, "dnc_access_backward: 20 + 7 tensors");
+  const Tensor& interface = saved[0];
+  check(interface, saved[1], saved[2]);
+  const Sizes s(saved[1].size(1), saved[1].size(2), saved[2].size(1));
+  const KeptTensors kept{saved[14], saved[15], saved[13], saved[17],
+                         saved[18], saved[19], saved[16]};
+  std::vector<Tensor> out{at::empty_like(interface)};
+  for (int k = 1; k <= 6; ++k) out.push_back(at::empty_like(saved[k]));
+  const std::array<int64_t, 6> sizes = s.state();
+  AT_DISPATCH_FLOATING_TYPES(interface.scalar_type(), "dnc_access_backward", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, interface.size(0), 1, [&](int64_t begin, int64_t end) {
+      Scratch<T> scratch(s);
+      std::array<std::vector<T>, 6> grad;
+      for (int k = 0; k < 6; ++k) grad[k].resize(sizes[k]);
+      for (int64_t b = begin; b < end; ++b) {
+        for (int k = 0; k < 6; ++k) std::copy_n(row<T>(grads[1 + k], b), sizes[k], grad[k].data());
+        access_backward(s, row<T>(interface, b),
+                        Memory<T>::of([&](int k) { return row<T>(saved[1 + k], b); }),
+                        Memory<T>::of([&](int k) { return row<T>(saved[7 + k], b); }),
+                        kept.rows<T>(b), row<T>(grads[0], b),
+                        Memory<T>::of([&](int k) { return grad[k].data(); }),
+                        Memory<T>::of([&](int k) { return row<T>(out[1 + k], b); }),
+                        row<T>(out[0], b), scratch);
+      }
+    });
   });
   return out;
 }
 
-
-// -- Whole step: LSTM controller stack, output clip, interface layer, memory access ------
+// -- A whole sequence: LSTM controller stack, output clip, interface layer, memory access -
 //
 // params: layer 0's weights on [read vectors, hidden] [4H, R M + H] (its input weights'
 // read-vector columns and its recurrent weights, side by side: one product for both);
@@ -570,177 +602,357 @@ std::vector<Tensor> dnc_access_backward(at::TensorList saved_in, at::TensorList 
 // weight [I, H] and bias [I]. Gate blocks in torch.nn.LSTM's order: input, forget,
 // candidate, output.
 
-struct StepParams {
+struct Params {
   int64_t layers;
-  const std::vector<Tensor>& params;
+  std::vector<Tensor> params;
+  Params(at::TensorList tensors, int64_t layers) : layers(layers), params(contiguous(tensors)) {
+    TORCH_CHECK(params.size() == static_cast<size_t>(count(layers)),
+                "dnc_sequence: 3 + 2 (L - 1) parameters");
+  }
   const Tensor& weight(int64_t layer) const {
     return layer == 0 ? params[0] : params[1 + 2 * (layer - 1)];
   }
   const Tensor& input_bias(int64_t layer) const { return params[2 + 2 * (layer - 1)]; }
-  const Tensor& interface_weight() const { return params[1 + 2 * (layers - 1)]; }
-  const Tensor& interface_bias() const { return params[2 + 2 * (layers - 1)]; }
+  const Tensor& interface_weight() const { return params[count(layers) - 2]; }
+  const Tensor& interface_bias() const { return params[count(layers) - 1]; }
   static int64_t count(int64_t layers) { return 3 + 2 * (layers - 1); }
 };
 
-// gates [B, 4H] (pre-activation; activated in place: sigmoid, the candidate block tanh),
-// cell [B, H] -> new cell, its tanh and the new hidden. The transcendental functions are
-// ATen's vectorised ones.
-template <typename T>
-void lstm_forward(Tensor& gates, const Tensor& cell, Tensor& new_cell, Tensor& squashed,
-                  Tensor& new_hidden) {
-  const int64_t B = gates.size(0), H = cell.size(1);
-  const Tensor candidate = gates.narrow(1, 2 * H, H).tanh();
-  gates.sigmoid_();
-  gates.narrow(1, 2 * H, H).copy_(candidate);
-  const T* g = gates.data_ptr<T>();
-  const T* c = cell.data_ptr<T>();
-  T* c2 = new_cell.data_ptr<T>();
-  for (int64_t b = 0; b < B; ++b) {
-    const T* row_gates = g + b * 4 * H;
-#pragma omp simd
-    for (int64_t k = 0; k < H; ++k) {
-      c2[b * H + k] = row_gates[H + k] * c[b * H + k] + row_gates[k] * row_gates[2 * H + k];
+// A sequence's tensors, time major: what forward returns and backward is given back.
+// The states have T + 1 steps, [0] the initial one: reads [T+1, B, R, M], hidden and cell
+// [T+1, L, B, H], the memory's six [T+1, B, ...]; outputs (the clipped controller output)
+// [T, B, H] and allocation [T, B, 1, N]; then kept for backward: the interface [T, B, I],
+// the access's intermediates [T, B, ...], and per layer the activated gates [T, B, 4H], the
+// tanh of the new cell [T, B, H] and the layer's input [below, hidden] [T, B, width + H].
+struct Sequence {
+  Tensor outputs, reads, hidden, cell;
+  std::vector<Tensor> state;
+  Tensor interface;
+  KeptTensors kept;
+  std::vector<Tensor> gates, squashed, inputs;
+
+  std::vector<Tensor> flat() const {
+    std::vector<Tensor> out{outputs, reads, hidden, cell};
+    out.insert(out.end(), state.begin(), state.end());
+    out.insert(out.end(), {kept.allocation, interface, kept.activated, kept.write_content,
+                           kept.order, kept.read_content, kept.forward, kept.backward});
+    for (const auto* layers : {&gates, &squashed, &inputs}) {
+      out.insert(out.end(), layers->begin(), layers->end());
     }
+    return out;
   }
-  at::tanh_out(squashed, new_cell);
-  at::mul_out(new_hidden, gates.narrow(1, 3 * H, H), squashed);
+  static Sequence from(const std::vector<Tensor>& t) {
+    const int64_t layers = t[2].size(1);
+    TORCH_CHECK(t.size() == static_cast<size_t>(18 + 3 * layers), "dnc_sequence: saved tensors");
+    auto layer_block = [&](int64_t block) {
+      return std::vector<Tensor>(t.begin() + 18 + block * layers,
+                                 t.begin() + 18 + (block + 1) * layers);
+    };
+    return {t[0],
+            t[1],
+            t[2],
+            t[3],
+            std::vector<Tensor>(t.begin() + 4, t.begin() + 10),
+            t[11],
+            KeptTensors{t[12], t[13], t[10], t[15], t[16], t[17], t[14]},
+            layer_block(0),
+            layer_block(1),
+            layer_block(2)};
+  }
+};
+
+// [T + 1, ...first's shape], [0] = first.
+Tensor over_time(const Tensor& first, int64_t steps) {
+  std::vector<int64_t> shape{steps + 1};
+  shape.insert(shape.end(), first.sizes().begin(), first.sizes().end());
+  Tensor all = at::empty(shape, first.options());
+  all[0].copy_(first);
+  return all;
 }
 
-// Given the new hidden and cell's gradients, the gates' (pre-activation) gradient and the
-// previous cell's.
+// The rows [begin, begin + n) of step t of a tensor [T, B, ...] (or of [T, L, B, ...] at
+// layer l), as a tensor [n, ...].
+Tensor rows_at(const Tensor& tensor, int64_t t, int64_t begin, int64_t n) {
+  return tensor.select(0, t).narrow(0, begin, n);
+}
+Tensor rows_at(const Tensor& tensor, int64_t t, int64_t layer, int64_t begin, int64_t n) {
+  return tensor.select(0, t).select(0, layer).narrow(0, begin, n);
+}
+
+// Each batch element's run is independent of the others': the batch is split into one
+// block per thread, and each block runs the whole sequence (forward, and backward) on its
+// own, with ATen's matrix products on its rows.
 template <typename T>
-void lstm_backward(const Tensor& gates, const Tensor& cell, const Tensor& squashed,
-                   const Tensor& grad_hidden, const Tensor& grad_new_cell, Tensor& grad_gates,
-                   Tensor& grad_cell) {
-  const int64_t B = gates.size(0), H = cell.size(1);
-  const T* g = gates.data_ptr<T>();
-  const T* c = cell.data_ptr<T>();
-  const T* sq = squashed.data_ptr<T>();
-  const T* gh = grad_hidden.data_ptr<T>();
-  const T* gc2 = grad_new_cell.data_ptr<T>();
-  T* gg = grad_gates.data_ptr<T>();
-  T* gc = grad_cell.data_ptr<T>();
-  for (int64_t b = 0; b < B; ++b) {
-    const T* row_gates = g + b * 4 * H;
-    T* row_grad = gg + b * 4 * H;
+void sequence_forward(Sequence& q, const Tensor& projected, const Params& p, double clip) {
+  const int64_t steps = projected.size(0), B = projected.size(1);
+  const int64_t L = p.layers, H = q.hidden.size(3);
+  const Sizes s(q.state[0].size(2), q.state[0].size(3), q.state[1].size(2));
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    // Below autograd (on every thread; grad mode is per thread): plain ATen kernels.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int64_t n = end - begin;
+    std::vector<T> inverse(s.N), sorted_usage(s.N);
+    for (int64_t t = 0; t < steps; ++t) {
+      for (int64_t layer = 0; layer < L; ++layer) {
+        const int64_t width = layer == 0 ? s.R * s.M : H;
+        for (int64_t b = begin; b < end; ++b) {
+          T* in = row<T>(q.inputs[layer], t, b);
+          const T* below = layer == 0 ? row<T>(q.reads, t, b)
+                                      : row<T>(q.hidden, t + 1, layer - 1, b);
+          std::copy_n(below, width, in);
+          std::copy_n(row<T>(q.hidden, t, layer, b), H, in + width);
+        }
+        Tensor gates = rows_at(q.gates[layer], t, begin, n);
+        at::addmm_out(gates, layer == 0 ? rows_at(projected, t, begin, n) : p.input_bias(layer),
+                      rows_at(q.inputs[layer], t, begin, n), p.weight(layer).t());
+        gates.narrow(1, 0, 2 * H).sigmoid_();
+        gates.narrow(1, 3 * H, H).sigmoid_();
+        gates.narrow(1, 2 * H, H).tanh_();
+        const T* g = gates.data_ptr<T>();
+        const T* c = row<T>(q.cell, t, layer, begin);
+        Tensor new_cell = rows_at(q.cell, t + 1, layer, begin, n);
+        T* c2 = new_cell.data_ptr<T>();
+        for (int64_t b = 0; b < n; ++b) {
+          const T* gb = g + b * 4 * H;
+#pragma omp simd
+          for (int64_t k = 0; k < H; ++k) {
+            c2[b * H + k] = gb[H + k] * c[b * H + k] + gb[k] * gb[2 * H + k];
+          }
+        }
+        Tensor squashed = rows_at(q.squashed[layer], t, begin, n);
+        at::tanh_out(squashed, new_cell);
+        const T* sq = squashed.data_ptr<T>();
+        T* h2 = row<T>(q.hidden, t + 1, layer, begin);
+        for (int64_t b = 0; b < n; ++b) {
+#pragma omp simd
+          for (int64_t k = 0; k < H; ++k) h2[b * H + k] = g[b * 4 * H + 3 * H + k] * sq[b * H + k];
+        }
+      }
+      const T* top = row<T>(q.hidden, t + 1, L - 1, begin);
+      T* out = row<T>(q.outputs, t, begin);
+      for (int64_t k = 0; k < n * H; ++k) out[k] = std::clamp(top[k], T(-clip), T(clip));
+      Tensor interface = rows_at(q.interface, t, begin, n);
+      at::addmm_out(interface, p.interface_bias(), rows_at(q.outputs, t, begin, n),
+                    p.interface_weight().t());
+      for (int64_t b = begin; b < end; ++b) {
+        access_forward(s, row<T>(q.interface, t, b),
+                       Memory<T>::of([&](int k) { return row<T>(q.state[k], t, b); }),
+                       Memory<T>::of([&](int k) { return row<T>(q.state[k], t + 1, b); }),
+                       q.kept.rows<T>(t, b), row<T>(q.reads, t + 1, b), inverse.data(),
+                       sorted_usage.data());
+      }
+    }
+  });
+}
+
+// The LSTM cell's backward on n rows: given the gradients of the new hidden (gh) and of
+// the new cell (gc, replaced by the previous cell's) -> the gates' (pre-activation).
+template <typename T>
+void lstm_backward(int64_t n, int64_t H, const T* gates, const T* cell, const T* squashed,
+                   const T* gh, T* gc, T* grad_gates) {
+  for (int64_t b = 0; b < n; ++b) {
+    const T* g = gates + b * 4 * H;
+    T* gg = grad_gates + b * 4 * H;
 #pragma omp simd
     for (int64_t k = 0; k < H; ++k) {
       const int64_t at = b * H + k;
-      const T input = row_gates[k], forget = row_gates[H + k];
-      const T candidate = row_gates[2 * H + k], output = row_gates[3 * H + k];
-      const T grad_value = gc2[at] + gh[at] * output * (1 - sq[at] * sq[at]);
-      row_grad[k] = grad_value * candidate * input * (1 - input);
-      row_grad[H + k] = grad_value * c[at] * forget * (1 - forget);
-      row_grad[2 * H + k] = grad_value * input * (1 - candidate * candidate);
-      row_grad[3 * H + k] = gh[at] * sq[at] * output * (1 - output);
+      const T input = g[k], forget = g[H + k], candidate = g[2 * H + k], output = g[3 * H + k];
+      const T grad_value = gc[at] + gh[at] * output * (1 - squashed[at] * squashed[at]);
+      gg[k] = grad_value * candidate * input * (1 - input);
+      gg[H + k] = grad_value * cell[at] * forget * (1 - forget);
+      gg[2 * H + k] = grad_value * input * (1 - candidate * candidate);
+      gg[3 * H + k] = gh[at] * squashed[at] * output * (1 - output);
       gc[at] = grad_value * forget;
     }
   }
 }
 
-// One tensor per layer -> [L, ...]; a view, not a copy, for one layer.
-Tensor stacked(const std::vector<Tensor>& layers) {
-  return layers.size() == 1 ? layers[0].unsqueeze(0) : at::stack(layers);
+template <typename T, typename... Index>
+void add_rows(T* into, const Tensor& grad, int64_t count, Index... index) {
+  if (grad.numel() == 0) return;  // no gradient flows into this output
+  const T* from = row<T>(grad, index...);
+#pragma omp simd
+  for (int64_t k = 0; k < count; ++k) into[k] += from[k];
 }
 
-void check_step(const Tensor& projected, const Tensor& hidden, const StepParams& p) {
-  TORCH_CHECK(projected.device().is_cpu(), "dnc_step: CPU tensors only");
-  TORCH_CHECK(hidden.dim() == 3 && hidden.size(0) == p.layers, "dnc_step: hidden [L, B, H]");
-  TORCH_CHECK(p.params.size() == static_cast<size_t>(StepParams::count(p.layers)),
-              "dnc_step: 3 + 2 (L - 1) parameters");
-}
-
-// Returns: clipped output [B, H], hidden [L, B, H], cell [L, B, H], then
-// dnc_access_forward's 14 results; then to keep for backward: the activated gates
-// [L, B, 4H], the interface [B, I], the tanh of the new cells [L, B, H].
-std::vector<Tensor> dnc_step_forward(const Tensor& projected, const Tensor& reads,
-                                     const Tensor& hidden_in, const Tensor& cell_in,
-                                     at::TensorList params_in, double clip,
-                                     const Tensor& memory, const Tensor& read_weights,
-                                     const Tensor& write_weights, const Tensor& usage,
-                                     const Tensor& link, const Tensor& precedence) {
-  std::vector<Tensor> params(params_in.begin(), params_in.end());
-  const StepParams p{hidden_in.size(0), params};
-  check_step(projected, hidden_in, p);
-  const Tensor hidden = hidden_in.contiguous(), cell = cell_in.contiguous();
-  std::vector<Tensor> gates(p.layers), hiddens(p.layers), cells(p.layers), squashed(p.layers);
-  Tensor below = reads;
-  for (int64_t layer = 0; layer < p.layers; ++layer) {
-    const Tensor inputs = at::cat({below, hidden[layer]}, 1);
-    const Tensor& bias = layer == 0 ? projected : p.input_bias(layer);
-    gates[layer] = at::addmm(bias, inputs, p.weight(layer).t());
-    cells[layer] = at::empty_like(cell[layer]);
-    hiddens[layer] = at::empty_like(hidden[layer]);
-    squashed[layer] = at::empty_like(hidden[layer]);
-    AT_DISPATCH_FLOATING_TYPES(projected.scalar_type(), "dnc_step_forward", [&] {
-      lstm_forward<scalar_t>(gates[layer], cell[layer], cells[layer], squashed[layer],
-                             hiddens[layer]);
-    });
-    below = hiddens[layer];
-  }
-  const Tensor output = below.clamp(-clip, clip);
-  const Tensor interface = at::addmm(p.interface_bias(), output, p.interface_weight().t());
-  std::vector<Tensor> access = dnc_access_forward(interface, memory, read_weights,
-                                                  write_weights, usage, link, precedence);
-  std::vector<Tensor> results{output, stacked(hiddens), stacked(cells)};
-  results.insert(results.end(), access.begin(), access.end());
-  results.push_back(stacked(gates));
-  results.push_back(interface);
-  results.push_back(stacked(squashed));
-  return results;
-}
-
-// saved: projected, reads, hidden, cell, the step's new hidden, the tanh of its new cell,
-// the activated gates, the params, then the 19 tensors dnc_access_backward keeps; grads: output,
-// hidden, cell, then dnc_access_backward's 7. Returns the gradients of projected, reads,
-// hidden, cell, each param, and the 6 memory states.
-std::vector<Tensor> dnc_step_backward(at::TensorList saved, at::TensorList grads, double clip) {
-  const Tensor &reads = saved[1], &hidden = saved[2], &cell = saved[3],
-               &new_hidden = saved[4], &squashed = saved[5], &gates = saved[6];
-  const int64_t layers = hidden.size(0);
-  const int64_t count = StepParams::count(layers);
-  std::vector<Tensor> params(saved.begin() + 7, saved.begin() + 7 + count);
-  const StepParams p{layers, params};
-  std::vector<Tensor> access_saved(saved.begin() + 7 + count, saved.end());
-  std::vector<Tensor> access_grads(grads.begin() + 3, grads.end());
-  std::vector<Tensor> access = dnc_access_backward(access_saved, access_grads);
-  const Tensor& grad_interface = access[0];
-  const Tensor& output_before = new_hidden[layers - 1];
-  std::vector<Tensor> grad_params(count);
-  grad_params[count - 2] = at::mm(grad_interface.t(), output_before.clamp(-clip, clip));
-  grad_params[count - 1] = grad_interface.sum(0);
-  // hardtanh's gradient: through where -clip < x < clip
-  Tensor grad_below = at::addmm(grads[0], grad_interface, p.interface_weight());
-  grad_below.mul_(output_before.abs().lt(clip).to(grad_below.scalar_type()));
-  Tensor grad_hidden = at::empty_like(hidden), grad_cell = at::empty_like(cell);
-  Tensor grad_projected, grad_reads;
-  for (int64_t layer = layers - 1; layer >= 0; --layer) {
-    const Tensor grad_out = grad_below.add(grads[1][layer]);
-    Tensor grad_gates = at::empty_like(gates[layer]);
-    Tensor grad_previous_cell = grad_cell[layer];
-    const Tensor grad_new_cell = grads[2][layer].contiguous();
-    AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "dnc_step_backward", [&] {
-      lstm_backward<scalar_t>(gates[layer], cell[layer].contiguous(), squashed[layer],
-                              grad_out, grad_new_cell, grad_gates, grad_previous_cell);
-    });
-    const Tensor& below = layer == 0 ? reads : new_hidden[layer - 1];
-    const int64_t width = below.size(1);
-    const Tensor grad_inputs = at::mm(grad_gates, p.weight(layer));
-    grad_hidden[layer].copy_(grad_inputs.narrow(1, width, grad_inputs.size(1) - width));
-    grad_below = grad_inputs.narrow(1, 0, width);
-    const Tensor weight_grad = at::mm(grad_gates.t(), at::cat({below, hidden[layer]}, 1));
-    if (layer == 0) {
-      grad_params[0] = weight_grad;
-      grad_reads = grad_below;
-      grad_projected = grad_gates;
-    } else {
-      grad_params[1 + 2 * (layer - 1)] = weight_grad;
-      grad_params[2 + 2 * (layer - 1)] = grad_gates.sum(0);
+// grads: of the outputs, reads, hidden, cell and the memory's six (empty where none flows)
+// -> the gates' gradients per layer [T, B, 4H] and the interface's [T, B, I]; the initial
+// state's gradients: reads, hidden, cell, the memory's six.
+template <typename T>
+void sequence_backward(const Sequence& q, const Params& p, double clip,
+                       const std::vector<Tensor>& grads, std::vector<Tensor>& grad_gates,
+                       Tensor& grad_interface, std::vector<Tensor>& initial) {
+  const int64_t steps = q.outputs.size(0), B = q.outputs.size(1);
+  const int64_t L = p.layers, H = q.hidden.size(3);
+  const Sizes s(q.state[0].size(2), q.state[0].size(3), q.state[1].size(2));
+  const int64_t read_size = s.R * s.M;
+  const std::array<int64_t, 6> sizes = s.state();
+  const int64_t per_element = std::accumulate(sizes.begin(), sizes.end(), int64_t(0));
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int64_t n = end - begin;
+    // Gradients carried back in time, of the state after the step being undone.
+    std::vector<T> reads(n * read_size, T(0)), hidden(L * n * H, T(0)), cell(L * n * H, T(0));
+    std::vector<T> memory(n * per_element, T(0)), previous(n * per_element);
+    auto memory_of = [&](std::vector<T>& arena, int64_t i) {
+      return Memory<T>::of([&, i](int k) {
+        return arena.data() + i * per_element +
+               std::accumulate(sizes.begin(), sizes.begin() + k, int64_t(0));
+      });
+    };
+    auto add_state = [&](int64_t t) {  // the external gradients of the state at step t
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t i = b - begin;
+        add_rows(reads.data() + i * read_size, grads[1], read_size, t, b);
+        for (int64_t layer = 0; layer < L; ++layer) {
+          const int64_t at = (layer * n + i) * H;
+          add_rows(hidden.data() + at, grads[2], H, t, layer, b);
+          add_rows(cell.data() + at, grads[3], H, t, layer, b);
+        }
+        const Memory<T> carried = memory_of(memory, i);
+        for (int k = 0; k < 6; ++k) add_rows(carried[k], grads[4 + k], sizes[k], t, b);
+      }
+    };
+    Scratch<T> scratch(s);
+    std::vector<T> grad_below(n * H), grad_out(n * H);
+    std::vector<Tensor> grad_inputs;
+    for (int64_t layer = 0; layer < L; ++layer) {
+      grad_inputs.push_back(at::empty({n, p.weight(layer).size(1)}, q.outputs.options()));
     }
+    Tensor grad_top = at::empty({n, H}, q.outputs.options());
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      add_state(t + 1);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t i = b - begin;
+        access_backward(s, row<T>(q.interface, t, b),
+                        Memory<T>::of([&](int k) { return row<T>(q.state[k], t, b); }),
+                        Memory<T>::of([&](int k) { return row<T>(q.state[k], t + 1, b); }),
+                        q.kept.rows<T>(t, b), reads.data() + i * read_size, memory_of(memory, i),
+                        memory_of(previous, i), row<T>(grad_interface, t, b), scratch);
+      }
+      std::swap(memory, previous);
+      // the interface layer and the clip: the gradient of the top layer's new hidden
+      at::mm_out(grad_top, rows_at(grad_interface, t, begin, n), p.interface_weight());
+      const T* from_interface = grad_top.data_ptr<T>();
+      const T* top = row<T>(q.hidden, t + 1, L - 1, begin);
+      for (int64_t k = 0; k < n * H; ++k) {
+        grad_below[k] = std::abs(top[k]) < clip ? from_interface[k] : T(0);
+      }
+      if (grads[0].numel()) {  // the outputs' own gradient (the clip's is already in)
+        const T* outside = row<T>(grads[0], t, begin);
+        for (int64_t k = 0; k < n * H; ++k) grad_below[k] += std::abs(top[k]) < clip ? outside[k] : T(0);
+      }
+      for (int64_t layer = L - 1; layer >= 0; --layer) {
+        const int64_t width = layer == 0 ? read_size : H;
+        T* carried_hidden = hidden.data() + layer * n * H;
+        for (int64_t k = 0; k < n * H; ++k) grad_out[k] = grad_below[k] + carried_hidden[k];
+        Tensor layer_grad = rows_at(grad_gates[layer], t, begin, n);
+        lstm_backward(n, H, row<T>(q.gates[layer], t, begin), row<T>(q.cell, t, layer, begin),
+                      row<T>(q.squashed[layer], t, begin), grad_out.data(),
+                      cell.data() + layer * n * H, layer_grad.data_ptr<T>());
+        at::mm_out(grad_inputs[layer], layer_grad, p.weight(layer));
+        const T* g = grad_inputs[layer].data_ptr<T>();
+        T* below = layer == 0 ? reads.data() : grad_below.data();
+        for (int64_t i = 0; i < n; ++i) {
+          std::copy_n(g + i * (width + H), width, below + i * width);
+          std::copy_n(g + i * (width + H) + width, H, carried_hidden + i * H);
+        }
+      }
+    }
+    add_state(0);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t i = b - begin;
+      std::copy_n(reads.data() + i * read_size, read_size, row<T>(initial[0], b));
+      for (int64_t layer = 0; layer < L; ++layer) {
+        std::copy_n(hidden.data() + (layer * n + i) * H, H, row<T>(initial[1], layer, b));
+        std::copy_n(cell.data() + (layer * n + i) * H, H, row<T>(initial[2], layer, b));
+      }
+      const Memory<T> carried = memory_of(memory, i);
+      for (int k = 0; k < 6; ++k) std::copy_n(carried[k], sizes[k], row<T>(initial[3 + k], b));
+    }
+  });
+}
+
+void check_sequence(const Tensor& projected, const Tensor& hidden, const Tensor& memory) {
+  TORCH_CHECK(projected.device().is_cpu(), "dnc_sequence: CPU tensors only");
+  TORCH_CHECK(projected.dim() == 3, "dnc_sequence: projected [T, B, 4H]");
+  TORCH_CHECK(hidden.dim() == 3 && memory.dim() == 3, "dnc_sequence: hidden [L, B, H]");
+}
+
+// projected: layer 0's input weights on the inputs, with the biases [T, B, 4H]; reads
+// [B, R, M], hidden and cell [L, B, H], the memory's six: the initial state -> Sequence.
+std::vector<Tensor> dnc_sequence_forward(const Tensor& projected_in, const Tensor& reads0,
+                                         const Tensor& hidden0, const Tensor& cell0,
+                                         at::TensorList params_in, double clip,
+                                         const Tensor& memory0, const Tensor& read0,
+                                         const Tensor& write0, const Tensor& usage0,
+                                         const Tensor& link0, const Tensor& precedence0) {
+  const Tensor projected = projected_in.contiguous();
+  check_sequence(projected, hidden0, memory0);
+  const Params p(params_in, hidden0.size(0));
+  const int64_t steps = projected.size(0), B = projected.size(1), H = hidden0.size(2);
+  const Sizes s(memory0.size(1), memory0.size(2), read0.size(1));
+  TORCH_CHECK(p.interface_weight().size(0) == s.layout.size,
+              "dnc_sequence: interface size does not match N, M, R");
+  const auto options = projected.options();
+  auto empty = [&](std::vector<int64_t> shape) {
+    shape.insert(shape.begin(), {steps, B});
+    return at::empty(shape, options);
+  };
+  Sequence q;
+  q.outputs = empty({H});
+  q.reads = over_time(reads0, steps);
+  q.hidden = over_time(hidden0, steps);
+  q.cell = over_time(cell0, steps);
+  for (const Tensor& first : {memory0, read0, write0, usage0, link0, precedence0}) {
+    q.state.push_back(over_time(first, steps));
   }
-  std::vector<Tensor> results{grad_projected, grad_reads, grad_hidden, grad_cell};
+  q.interface = empty({s.layout.size});
+  q.kept = KeptTensors{empty({s.layout.size}), empty({s.N}),      empty({1, s.N}),
+                       empty({s.R, s.N}),      empty({s.R, s.N}), empty({s.R, s.N}),
+                       at::empty({steps, B, s.N}, options.dtype(at::kLong))};
+  for (int64_t layer = 0; layer < p.layers; ++layer) {
+    q.gates.push_back(empty({4 * H}));
+    q.squashed.push_back(empty({H}));
+    q.inputs.push_back(empty({p.weight(layer).size(1)}));
+  }
+  AT_DISPATCH_FLOATING_TYPES(projected.scalar_type(), "dnc_sequence_forward", [&] {
+    sequence_forward<scalar_t>(q, projected, p, clip);
+  });
+  return q.flat();
+}
+
+// params and saved: as dnc_sequence_forward was given and returned; grads: of its first ten
+// results (empty where none flows) -> the gradients of projected, reads, hidden, cell,
+// each param and the memory's six.
+std::vector<Tensor> dnc_sequence_backward(at::TensorList params_in, at::TensorList saved,
+                                          at::TensorList grads_in, double clip) {
+  const Sequence q = Sequence::from(contiguous(saved));
+  const Params p(params_in, q.hidden.size(1));
+  const std::vector<Tensor> grads = contiguous(grads_in);
+  TORCH_CHECK(grads.size() == 10, "dnc_sequence_backward: 10 gradients");
+  const int64_t steps = q.outputs.size(0), B = q.outputs.size(1);
+  std::vector<Tensor> grad_gates;
+  for (const Tensor& gates : q.gates) grad_gates.push_back(at::empty_like(gates));
+  Tensor grad_interface = at::empty_like(q.interface);
+  std::vector<Tensor> initial{at::empty_like(q.reads[0]), at::empty_like(q.hidden[0]),
+                              at::empty_like(q.cell[0])};
+  for (const Tensor& state : q.state) initial.push_back(at::empty_like(state[0]));
+  AT_DISPATCH_FLOATING_TYPES(q.outputs.scalar_type(), "dnc_sequence_backward", [&] {
+    sequence_backward<scalar_t>(q, p, clip, grads, grad_gates, grad_interface, initial);
+  });
+  // The weights' gradients: one product over all steps and batch elements.
+  auto flat = [&](const Tensor& tensor) { return tensor.view({steps * B, tensor.size(2)}); };
+  std::vector<Tensor> grad_params;
+  for (int64_t layer = 0; layer < p.layers; ++layer) {
+    grad_params.push_back(at::mm(flat(grad_gates[layer]).t(), flat(q.inputs[layer])));
+    if (layer > 0) grad_params.push_back(flat(grad_gates[layer]).sum(0));
+  }
+  grad_params.push_back(at::mm(flat(grad_interface).t(), flat(q.outputs)));
+  grad_params.push_back(flat(grad_interface).sum(0));
+  std::vector<Tensor> results{grad_gates[0], initial[0], initial[1], initial[2]};
   results.insert(results.end(), grad_params.begin(), grad_params.end());
-  results.insert(results.end(), access.begin() + 1, access.end());
+  results.insert(results.end(), initial.begin() + 3, initial.end());
   return results;
 }
 
@@ -752,15 +964,17 @@ TORCH_LIBRARY(memctl, m) {
       "Tensor write_weights, Tensor usage, Tensor link, Tensor precedence) -> Tensor[]");
   m.def("dnc_access_backward(Tensor[] saved, Tensor[] grads) -> Tensor[]");
   m.def(
-      "dnc_step_forward(Tensor projected, Tensor reads, Tensor hidden, Tensor cell, "
+      "dnc_sequence_forward(Tensor projected, Tensor reads, Tensor hidden, Tensor cell, "
       "Tensor[] params, float clip, Tensor memory, Tensor read_weights, "
       "Tensor write_weights, Tensor usage, Tensor link, Tensor precedence) -> Tensor[]");
-  m.def("dnc_step_backward(Tensor[] saved, Tensor[] grads, float clip) -> Tensor[]");
+  m.def(
+      "dnc_sequence_backward(Tensor[] params, Tensor[] saved, Tensor[] grads, float clip) "
+      "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(memctl, CPU, m) {
   m.impl("dnc_access_forward", &dnc_access_forward);
   m.impl("dnc_access_backward", &dnc_access_backward);
-  m.impl("dnc_step_forward", &dnc_step_forward);
-  m.impl("dnc_step_backward", &dnc_step_backward);
+  m.impl("dnc_sequence_forward", &dnc_sequence_forward);
+  m.impl("dnc_sequence_backward", &dnc_sequence_backward);
 }
