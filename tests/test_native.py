@@ -79,7 +79,7 @@ def test_gradcheck_of_the_access():
     assert torch.autograd.gradcheck(native.dnc_access, leaves(interface, *state))
 
 
-def step_inputs(layers: int, generator: torch.Generator):
+def sequence_inputs(layers: int, generator: torch.Generator, steps: int = 3):
     hidden_size, gates = 4, 16
     interface_size = MemoryAccess(1, N, M, R, 1).interface.out_features
 
@@ -90,21 +90,23 @@ def step_inputs(layers: int, generator: torch.Generator):
     for _ in range(layers - 1):
         params += [randn(gates, 2 * hidden_size), randn(gates)]
     params += [randn(interface_size, hidden_size), randn(interface_size)]
-    tensors = [randn(B, gates), randn(B, R * M), randn(layers, B, hidden_size)]
+    tensors = [randn(steps, B, gates), randn(B, R, M), randn(layers, B, hidden_size)]
     tensors += [randn(layers, B, hidden_size)]
     return tensors, list(random_state(generator, "random")), params
 
 
 @pytest.mark.parametrize(("layers", "clip"), [(1, 20.0), (2, 0.3)])
-def test_gradcheck_of_the_whole_step(layers: int, clip: float):
-    tensors, state, params = step_inputs(layers, torch.Generator().manual_seed(2))
+def test_gradcheck_of_a_whole_sequence(layers: int, clip: float):
+    """Every input (the projected inputs, the initial state, the parameters) against every
+    output (the controller outputs and every step's state)."""
+    tensors, state, params = sequence_inputs(layers, torch.Generator().manual_seed(2))
     count = len(tensors) + len(state)
 
-    def step(*args: torch.Tensor):
-        outputs = native.dnc_step(*args[:4], clip, tuple(args[4:count]), tuple(args[count:]))
-        return outputs[:-1]  # the allocation weighting is not differentiated
+    def sequence(*args: torch.Tensor):
+        outputs = native.dnc_sequence(*args[:4], clip, tuple(args[4:count]), tuple(args[count:]))
+        return outputs[:-1]  # the allocation weightings are not differentiated
 
-    assert torch.autograd.gradcheck(step, leaves(*tensors, *state, *params))
+    assert torch.autograd.gradcheck(sequence, leaves(*tensors, *state, *params))
 
 
 CONFIGS = [
@@ -115,9 +117,19 @@ CONFIGS = [
 ]
 
 
+@pytest.fixture
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("overrides", CONFIGS)
-def test_a_dnc_gives_the_same_outputs_and_gradients_on_both_paths(overrides, monkeypatch):
-    calls = {"dnc_step": 0, "dnc_access": 0}
+def test_a_dnc_gives_the_same_outputs_and_gradients_on_both_paths(overrides, threads, monkeypatch):
+    """With two threads the native sequence splits the batch into two blocks."""
+    calls = {"dnc_sequence": 0, "dnc_access": 0}
     for name in calls:
         original = getattr(native, name)
 
@@ -138,10 +150,12 @@ def test_a_dnc_gives_the_same_outputs_and_gradients_on_both_paths(overrides, mon
         return output, torch.autograd.grad(loss, list(rnn.parameters()))
 
     output, gradients = run("0")
-    assert calls == {"dnc_step": 0, "dnc_access": 0}
+    assert calls == {"dnc_sequence": 0, "dnc_access": 0}
     native_output, native_gradients = run("1")
-    used = "dnc_access" if overrides.get("rnn_type") == "gru" else "dnc_step"
-    assert calls[used] == 7  # once per time step
+    if overrides.get("rnn_type") == "gru":
+        assert calls == {"dnc_sequence": 0, "dnc_access": 7}  # once per time step
+    else:
+        assert calls == {"dnc_sequence": 1, "dnc_access": 0}  # once for the sequence
     torch.testing.assert_close(native_output, output, rtol=1e-12, atol=1e-12)
     for have, want in zip(native_gradients, gradients, strict=True):
         torch.testing.assert_close(have, want, rtol=1e-10, atol=1e-12)
