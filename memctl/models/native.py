@@ -49,12 +49,13 @@ def cpp_compiler() -> str | None:
 
 
 def _command(output: Path) -> list[str]:
-    from torch.utils import cpp_extension  # a quarter of a second: only when building
-
+    # torch's headers, as torch.utils.cpp_extension.include_paths() gives them (importing
+    # that module costs a fifth of a second, and this runs on every first use).
     torch_lib = Path(torch.__file__).parent / "lib"
+    headers = Path(torch.__file__).parent / "include"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     compiler = cpp_compiler() or "c++"
-    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    includes = [f"-I{headers}", f"-I{headers / 'torch' / 'csrc' / 'api' / 'include'}"]
     return [
         compiler,
         "-O3",
