@@ -4,8 +4,8 @@ side in one run.
 1. Copy training (batch 32, 18 time steps of 10 inputs, LSTM 64 with one layer, memory
    32 x 16, 4 read heads, Adam 1e-3, sigmoid cross-entropy): training steps per second
    of the peer and of memctl's drop-in ``DNC``, by ``mode``: ``eager``, what a user
-   gets (the native CPU step, ``memctl.models.native``; with ``train.compile: true``
-   too, since ``run`` keeps the native step where it serves the model); ``torch``, the
+   gets (the native CPU sequence, ``memctl.models.native``; with ``train.compile: true``
+   too, since ``run`` keeps the native sequence where it serves the model); ``torch``, the
    PyTorch path eager (``MEMCTL_NATIVE=0``); ``step``, the PyTorch path with
    ``compile_step()`` (each time step compiled); ``sequence``, with ``compile_sequence()``
    (the whole 18-step loop as one graph; minutes to compile, see ``first_step_s``).

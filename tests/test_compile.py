@@ -34,7 +34,7 @@ MODELS = {"ntm": (NTM, NTMConfig, NTM_TINY), "dnc": (DNCModel, DNCConfig, DNC_TI
 def test_compiled_step_gives_the_eager_losses_and_gradients(
     kind: str, compile_method: str, monkeypatch
 ):
-    # The DNC's PyTorch path: where its native step serves a model, run() uses that.
+    # The DNC's PyTorch path: where its native sequence serves a model, run() uses that.
     monkeypatch.setenv("MEMCTL_NATIVE", "0")
     model_class, config_class, tiny = MODELS[kind]
     task = CopyTask(CopyConfig(width=4, max_length=5))

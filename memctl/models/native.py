@@ -35,7 +35,7 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "dnc_access.cpp"
 
-# The native step keeps every step's link matrices ([B, N, N]) for backward. Up to this
+# The native kernels keep every step's link matrices ([B, N, N]) for backward. Up to this
 # many numbers per step (4 MiB in float32: N <= 362 at batch 8, 181 at batch 32) that is
 # the faster choice; beyond it the PyTorch path, which keeps one in ten and recomputes the
 # rest (addressing.LinkWorkspace), saves memory where a step is long anyway.
