@@ -158,8 +158,9 @@ class _Access(torch.autograd.Function):
     @staticmethod
     def forward(ctx, interface, *state):
         access = torch.ops.memctl.dnc_access_forward(interface, *state)
-        # dnc_access_backward's saved: the interface, both states, the intermediates.
-        ctx.save_for_backward(interface, *state, *access[1:7], *access[7:])
+        # dnc_access_backward's saved: the interface, the previous state, then all of
+        # dnc_access_forward's results but the read vectors (the next state, the rest).
+        ctx.save_for_backward(interface, *state, *access[1:])
         ctx.mark_non_differentiable(access[7])
         return tuple(access[:8])
 
