@@ -109,6 +109,36 @@ def test_gradcheck_of_a_whole_sequence(layers: int, clip: float):
     assert torch.autograd.gradcheck(sequence, leaves(*tensors, *state, *params))
 
 
+@pytest.mark.parametrize("steps", [1, 4, 5])
+def test_a_sequence_without_gradients_keeps_two_states(steps: int):
+    """keep=False (no backward, no trace): the same outputs and final state, with memory
+    for two states whatever the length."""
+    tensors, state, params = sequence_inputs(2, torch.Generator().manual_seed(7), steps)
+    kept = native.dnc_sequence(*tensors, 0.3, tuple(state), tuple(params))
+    light = native.dnc_sequence(*tensors, 0.3, tuple(state), tuple(params), keep=False)
+    torch.testing.assert_close(light[0], kept[0], rtol=0, atol=0)  # controller outputs
+    torch.testing.assert_close(light[1], kept[1], rtol=0, atol=0)  # every step's reads
+    for have, want in zip(light[2:10], kept[2:10], strict=True):  # hidden, cell, memory
+        assert have.shape[0] == 2 and want.shape[0] == steps + 1
+        torch.testing.assert_close(have[steps % 2], want[-1], rtol=0, atol=0)
+
+
+def test_a_dnc_without_gradients_gives_the_same_outputs_and_state():
+    torch.manual_seed(8)
+    rnn = DNC(5, hidden_size=8, nr_cells=N, cell_size=M, read_heads=R).double()
+    x = torch.randn(3, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    output, (controller, memory, reads) = rnn(x, (None, None, None), reset_experience=True)
+    with torch.no_grad():
+        light, (light_controller, light_memory, light_reads) = rnn(
+            x, (None, None, None), reset_experience=True
+        )
+    torch.testing.assert_close(light, output, rtol=0, atol=0)
+    torch.testing.assert_close(light_reads, reads, rtol=0, atol=0)
+    torch.testing.assert_close(light_controller, controller, rtol=0, atol=0)
+    for key, value in memory.items():
+        torch.testing.assert_close(light_memory[key], value, rtol=0, atol=0)
+
+
 CONFIGS = [
     {"num_hidden_layers": 1},
     {"num_hidden_layers": 2, "clip": 0.3},

@@ -461,6 +461,9 @@ class DNCCore(nn.Module):
         whole sequence (``native.dnc_sequence``)."""
         controller = state.controller[0]
         clip = math.inf if self.clip is None else float(self.clip)
+        inputs = (projected, state.reads, *controller, *state.access[0], *parameters)
+        # Every step's state is kept for backward or a trace; otherwise two take turns.
+        keep = record or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
         outputs, reads, hidden, cell, *access, allocations = native.dnc_sequence(
             projected,
             state.reads,
@@ -469,9 +472,11 @@ class DNCCore(nn.Module):
             clip,
             tuple(state.access[0]),
             parameters,
+            keep,
         )
-        final = AccessState(*(tensor[-1] for tensor in access))
-        next_state = DNCState((ControllerState(hidden[-1], cell[-1]),), (final,), reads[-1])
+        last = -1 if keep else len(outputs) % 2
+        final = AccessState(*(tensor[last] for tensor in access))
+        next_state = DNCState((ControllerState(hidden[last], cell[last]),), (final,), reads[-1])
         records = []
         if record:
             states = [AccessState(*step) for step in zip(*(t[1:] for t in access), strict=True)]

@@ -201,7 +201,7 @@ class _Sequence(torch.autograd.Function):
     def forward(ctx, clip, projected, reads, hidden, cell, *tensors):
         state, params = tensors[:6], tensors[6:]
         results = torch.ops.memctl.dnc_sequence_forward(
-            projected, reads, hidden, cell, params, clip, *state
+            projected, reads, hidden, cell, params, clip, True, *state
         )
         ctx.clip, ctx.params = clip, len(params)
         ctx.set_materialize_grads(False)  # most of the states' gradients are None
@@ -230,6 +230,7 @@ def dnc_sequence(
     clip: float,
     state: tuple[torch.Tensor, ...],
     params: tuple[torch.Tensor, ...],
+    keep: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """A whole sequence of a DNC with one LSTM controller stack and one write head, the
     time loop inside one native call forward and one backward.
@@ -242,6 +243,13 @@ def dnc_sequence(
     with the initial state at ``[0]``: reads ``[T+1, B, R, M]``, hidden and cell
     ``[T+1, L, B, H]``, the memory's six ``[T+1, B, ...]``; last the allocation
     weightings ``[T, B, 1, N]``, not differentiable).
+
+    ``keep=False`` (no gradient wanted, no trace): hidden, cell and the memory's six have
+    two steps taking turns, the final state at ``[T % 2]``, and the allocation weightings
+    one step; the memory is O(1) in T but for the outputs and reads.
     """
     _require()
+    if not keep:
+        args = (projected, reads, hidden, cell, params, clip, False, *state)
+        return tuple(torch.ops.memctl.dnc_sequence_forward(*args)[:_OUTPUTS])
     return _Sequence.apply(clip, projected, reads, hidden, cell, *state, *params)

@@ -666,9 +666,22 @@ struct Sequence {
   }
 };
 
-// [T + 1, ...first's shape], [0] = first.
-Tensor over_time(const Tensor& first, int64_t steps) {
-  std::vector<int64_t> shape{steps + 1};
+// Where a forward writes each step: with keep (for backward, or for a trace) every step's
+// state and intermediates, time major, the initial state at [0]; without, two states
+// taking turns (the final one at [T % 2]) and one step's intermediates, so that a forward
+// without gradients keeps O(1) memory in the sequence length, as the PyTorch path does.
+struct Timeline {
+  int64_t steps;
+  bool keep;
+  int64_t states() const { return keep ? steps + 1 : 2; }
+  int64_t kept_steps() const { return keep ? steps : 1; }
+  int64_t state(int64_t t) const { return keep ? t : t % 2; }
+  int64_t kept(int64_t t) const { return keep ? t : 0; }
+};
+
+// [slots, ...first's shape], [0] = first.
+Tensor over_time(const Tensor& first, int64_t slots) {
+  std::vector<int64_t> shape{slots};
   shape.insert(shape.end(), first.sizes().begin(), first.sizes().end());
   Tensor all = at::empty(shape, first.options());
   all[0].copy_(first);
@@ -688,7 +701,8 @@ Tensor rows_at(const Tensor& tensor, int64_t t, int64_t layer, int64_t begin, in
 // block per thread, and each block runs the whole sequence (forward, and backward) on its
 // own, with ATen's matrix products on its rows.
 template <typename T>
-void sequence_forward(Sequence& q, const Tensor& projected, const Params& p, double clip) {
+void sequence_forward(Sequence& q, const Tensor& projected, const Params& p, double clip,
+                      const Timeline& timeline) {
   const int64_t steps = projected.size(0), B = projected.size(1);
   const int64_t L = p.layers, H = q.hidden.size(3);
   const Sizes s(q.state[0].size(2), q.state[0].size(3), q.state[1].size(2));
@@ -698,24 +712,26 @@ void sequence_forward(Sequence& q, const Tensor& projected, const Params& p, dou
     const int64_t n = end - begin;
     std::vector<T> inverse(s.N), sorted_usage(s.N);
     for (int64_t t = 0; t < steps; ++t) {
+      const int64_t now = timeline.state(t), next = timeline.state(t + 1);
+      const int64_t kept = timeline.kept(t);
       for (int64_t layer = 0; layer < L; ++layer) {
         const int64_t width = layer == 0 ? s.R * s.M : H;
         for (int64_t b = begin; b < end; ++b) {
-          T* in = row<T>(q.inputs[layer], t, b);
+          T* in = row<T>(q.inputs[layer], kept, b);
           const T* below = layer == 0 ? row<T>(q.reads, t, b)
-                                      : row<T>(q.hidden, t + 1, layer - 1, b);
+                                      : row<T>(q.hidden, next, layer - 1, b);
           std::copy_n(below, width, in);
-          std::copy_n(row<T>(q.hidden, t, layer, b), H, in + width);
+          std::copy_n(row<T>(q.hidden, now, layer, b), H, in + width);
         }
-        Tensor gates = rows_at(q.gates[layer], t, begin, n);
+        Tensor gates = rows_at(q.gates[layer], kept, begin, n);
         at::addmm_out(gates, layer == 0 ? rows_at(projected, t, begin, n) : p.input_bias(layer),
-                      rows_at(q.inputs[layer], t, begin, n), p.weight(layer).t());
+                      rows_at(q.inputs[layer], kept, begin, n), p.weight(layer).t());
         gates.narrow(1, 0, 2 * H).sigmoid_();
         gates.narrow(1, 3 * H, H).sigmoid_();
         gates.narrow(1, 2 * H, H).tanh_();
         const T* g = gates.data_ptr<T>();
-        const T* c = row<T>(q.cell, t, layer, begin);
-        Tensor new_cell = rows_at(q.cell, t + 1, layer, begin, n);
+        const T* c = row<T>(q.cell, now, layer, begin);
+        Tensor new_cell = rows_at(q.cell, next, layer, begin, n);
         T* c2 = new_cell.data_ptr<T>();
         for (int64_t b = 0; b < n; ++b) {
           const T* gb = g + b * 4 * H;
@@ -724,26 +740,26 @@ void sequence_forward(Sequence& q, const Tensor& projected, const Params& p, dou
             c2[b * H + k] = gb[H + k] * c[b * H + k] + gb[k] * gb[2 * H + k];
           }
         }
-        Tensor squashed = rows_at(q.squashed[layer], t, begin, n);
+        Tensor squashed = rows_at(q.squashed[layer], kept, begin, n);
         at::tanh_out(squashed, new_cell);
         const T* sq = squashed.data_ptr<T>();
-        T* h2 = row<T>(q.hidden, t + 1, layer, begin);
+        T* h2 = row<T>(q.hidden, next, layer, begin);
         for (int64_t b = 0; b < n; ++b) {
 #pragma omp simd
           for (int64_t k = 0; k < H; ++k) h2[b * H + k] = g[b * 4 * H + 3 * H + k] * sq[b * H + k];
         }
       }
-      const T* top = row<T>(q.hidden, t + 1, L - 1, begin);
+      const T* top = row<T>(q.hidden, next, L - 1, begin);
       T* out = row<T>(q.outputs, t, begin);
       for (int64_t k = 0; k < n * H; ++k) out[k] = std::clamp(top[k], T(-clip), T(clip));
-      Tensor interface = rows_at(q.interface, t, begin, n);
+      Tensor interface = rows_at(q.interface, kept, begin, n);
       at::addmm_out(interface, p.interface_bias(), rows_at(q.outputs, t, begin, n),
                     p.interface_weight().t());
       for (int64_t b = begin; b < end; ++b) {
-        access_forward(s, row<T>(q.interface, t, b),
-                       Memory<T>::of([&](int k) { return row<T>(q.state[k], t, b); }),
-                       Memory<T>::of([&](int k) { return row<T>(q.state[k], t + 1, b); }),
-                       q.kept.rows<T>(t, b), row<T>(q.reads, t + 1, b), inverse.data(),
+        access_forward(s, row<T>(q.interface, kept, b),
+                       Memory<T>::of([&](int k) { return row<T>(q.state[k], now, b); }),
+                       Memory<T>::of([&](int k) { return row<T>(q.state[k], next, b); }),
+                       q.kept.rows<T>(kept, b), row<T>(q.reads, t + 1, b), inverse.data(),
                        sorted_usage.data());
       }
     }
@@ -885,10 +901,11 @@ void check_sequence(const Tensor& projected, const Tensor& hidden, const Tensor&
 }
 
 // projected: layer 0's input weights on the inputs, with the biases [T, B, 4H]; reads
-// [B, R, M], hidden and cell [L, B, H], the memory's six: the initial state -> Sequence.
+// [B, R, M], hidden and cell [L, B, H], the memory's six: the initial state; keep: every
+// step's state and intermediates (for backward or a trace; see Timeline) -> Sequence.
 std::vector<Tensor> dnc_sequence_forward(const Tensor& projected_in, const Tensor& reads0,
                                          const Tensor& hidden0, const Tensor& cell0,
-                                         at::TensorList params_in, double clip,
+                                         at::TensorList params_in, double clip, bool keep,
                                          const Tensor& memory0, const Tensor& read0,
                                          const Tensor& write0, const Tensor& usage0,
                                          const Tensor& link0, const Tensor& precedence0) {
@@ -899,30 +916,32 @@ std::vector<Tensor> dnc_sequence_forward(const Tensor& projected_in, const Tenso
   const Sizes s(memory0.size(1), memory0.size(2), read0.size(1));
   TORCH_CHECK(p.interface_weight().size(0) == s.layout.size,
               "dnc_sequence: interface size does not match N, M, R");
+  const Timeline timeline{steps, keep};
   const auto options = projected.options();
-  auto empty = [&](std::vector<int64_t> shape) {
-    shape.insert(shape.begin(), {steps, B});
+  auto empty = [&](int64_t count, std::vector<int64_t> shape) {
+    shape.insert(shape.begin(), {count, B});
     return at::empty(shape, options);
   };
+  auto kept = [&](std::vector<int64_t> shape) { return empty(timeline.kept_steps(), shape); };
   Sequence q;
-  q.outputs = empty({H});
-  q.reads = over_time(reads0, steps);
-  q.hidden = over_time(hidden0, steps);
-  q.cell = over_time(cell0, steps);
+  q.outputs = empty(steps, {H});
+  q.reads = over_time(reads0, steps + 1);  // every step's: the output layer reads them
+  q.hidden = over_time(hidden0, timeline.states());
+  q.cell = over_time(cell0, timeline.states());
   for (const Tensor& first : {memory0, read0, write0, usage0, link0, precedence0}) {
-    q.state.push_back(over_time(first, steps));
+    q.state.push_back(over_time(first, timeline.states()));
   }
-  q.interface = empty({s.layout.size});
-  q.kept = KeptTensors{empty({s.layout.size}), empty({s.N}),      empty({1, s.N}),
-                       empty({s.R, s.N}),      empty({s.R, s.N}), empty({s.R, s.N}),
-                       at::empty({steps, B, s.N}, options.dtype(at::kLong))};
+  q.interface = kept({s.layout.size});
+  q.kept = KeptTensors{kept({s.layout.size}), kept({s.N}),      kept({1, s.N}),
+                       kept({s.R, s.N}),      kept({s.R, s.N}), kept({s.R, s.N}),
+                       at::empty({timeline.kept_steps(), B, s.N}, options.dtype(at::kLong))};
   for (int64_t layer = 0; layer < p.layers; ++layer) {
-    q.gates.push_back(empty({4 * H}));
-    q.squashed.push_back(empty({H}));
-    q.inputs.push_back(empty({p.weight(layer).size(1)}));
+    q.gates.push_back(kept({4 * H}));
+    q.squashed.push_back(kept({H}));
+    q.inputs.push_back(kept({p.weight(layer).size(1)}));
   }
   AT_DISPATCH_FLOATING_TYPES(projected.scalar_type(), "dnc_sequence_forward", [&] {
-    sequence_forward<scalar_t>(q, projected, p, clip);
+    sequence_forward<scalar_t>(q, projected, p, clip, timeline);
   });
   return q.flat();
 }
@@ -970,7 +989,7 @@ TORCH_LIBRARY(memctl, m) {
   m.def("dnc_access_backward(Tensor[] saved, Tensor[] grads) -> Tensor[]");
   m.def(
       "dnc_sequence_forward(Tensor projected, Tensor reads, Tensor hidden, Tensor cell, "
-      "Tensor[] params, float clip, Tensor memory, Tensor read_weights, "
+      "Tensor[] params, float clip, bool keep, Tensor memory, Tensor read_weights, "
       "Tensor write_weights, Tensor usage, Tensor link, Tensor precedence) -> Tensor[]");
   m.def(
       "dnc_sequence_backward(Tensor[] params, Tensor[] saved, Tensor[] grads, float clip) "
