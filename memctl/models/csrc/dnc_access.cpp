@@ -808,7 +808,9 @@ void sequence_backward(const Sequence& q, const Params& p, double clip,
   const Sizes s(q.state[0].size(2), q.state[0].size(3), q.state[1].size(2));
   const int64_t read_size = s.R * s.M;
   const std::array<int64_t, 6> sizes = s.state();
-  const int64_t per_element = std::accumulate(sizes.begin(), sizes.end(), int64_t(0));
+  std::array<int64_t, 6> offsets{};  // of each state tensor in one element's gradients
+  std::partial_sum(sizes.begin(), sizes.end() - 1, offsets.begin() + 1);
+  const int64_t per_element = offsets[5] + sizes[5];
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t n = end - begin;
@@ -816,10 +818,7 @@ void sequence_backward(const Sequence& q, const Params& p, double clip,
     std::vector<T> reads(n * read_size, T(0)), hidden(L * n * H, T(0)), cell(L * n * H, T(0));
     std::vector<T> memory(n * per_element, T(0)), previous(n * per_element);
     auto memory_of = [&](std::vector<T>& arena, int64_t i) {
-      return Memory<T>::of([&, i](int k) {
-        return arena.data() + i * per_element +
-               std::accumulate(sizes.begin(), sizes.begin() + k, int64_t(0));
-      });
+      return Memory<T>::of([&, i](int k) { return arena.data() + i * per_element + offsets[k]; });
     };
     auto add_state = [&](int64_t t) {  // the external gradients of the state at step t
       for (int64_t b = begin; b < end; ++b) {
