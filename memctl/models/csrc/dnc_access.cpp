@@ -624,6 +624,8 @@ struct Params {
 };
 
 // A sequence's tensors, time major: what forward returns and backward is given back.
+// Shapes as forward keeps them for backward (without keep, see Timeline, the states but
+// the reads have two steps and the rest one).
 // The states have T + 1 steps, [0] the initial one: reads [T+1, B, R, M], hidden and cell
 // [T+1, L, B, H], the memory's six [T+1, B, ...]; outputs (the clipped controller output)
 // [T, B, H] and allocation [T, B, 1, N]; then kept for backward: the interface [T, B, I],
