@@ -2,13 +2,14 @@
 side in one run.
 
 1. Copy training (batch 32, 18 time steps of 10 inputs, LSTM 64 with one layer, memory
-   32 x 16, 4 read heads, Adam 1e-3, sigmoid cross-entropy): training steps per second
-   of the peer and of memctl's drop-in ``DNC``, by ``mode``: ``eager``, what a user
-   gets (the native CPU sequence, ``memctl.models.native``; with ``train.compile: true``
-   too, since ``run`` keeps the native sequence where it serves the model); ``torch``, the
-   PyTorch path eager (``MEMCTL_NATIVE=0``); ``step``, the PyTorch path with
-   ``compile_step()`` (each time step compiled); ``sequence``, with ``compile_sequence()``
-   (the whole 18-step loop as one graph; minutes to compile, see ``first_step_s``).
+   32 x 16, 4 read heads, sigmoid cross-entropy, Adam 1e-3 fused for both, as ``memctl
+   train`` steps): training steps per second of the peer and of memctl's drop-in
+   ``DNC``, by ``mode``: ``eager``, what a user gets (the native CPU sequence,
+   ``memctl.models.native``; with ``train.compile: true`` too, since ``run`` keeps the
+   native sequence where it serves the model); ``torch``, the PyTorch path eager
+   (``MEMCTL_NATIVE=0``); ``step``, the PyTorch path with ``compile_step()`` (each time
+   step compiled); ``sequence``, with ``compile_sequence()`` (the whole 18-step loop as
+   one graph; minutes to compile, see ``first_step_s``).
 2. One forward + backward (batch 8, T time steps, LSTM 64, cells of 32, 4 read heads,
    16 inputs) against the memory size N: seconds and peak resident memory, each case in
    its own process under an address-space limit (``resource.setrlimit``), so a case that
@@ -76,7 +77,8 @@ def copy_training(implementation: str, mode: str, steps: int, warmup: int, devic
     rnn = dnc_class(implementation)(**{**COPY, "gpu_id": 0 if device == "cuda" else -1})
     if mode in ("step", "sequence"):
         getattr(rnn, f"compile_{mode}")()
-    optimizer = torch.optim.Adam(rnn.parameters(), lr=1e-3)
+    # Both with fused Adam (one kernel for all parameters), as `memctl train` steps.
+    optimizer = torch.optim.Adam(rnn.parameters(), lr=1e-3, fused=True)
     generator = torch.Generator().manual_seed(0)
     synchronize = synchronizer(device)
 

@@ -234,7 +234,7 @@ class Trainer:
                 betas=spec.betas,
                 eps=spec.eps,
                 weight_decay=spec.weight_decay,
-                foreach=True,
+                fused=True,  # one kernel for all parameters (CPU and CUDA alike)
             )
         if spec.name == "rmsprop":
             return torch.optim.RMSprop(
