@@ -84,6 +84,29 @@ template <typename T>
   return T(1) / std::sqrt(dot(vector, vector, width) + T(kEpsilon));
 }
 
+// out[j] += sum_i coefficients[i] matrix[i, j] for a matrix [rows, width]: four rows at a
+// time, so that out is loaded and stored once per four rows rather than once per row
+// (the sum over rows is otherwise a chain through memory).
+template <typename T>
+[[gnu::always_inline]] inline void add_weighted_rows(T* out, const T* matrix,
+                                                     const T* coefficients, int64_t rows,
+                                                     int64_t width) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) {
+    const T *m0 = matrix + i * width, *m1 = m0 + width, *m2 = m1 + width, *m3 = m2 + width;
+    const T c0 = coefficients[i], c1 = coefficients[i + 1], c2 = coefficients[i + 2],
+            c3 = coefficients[i + 3];
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) out[j] += (c0 * m0[j] + c1 * m1[j]) + (c2 * m2[j] + c3 * m3[j]);
+  }
+  for (; i < rows; ++i) {
+    const T* m = matrix + i * width;
+    const T c = coefficients[i];
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) out[j] += c * m[j];
+  }
+}
+
 // Content weights: softmax_n(strength * cos(key, memory[n])), the norms as in
 // addressing.inverse_norms.
 template <typename T>
@@ -104,11 +127,11 @@ void content_forward(const T* memory, const T* memory_inverse, const T* key, T s
 }
 
 // Adds the content weights' gradients (given grad on the weights) to grad_memory,
-// grad_key and grad_strength.
+// grad_key and grad_strength; grad_dots: work space [N].
 template <typename T>
 void content_backward(const T* memory, const T* memory_inverse, const T* key, T strength,
                       const T* weights, const T* grad, int64_t N, int64_t M, T* grad_memory,
-                      T* grad_key, T* grad_strength) {
+                      T* grad_key, T* grad_strength, T* grad_dots) {
   const T key_inverse = inverse_norm(key, M);
   const T weighted = dot(weights, grad, N);
   T by_dots = 0;  // sum_n grad_logit[n] dot[n] memory_inverse[n]
@@ -118,16 +141,14 @@ void content_backward(const T* memory, const T* memory_inverse, const T* key, T 
     const T d = dot(key, row, M);
     const T grad_dot = grad_logit * strength * key_inverse * memory_inverse[n];
     // d/dv (|v|^2 + eps)^(-1/2) = -(inverse norm)^3 v
-    const T grad_norm = grad_logit * strength * key_inverse * d * memory_inverse[n] *
-                        memory_inverse[n] * memory_inverse[n];
+    const T grad_norm = grad_dot * d * memory_inverse[n] * memory_inverse[n];
     by_dots += grad_logit * d * memory_inverse[n];
+    grad_dots[n] = grad_dot;
     T* grad_row = grad_memory + n * M;
 #pragma omp simd
-    for (int64_t j = 0; j < M; ++j) {
-      grad_key[j] += grad_dot * row[j];
-      grad_row[j] += grad_dot * key[j] - grad_norm * row[j];
-    }
+    for (int64_t j = 0; j < M; ++j) grad_row[j] += grad_dot * key[j] - grad_norm * row[j];
   }
+  add_weighted_rows(grad_key, memory, grad_dots, N, M);
   *grad_strength += key_inverse * by_dots;
   const T grad_norm = strength * by_dots * key_inverse * key_inverse * key_inverse;
 #pragma omp simd
@@ -265,14 +286,8 @@ void access_forward(const Sizes& s, const T* raw, const Memory<T>& prev, const M
   std::fill(bw, bw + R * N, T(0));
   for (int64_t r = 0; r < R; ++r) {
     const T* weights = prev.read + r * N;
-    T* bw_row = bw + r * N;
-    for (int64_t i = 0; i < N; ++i) {
-      const T* l_row = l + i * N;
-      fw[r * N + i] = dot(l_row, weights, N);
-      const T weight = weights[i];
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) bw_row[j] += weight * l_row[j];
-    }
+    for (int64_t i = 0; i < N; ++i) fw[r * N + i] = dot(l + i * N, weights, N);
+    add_weighted_rows(bw + r * N, l, weights, N, N);
   }
   // read keys on the new memory, the read modes' mix, the reads
   for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(mem + n * M, M);
@@ -281,15 +296,11 @@ void access_forward(const Sizes& s, const T* raw, const Memory<T>& prev, const M
                     N, M, cr + r * N);
     const T* modes = act + layout.modes + 3 * r;
     T* weights = rw + r * N;
-    T* vector = out + r * M;
-    std::fill(vector, vector + M, T(0));
     for (int64_t n = 0; n < N; ++n) {
       weights[n] = modes[0] * bw[r * N + n] + modes[1] * fw[r * N + n] + modes[2] * cr[r * N + n];
-      const T weight = weights[n];
-      const T* slot = mem + n * M;
-#pragma omp simd
-      for (int64_t j = 0; j < M; ++j) vector[j] += weight * slot[j];
     }
+    std::fill(out + r * M, out + (r + 1) * M, T(0));
+    add_weighted_rows(out + r * M, mem, weights, N, M);
   }
 }
 
@@ -297,7 +308,7 @@ void access_forward(const Sizes& s, const T* raw, const Memory<T>& prev, const M
 template <typename T>
 struct Scratch {
   std::vector<T> inverse, grad_modes, grad_act, grad_cr, grad_f, grad_b, grad_cw, grad_alloc,
-      prefix, factors;
+      prefix, factors, erased, per_slot;
   explicit Scratch(const Sizes& s)
       : inverse(s.N),
         grad_modes(3 * s.R),
@@ -308,7 +319,9 @@ struct Scratch {
         grad_cw(s.N),
         grad_alloc(s.N),
         prefix(s.N),
-        factors(s.R) {}
+        factors(s.R),
+        erased(s.N * s.M),
+        per_slot(s.N) {}
 };
 
 // The gradients of one batch element's access: given those of its read vectors (g_reads)
@@ -365,7 +378,8 @@ void access_backward(const Sizes& s, const T* raw, const Memory<T>& prev, const 
   for (int64_t r = 0; r < R; ++r) {
     content_backward(mem, inverse, act + layout.read_keys + r * M, act[layout.read_strengths + r],
                      cr + r * N, grad_cr + r * N, N, M, grad_mem,
-                     grad_act + layout.read_keys + r * M, grad_act + layout.read_strengths + r);
+                     grad_act + layout.read_keys + r * M, grad_act + layout.read_strengths + r,
+                     scratch.per_slot.data());
   }
   // forward / backward reads: the link's whole gradient, then the previous reads'
   for (int64_t r = 0; r < R; ++r) {
@@ -375,17 +389,12 @@ void access_backward(const Sizes& s, const T* raw, const Memory<T>& prev, const 
     T* g_weights = g_r0 + r * N;
     for (int64_t i = 0; i < N; ++i) {
       T* g_row = grad_link + i * N;
-      const T* l_row = l + i * N;
       const T left = gf[i], right = weights[i];
-      T from_backward = 0;
-#pragma omp simd reduction(+ : from_backward)
-      for (int64_t j = 0; j < N; ++j) {
-        g_row[j] += left * weights[j] + right * gb[j];
-        g_weights[j] += l_row[j] * left;
-        from_backward += l_row[j] * gb[j];
-      }
-      g_weights[i] += from_backward;
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) g_row[j] += left * weights[j] + right * gb[j];
+      g_weights[i] += dot(l + i * N, gb, N);
     }
+    add_weighted_rows(g_weights, l, gf, N, N);
   }
   for (int64_t i = 0; i < N; ++i) grad_link[i * N + i] = 0;
   // precedence p = (1 - sum w) p0 + w
@@ -417,18 +426,20 @@ void access_backward(const Sizes& s, const T* raw, const Memory<T>& prev, const 
   // erase and add: M = M0 + w (v - M0 e)
   T* g_erase = grad_act + layout.erase;
   T* g_vector = grad_act + layout.write_vector;
+  T* erased = scratch.erased.data();  // grad_mem * prev.memory, elementwise
   for (int64_t n = 0; n < N; ++n) {
     T by_slot = 0;
 #pragma omp simd reduction(+ : by_slot)
     for (int64_t j = 0; j < M; ++j) {
       const T g = grad_mem[n * M + j], old = prev.memory[n * M + j];
-      by_slot += g * (in.vector[j] - old * in.erase[j]);
-      g_erase[j] -= g * old * w[n];
-      g_vector[j] += g * w[n];
+      by_slot += g * in.vector[j] - g * old * in.erase[j];
+      erased[n * M + j] = -g * old;
       g_mem0[n * M + j] = g * (1 - w[n] * in.erase[j]);
     }
     grad_write[n] += by_slot;
   }
+  add_weighted_rows(g_erase, erased, w, N, M);
+  add_weighted_rows(g_vector, grad_mem, w, N, M);
   // write weighting w = g^w (c + g^a (a - c))
   T g_write_gate = 0, g_allocation_gate = 0;
   for (int64_t n = 0; n < N; ++n) {
@@ -458,7 +469,7 @@ void access_backward(const Sizes& s, const T* raw, const Memory<T>& prev, const 
   for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(prev.memory + n * M, M);
   content_backward(prev.memory, inverse, act + layout.write_key, act[layout.write_strength], cw,
                    grad_cw, N, M, g_mem0, grad_act + layout.write_key,
-                   grad_act + layout.write_strength);
+                   grad_act + layout.write_strength, scratch.per_slot.data());
   // usage u = (u0 + w0 - u0 w0) psi, psi = prod_r (1 - f^r w^r)
   T* g_free = grad_act + layout.free_gates;
   for (int64_t n = 0; n < N; ++n) {
