@@ -97,7 +97,9 @@ template <typename T>
     const T c0 = coefficients[i], c1 = coefficients[i + 1], c2 = coefficients[i + 2],
             c3 = coefficients[i + 3];
 #pragma omp simd
-    for (int64_t j = 0; j < width; ++j) out[j] += (c0 * m0[j] + c1 * m1[j]) + (c2 * m2[j] + c3 * m3[j]);
+    for (int64_t j = 0; j < width; ++j) {
+      out[j] += (c0 * m0[j] + c1 * m1[j]) + (c2 * m2[j] + c3 * m3[j]);
+    }
   }
   for (; i < rows; ++i) {
     const T* m = matrix + i * width;
