@@ -56,7 +56,8 @@ def write_sweep(tmp_path: Path) -> Path:
         "set": {
             "model.hidden": 16,
             "train.batch_size": 8,
-            "train.steps": 400,
+            # Long enough (a few seconds) that the preemption below lands before the end.
+            "train.steps": 2000,
             "train.log_every": 10,
             "train.eval_every": 200,
             "train.checkpoint_every": 50,
@@ -131,7 +132,7 @@ def test_slurm_sweep_survives_preemption_and_matches_the_local_executor(tmp_path
     worker_logs = "".join(p.read_text() for p in (plan.sweep_dir / "slurm").rglob("*_log.out"))
     assert "Requeued job" in worker_logs
     steps = pd.read_csv(plan.sweep_dir / target / "metrics.csv")["step"].tolist()
-    assert steps == list(range(10, 401, 10))
+    assert steps == list(range(10, 2001, 10))
 
     local = plan_sweep(path, tmp_path / "runs", name="sl-local")
     local_rows = run_sweep(local, make_executor(local, "local", 2))
