@@ -28,6 +28,8 @@ STATE_DIR = Path(os.environ.get("SLURM_LOCAL_DIR", "/var/tmp/memctl-slurm"))
 # Columns that measure the machine rather than the training.
 TIMING = ["wall_s", "steps_per_s"]
 DEADLINE_S = 600
+# Long enough (a few seconds a trial) that the preemption lands before a trial ends.
+TRIAL_STEPS = 2000
 
 
 def why_no_cluster() -> str | None:
@@ -56,8 +58,7 @@ def write_sweep(tmp_path: Path) -> Path:
         "set": {
             "model.hidden": 16,
             "train.batch_size": 8,
-            # Long enough (a few seconds) that the preemption below lands before the end.
-            "train.steps": 2000,
+            "train.steps": TRIAL_STEPS,
             "train.log_every": 10,
             "train.eval_every": 200,
             "train.checkpoint_every": 50,
@@ -132,7 +133,7 @@ def test_slurm_sweep_survives_preemption_and_matches_the_local_executor(tmp_path
     worker_logs = "".join(p.read_text() for p in (plan.sweep_dir / "slurm").rglob("*_log.out"))
     assert "Requeued job" in worker_logs
     steps = pd.read_csv(plan.sweep_dir / target / "metrics.csv")["step"].tolist()
-    assert steps == list(range(10, 2001, 10))
+    assert steps == list(range(10, TRIAL_STEPS + 1, 10))
 
     local = plan_sweep(path, tmp_path / "runs", name="sl-local")
     local_rows = run_sweep(local, make_executor(local, "local", 2))
