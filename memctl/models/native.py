@@ -60,6 +60,7 @@ def _command(output: Path) -> list[str]:
         compiler,
         "-O3",
         "-march=native",
+        "-fno-math-errno",
         "-std=c++20",
         "-shared",
         "-fPIC",

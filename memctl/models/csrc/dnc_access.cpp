@@ -27,11 +27,17 @@
 #include <ATen/ops/tanh.h>
 #include <torch/library.h>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -40,6 +46,118 @@ using at::Tensor;
 
 constexpr double kEpsilon = 1e-6;  // addressing.EPSILON
 constexpr double kSoftplusThreshold = 20;  // torch.nn.functional.softplus's default
+
+// A batch of elements in the lanes of one 32-byte vector register (8 float or 4 double):
+// the access runs on W batch elements at once, each number of one element's maths a lane,
+// so that its many short loops over slots and words are vector instructions with no
+// horizontal sums. GCC's and Clang's vector extensions; elementwise arithmetic only.
+typedef float Float8 __attribute__((vector_size(32)));
+typedef double Double4 __attribute__((vector_size(32)));
+
+template <typename T>
+struct Lanes {
+  using Scalar = T;
+  static constexpr int width = 32 / sizeof(T);
+  using Vector = std::conditional_t<std::is_same_v<T, float>, Float8, Double4>;
+  Vector v;
+  Lanes() = default;
+  Lanes(T x) : v(Vector{} + x) {}  // every lane x
+  Lanes(Vector x) : v(x) {}
+  T& operator[](int lane) { return v[lane]; }
+  T operator[](int lane) const { return v[lane]; }
+  friend Lanes operator+(Lanes a, Lanes b) { return a.v + b.v; }
+  friend Lanes operator-(Lanes a, Lanes b) { return a.v - b.v; }
+  friend Lanes operator*(Lanes a, Lanes b) { return a.v * b.v; }
+  friend Lanes operator/(Lanes a, Lanes b) { return a.v / b.v; }
+  Lanes operator-() const { return -v; }
+  Lanes& operator+=(Lanes b) { return v += b.v, *this; }
+  Lanes& operator-=(Lanes b) { return v -= b.v, *this; }
+  Lanes& operator*=(Lanes b) { return v *= b.v, *this; }
+  Lanes& operator/=(Lanes b) { return v /= b.v, *this; }
+  friend Lanes max(Lanes a, Lanes b) { return a.v > b.v ? a.v : b.v; }
+  friend Lanes sqrt(Lanes a) {
+    for (int k = 0; k < width; ++k) a.v[k] = std::sqrt(a.v[k]);  // -fno-math-errno: one sqrt
+    return a;
+  }
+  friend Lanes exp(Lanes a) { return lanes_exp(a); }
+};
+
+// exp in every lane: double by the C library lane by lane; float by a vectorised
+// Cephes-style expf (x = n ln 2 + r, |r| <= ln 2 / 2, a degree-7 polynomial in r, 2^n from
+// the exponent bits), within 2 ulp of expf on [-87.3, 88.7]; below -87.3 it gives the
+// smallest normal float instead of a denormal or 0 (the softmaxes' smallest terms).
+inline Lanes<double> lanes_exp(Lanes<double> a) {
+  for (int k = 0; k < Lanes<double>::width; ++k) a.v[k] = std::exp(a.v[k]);
+  return a;
+}
+
+inline Lanes<float> lanes_exp(Lanes<float> a) {
+  using V = Lanes<float>::Vector;
+  using I = int32_t __attribute__((vector_size(32)));
+  V x = a.v;
+  x = x < -87.33654f ? V{} - 87.33654f : x;
+  x = x > 88.72283f ? V{} + 88.72283f : x;
+  const V shift = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const V n = (x * 1.44269504088896341f + shift) - shift;
+  const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const I exponent = (__builtin_convertvector(n, I) + 127) << 23;
+  V scale;
+  __builtin_memcpy(&scale, &exponent, sizeof(scale));
+  return p * scale;
+}
+
+// Square blocks of lanes transposed: in[e][k] -> out[k][e] (W x W numbers). With AVX, in
+// registers; without, number by number.
+inline void transpose(Float8* rows) {
+#if defined(__AVX__)
+  __m256 r[8], t[8];
+  for (int e = 0; e < 8; ++e) r[e] = (__m256)rows[e];
+  for (int e = 0; e < 8; e += 2) {
+    t[e] = _mm256_unpacklo_ps(r[e], r[e + 1]);
+    t[e + 1] = _mm256_unpackhi_ps(r[e], r[e + 1]);
+  }
+  for (int e = 0; e < 8; e += 4) {
+    r[e] = _mm256_shuffle_ps(t[e], t[e + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[e + 1] = _mm256_shuffle_ps(t[e], t[e + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[e + 2] = _mm256_shuffle_ps(t[e + 1], t[e + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[e + 3] = _mm256_shuffle_ps(t[e + 1], t[e + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int e = 0; e < 4; ++e) {
+    rows[e] = (Float8)_mm256_permute2f128_ps(r[e], r[e + 4], 0x20);
+    rows[e + 4] = (Float8)_mm256_permute2f128_ps(r[e], r[e + 4], 0x31);
+  }
+#else
+  for (int i = 0; i < 8; ++i) {
+    for (int j = i + 1; j < 8; ++j) std::swap(rows[i][j], rows[j][i]);
+  }
+#endif
+}
+
+inline void transpose(Double4* rows) {
+#if defined(__AVX__)
+  __m256d r[4], t[4];
+  for (int e = 0; e < 4; ++e) r[e] = (__m256d)rows[e];
+  t[0] = _mm256_unpacklo_pd(r[0], r[1]);
+  t[1] = _mm256_unpackhi_pd(r[0], r[1]);
+  t[2] = _mm256_unpacklo_pd(r[2], r[3]);
+  t[3] = _mm256_unpackhi_pd(r[2], r[3]);
+  rows[0] = (Double4)_mm256_permute2f128_pd(t[0], t[2], 0x20);
+  rows[1] = (Double4)_mm256_permute2f128_pd(t[1], t[3], 0x20);
+  rows[2] = (Double4)_mm256_permute2f128_pd(t[0], t[2], 0x31);
+  rows[3] = (Double4)_mm256_permute2f128_pd(t[1], t[3], 0x31);
+#else
+  for (int i = 0; i < 4; ++i) {
+    for (int j = i + 1; j < 4; ++j) std::swap(rows[i][j], rows[j][i]);
+  }
+#endif
+}
 
 struct Layout {
   int64_t read_keys, write_key, write_vector, read_strengths, write_strength, erase,
@@ -63,66 +181,100 @@ T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
-// Sums of products in eight independent lanes (one vector register; no reassociation
-// needed), added pairwise at the end: a short dot product without the slow horizontal
-// sum of a generic reduction.
+// One element's interface activations: identity, oneplus, sigmoid, softmax over each read
+// head's three modes.
 template <typename T>
-[[gnu::always_inline]] inline T dot(const T* a, const T* b, int64_t width) {
-  T lanes[8] = {};
-  int64_t j = 0;
-  for (; j + 8 <= width; j += 8) {
-    for (int k = 0; k < 8; ++k) lanes[k] += a[j + k] * b[j + k];
+void activate(const Layout& layout, int64_t R, const T* raw, T* act) {
+  for (int64_t k = 0; k < layout.read_strengths; ++k) act[k] = raw[k];
+  for (int64_t k = layout.read_strengths; k < layout.erase; ++k) {
+    act[k] = 1 + (raw[k] > kSoftplusThreshold ? raw[k] : std::log1p(std::exp(raw[k])));
   }
-  T rest = 0;
-  for (; j < width; ++j) rest += a[j] * b[j];
-  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-         ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + rest;
+  for (int64_t k = layout.erase; k < layout.modes; ++k) act[k] = sigmoid(raw[k]);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* logits = raw + layout.modes + 3 * r;
+    T* modes = act + layout.modes + 3 * r;
+    const T largest = std::max({logits[0], logits[1], logits[2]});
+    T total = 0;
+    for (int k = 0; k < 3; ++k) total += modes[k] = std::exp(logits[k] - largest);
+    for (int k = 0; k < 3; ++k) modes[k] /= total;
+  }
 }
 
+// Their backward: the activated interface's gradient -> the raw interface's.
 template <typename T>
-[[gnu::always_inline]] inline T inverse_norm(const T* vector, int64_t width) {
-  return T(1) / std::sqrt(dot(vector, vector, width) + T(kEpsilon));
+void activate_backward(const Layout& layout, int64_t R, const T* raw, const T* act,
+                       const T* grad_act, T* g_raw) {
+  for (int64_t k = 0; k < layout.read_strengths; ++k) g_raw[k] = grad_act[k];
+  for (int64_t k = layout.read_strengths; k < layout.erase; ++k) {
+    g_raw[k] = raw[k] > kSoftplusThreshold ? grad_act[k] : grad_act[k] * sigmoid(raw[k]);
+  }
+  for (int64_t k = layout.erase; k < layout.modes; ++k) g_raw[k] = grad_act[k] * act[k] * (1 - act[k]);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* pi = act + layout.modes + 3 * r;
+    const T* g = grad_act + layout.modes + 3 * r;
+    const T mean = pi[0] * g[0] + pi[1] * g[1] + pi[2] * g[2];
+    for (int k = 0; k < 3; ++k) g_raw[layout.modes + 3 * r + k] = pi[k] * (g[k] - mean);
+  }
+}
+
+// A short dot product in four independent sums (so that consecutive products do not wait
+// on each other), added pairwise at the end.
+template <typename V>
+[[gnu::always_inline]] inline V dot(const V* a, const V* b, int64_t width) {
+  V s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t j = 0;
+  for (; j + 4 <= width; j += 4) {
+    s0 += a[j] * b[j];
+    s1 += a[j + 1] * b[j + 1];
+    s2 += a[j + 2] * b[j + 2];
+    s3 += a[j + 3] * b[j + 3];
+  }
+  for (; j < width; ++j) s0 += a[j] * b[j];
+  return (s0 + s1) + (s2 + s3);
+}
+
+template <typename V>
+[[gnu::always_inline]] inline V inverse_norm(const V* vector, int64_t width) {
+  using T = typename V::Scalar;
+  return V(1) / sqrt(dot(vector, vector, width) + V(T(kEpsilon)));
 }
 
 // out[j] += sum_i coefficients[i] matrix[i, j] for a matrix [rows, width]: four rows at a
-// time, so that out is loaded and stored once per four rows rather than once per row
-// (the sum over rows is otherwise a chain through memory).
-template <typename T>
-[[gnu::always_inline]] inline void add_weighted_rows(T* out, const T* matrix,
-                                                     const T* coefficients, int64_t rows,
-                                                     int64_t width) {
+// time, so that out is loaded and stored once per four rows rather than once per row.
+template <typename V>
+[[gnu::always_inline]] inline void add_weighted_rows(V* out, const V* matrix, const V* coefficients,
+                                                     int64_t rows, int64_t width) {
   int64_t i = 0;
   for (; i + 4 <= rows; i += 4) {
-    const T *m0 = matrix + i * width, *m1 = m0 + width, *m2 = m1 + width, *m3 = m2 + width;
-    const T c0 = coefficients[i], c1 = coefficients[i + 1], c2 = coefficients[i + 2],
+    const V *m0 = matrix + i * width, *m1 = m0 + width, *m2 = m1 + width, *m3 = m2 + width;
+    const V c0 = coefficients[i], c1 = coefficients[i + 1], c2 = coefficients[i + 2],
             c3 = coefficients[i + 3];
-#pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
       out[j] += (c0 * m0[j] + c1 * m1[j]) + (c2 * m2[j] + c3 * m3[j]);
     }
   }
   for (; i < rows; ++i) {
-    const T* m = matrix + i * width;
-    const T c = coefficients[i];
-#pragma omp simd
+    const V* m = matrix + i * width;
+    const V c = coefficients[i];
     for (int64_t j = 0; j < width; ++j) out[j] += c * m[j];
   }
 }
 
 // Content weights: softmax_n(strength * cos(key, memory[n])), the norms as in
 // addressing.inverse_norms.
-template <typename T>
-void content_forward(const T* memory, const T* memory_inverse, const T* key, T strength,
-                     int64_t N, int64_t M, T* weights) {
-  const T scale = strength * inverse_norm(key, M);
-  T largest = -std::numeric_limits<T>::infinity();
+template <typename V>
+void content_forward(const V* memory, const V* memory_inverse, const V* key, V strength,
+                     int64_t N, int64_t M, V* weights) {
+  using T = typename V::Scalar;
+  const V scale = strength * inverse_norm(key, M);
+  V largest = -std::numeric_limits<T>::infinity();
   for (int64_t n = 0; n < N; ++n) {
     weights[n] = dot(key, memory + n * M, M) * scale * memory_inverse[n];
-    largest = std::max(largest, weights[n]);
+    largest = max(largest, weights[n]);
   }
-  T total = 0;
+  V total = 0;
   for (int64_t n = 0; n < N; ++n) {
-    weights[n] = std::exp(weights[n] - largest);
+    weights[n] = exp(weights[n] - largest);
     total += weights[n];
   }
   for (int64_t n = 0; n < N; ++n) weights[n] /= total;
@@ -130,30 +282,28 @@ void content_forward(const T* memory, const T* memory_inverse, const T* key, T s
 
 // Adds the content weights' gradients (given grad on the weights) to grad_memory,
 // grad_key and grad_strength; grad_dots: work space [N].
-template <typename T>
-void content_backward(const T* memory, const T* memory_inverse, const T* key, T strength,
-                      const T* weights, const T* grad, int64_t N, int64_t M, T* grad_memory,
-                      T* grad_key, T* grad_strength, T* grad_dots) {
-  const T key_inverse = inverse_norm(key, M);
-  const T weighted = dot(weights, grad, N);
-  T by_dots = 0;  // sum_n grad_logit[n] dot[n] memory_inverse[n]
+template <typename V>
+void content_backward(const V* memory, const V* memory_inverse, const V* key, V strength,
+                      const V* weights, const V* grad, int64_t N, int64_t M, V* grad_memory,
+                      V* grad_key, V* grad_strength, V* grad_dots) {
+  const V key_inverse = inverse_norm(key, M);
+  const V weighted = dot(weights, grad, N);
+  V by_dots = 0;  // sum_n grad_logit[n] dot[n] memory_inverse[n]
   for (int64_t n = 0; n < N; ++n) {
-    const T* row = memory + n * M;
-    const T grad_logit = weights[n] * (grad[n] - weighted);
-    const T d = dot(key, row, M);
-    const T grad_dot = grad_logit * strength * key_inverse * memory_inverse[n];
+    const V* row = memory + n * M;
+    const V grad_logit = weights[n] * (grad[n] - weighted);
+    const V d = dot(key, row, M);
+    const V grad_dot = grad_logit * strength * key_inverse * memory_inverse[n];
     // d/dv (|v|^2 + eps)^(-1/2) = -(inverse norm)^3 v
-    const T grad_norm = grad_dot * d * memory_inverse[n] * memory_inverse[n];
+    const V grad_norm = grad_dot * d * memory_inverse[n] * memory_inverse[n];
     by_dots += grad_logit * d * memory_inverse[n];
     grad_dots[n] = grad_dot;
-    T* grad_row = grad_memory + n * M;
-#pragma omp simd
+    V* grad_row = grad_memory + n * M;
     for (int64_t j = 0; j < M; ++j) grad_row[j] += grad_dot * key[j] - grad_norm * row[j];
   }
   add_weighted_rows(grad_key, memory, grad_dots, N, M);
   *grad_strength += key_inverse * by_dots;
-  const T grad_norm = strength * by_dots * key_inverse * key_inverse * key_inverse;
-#pragma omp simd
+  const V grad_norm = strength * by_dots * key_inverse * key_inverse * key_inverse;
   for (int64_t j = 0; j < M; ++j) grad_key[j] -= grad_norm * key[j];
 }
 
@@ -172,15 +322,17 @@ struct Sizes {
   Sizes(int64_t N, int64_t M, int64_t R) : N(N), M(M), R(R), layout(M, R) {}
   // Numbers per batch element of each state tensor, in AccessState's order.
   std::array<int64_t, 6> state() const { return {N * M, R * N, N, N, N * N, N}; }
+  // Of each of Kept's arrays but the order: activated, write_content, allocation,
+  // read_content, forward, backward.
+  std::array<int64_t, 6> kept() const { return {layout.size, N, N, R * N, R * N, R * N}; }
 };
 
-// One batch element's activated gates and write vector (pointers into the activated
-// interface).
-template <typename T>
+// The activated gates and write vector (pointers into the activated interface).
+template <typename V>
 struct Gates {
-  const T *erase, *free, *vector;
-  T allocation, write;
-  Gates(const T* act, const Layout& layout)
+  const V *erase, *free, *vector;
+  V allocation, write;
+  Gates(const V* act, const Layout& layout)
       : erase(act + layout.erase),
         free(act + layout.free_gates),
         vector(act + layout.write_vector),
@@ -188,59 +340,71 @@ struct Gates {
         write(act[layout.write_gate]) {}
 };
 
-// One batch element's memory state (or its gradient): memory [N, M], read weights [R, N],
-// write weights [N], usage [N], link [N, N], precedence [N].
-template <typename T>
+// A memory state (or its gradient): memory [N, M], read weights [R, N], write weights [N],
+// usage [N], link [N, N], precedence [N]; of one batch element (P a number) or of W in
+// lanes (P = Lanes).
+template <typename P>
 struct Memory {
-  T *memory, *read, *write, *usage, *link, *precedence;
+  P *memory, *read, *write, *usage, *link, *precedence;
   // From the rows of six tensors: rows(k) is the k-th's.
   template <typename Rows>
   static Memory of(Rows rows) {
     return {rows(0), rows(1), rows(2), rows(3), rows(4), rows(5)};
   }
-  T* operator[](int k) const {
-    return std::array<T*, 6>{memory, read, write, usage, link, precedence}[k];
+  P* operator[](int k) const {
+    return std::array<P*, 6>{memory, read, write, usage, link, precedence}[k];
   }
 };
 
-// One batch element's forward results that backward needs besides the states.
-template <typename T>
+// The forward results that backward needs besides the states (in Sizes::kept's order),
+// and the allocation's slot order [N] (in lanes: [N, W]).
+template <typename P>
 struct Kept {
-  T *activated, *write_content, *allocation, *read_content, *forward, *backward;
+  P *activated, *write_content, *allocation, *read_content, *forward, *backward;
   int64_t* order;
+  P* operator[](int k) const {
+    return std::array<P*, 6>{activated, write_content, allocation, read_content, forward,
+                             backward}[k];
+  }
 };
 
-// One memory access of one batch element: the interface before its activations, the
-// previous state -> the next state, the read vectors [R, M] and what backward keeps.
-template <typename T>
-void access_forward(const Sizes& s, const T* raw, const Memory<T>& prev, const Memory<T>& next,
-                    const Kept<T>& kept, T* out, T* inverse, T* sorted_usage) {
+// The allocation weighting of each lane's floored usage: a stable ascending sort of it,
+// then a[s_j] = (1 - u[s_j]) prod_{i<j} u[s_i]; order [N, W]: each lane's sorted slots.
+template <typename V>
+void allocate(const V* floored, int64_t N, V* alloc, int64_t* order, int64_t* slots) {
+  using T = typename V::Scalar;
+  for (int lane = 0; lane < V::width; ++lane) {
+    std::iota(slots, slots + N, int64_t(0));
+    std::stable_sort(slots, slots + N,
+                     [&](int64_t i, int64_t j) { return floored[i][lane] < floored[j][lane]; });
+    T product = 1;
+    for (int64_t j = 0; j < N; ++j) {
+      const int64_t slot = slots[j];
+      order[j * V::width + lane] = slot;
+      alloc[slot][lane] = (1 - floored[slot][lane]) * product;
+      product *= floored[slot][lane];
+    }
+  }
+}
+
+// W batch elements' memory access: the activated interface (in kept) and the previous
+// state -> the next state, the read vectors [R, M] and the rest of what backward keeps.
+template <typename V>
+void access_forward(const Sizes& s, const Memory<V>& prev, const Memory<V>& next,
+                    const Kept<V>& kept, V* out, V* inverse, V* floored, int64_t* slots) {
+  using T = typename V::Scalar;
   const int64_t N = s.N, M = s.M, R = s.R;
   const Layout& layout = s.layout;
-  T* act = kept.activated;
-  for (int64_t k = 0; k < layout.read_strengths; ++k) act[k] = raw[k];
-  for (int64_t k = layout.read_strengths; k < layout.erase; ++k) {
-    act[k] = 1 + (raw[k] > kSoftplusThreshold ? raw[k] : std::log1p(std::exp(raw[k])));
-  }
-  for (int64_t k = layout.erase; k < layout.modes; ++k) act[k] = sigmoid(raw[k]);
-  for (int64_t r = 0; r < R; ++r) {
-    const T* logits = raw + layout.modes + 3 * r;
-    T* modes = act + layout.modes + 3 * r;
-    const T largest = std::max({logits[0], logits[1], logits[2]});
-    T total = 0;
-    for (int k = 0; k < 3; ++k) total += modes[k] = std::exp(logits[k] - largest);
-    for (int k = 0; k < 3; ++k) modes[k] /= total;
-  }
-  const Gates<T> in(act, layout);
-  T *mem = next.memory, *u = next.usage, *w = next.write, *l = next.link, *p = next.precedence,
+  const V* act = kept.activated;
+  const Gates<V> in(act, layout);
+  V *mem = next.memory, *u = next.usage, *w = next.write, *l = next.link, *p = next.precedence,
     *rw = next.read;
-  T *alloc = kept.allocation, *cw = kept.write_content, *cr = kept.read_content,
+  V *alloc = kept.allocation, *cw = kept.write_content, *cr = kept.read_content,
     *fw = kept.forward, *bw = kept.backward;
-  int64_t* slots = kept.order;
 
   // usage_update: (u + w - u w) prod_r (1 - f^r w^r)
   for (int64_t n = 0; n < N; ++n) {
-    T retention = 1;
+    V retention = 1;
     for (int64_t r = 0; r < R; ++r) retention *= 1 - in.free[r] * prev.read[r * N + n];
     u[n] = (prev.usage[n] + prev.write[n] - prev.usage[n] * prev.write[n]) * retention;
   }
@@ -248,36 +412,26 @@ void access_forward(const Sizes& s, const T* raw, const Memory<T>& prev, const M
   for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(prev.memory + n * M, M);
   content_forward(prev.memory, inverse, act + layout.write_key, act[layout.write_strength], N,
                   M, cw);
-  // allocation: a stable ascending sort of the (floored) usage
-  for (int64_t n = 0; n < N; ++n) sorted_usage[n] = u[n] * T(1 - kEpsilon) + T(kEpsilon);
-  std::iota(slots, slots + N, int64_t(0));
-  std::stable_sort(slots, slots + N,
-                   [&](int64_t i, int64_t j) { return sorted_usage[i] < sorted_usage[j]; });
-  T product = 1;
-  for (int64_t j = 0; j < N; ++j) {
-    const int64_t slot = slots[j];
-    alloc[slot] = (1 - sorted_usage[slot]) * product;
-    product *= sorted_usage[slot];
-  }
+  // allocation from the floored usage
+  for (int64_t n = 0; n < N; ++n) floored[n] = u[n] * V(T(1 - kEpsilon)) + V(T(kEpsilon));
+  allocate(floored, N, alloc, kept.order, slots);
   // write weighting, then erase and add
-  T written = 0;
+  V written = 0;
   for (int64_t n = 0; n < N; ++n) {
     w[n] = in.write * (cw[n] + in.allocation * (alloc[n] - cw[n]));
     written += w[n];
   }
   for (int64_t n = 0; n < N; ++n) {
-    const T* old = prev.memory + n * M;
-    T* slot = mem + n * M;
-    const T weight = w[n];
-#pragma omp simd
+    const V* old = prev.memory + n * M;
+    V* slot = mem + n * M;
+    const V weight = w[n];
     for (int64_t j = 0; j < M; ++j) slot[j] = old[j] + weight * (in.vector[j] - old[j] * in.erase[j]);
   }
   // link (zero diagonal) and precedence
   for (int64_t i = 0; i < N; ++i) {
-    T* l_row = l + i * N;
-    const T* l0_row = prev.link + i * N;
-    const T keep = 1 - w[i], written_here = w[i];
-#pragma omp simd
+    V* l_row = l + i * N;
+    const V* l0_row = prev.link + i * N;
+    const V keep = 1 - w[i], written_here = w[i];
     for (int64_t j = 0; j < N; ++j) {
       l_row[j] = (keep - w[j]) * l0_row[j] + written_here * prev.precedence[j];
     }
@@ -285,9 +439,9 @@ void access_forward(const Sizes& s, const T* raw, const Memory<T>& prev, const M
   }
   for (int64_t n = 0; n < N; ++n) p[n] = (1 - written) * prev.precedence[n] + w[n];
   // forward f = L w^r, backward b = L^T w^r of the previous read weights
-  std::fill(bw, bw + R * N, T(0));
+  std::fill(bw, bw + R * N, V(0));
   for (int64_t r = 0; r < R; ++r) {
-    const T* weights = prev.read + r * N;
+    const V* weights = prev.read + r * N;
     for (int64_t i = 0; i < N; ++i) fw[r * N + i] = dot(l + i * N, weights, N);
     add_weighted_rows(bw + r * N, l, weights, N, N);
   }
@@ -296,75 +450,94 @@ void access_forward(const Sizes& s, const T* raw, const Memory<T>& prev, const M
   for (int64_t r = 0; r < R; ++r) {
     content_forward(mem, inverse, act + layout.read_keys + r * M, act[layout.read_strengths + r],
                     N, M, cr + r * N);
-    const T* modes = act + layout.modes + 3 * r;
-    T* weights = rw + r * N;
+    const V* modes = act + layout.modes + 3 * r;
+    V* weights = rw + r * N;
     for (int64_t n = 0; n < N; ++n) {
       weights[n] = modes[0] * bw[r * N + n] + modes[1] * fw[r * N + n] + modes[2] * cr[r * N + n];
     }
-    std::fill(out + r * M, out + (r + 1) * M, T(0));
+    std::fill(out + r * M, out + (r + 1) * M, V(0));
     add_weighted_rows(out + r * M, mem, weights, N, M);
   }
 }
 
-// Backward's work space for one batch element.
-template <typename T>
+// Backward's work space.
+template <typename V>
 struct Scratch {
-  std::vector<T> inverse, grad_modes, grad_act, grad_cr, grad_f, grad_b, grad_cw, grad_alloc,
-      prefix, factors, erased, per_slot;
+  std::vector<V> inverse, grad_act, grad_cr, grad_f, grad_b, grad_cw, grad_alloc,
+      factors, erased, per_slot;
+  std::vector<typename V::Scalar> prefix;
   explicit Scratch(const Sizes& s)
       : inverse(s.N),
-        grad_modes(3 * s.R),
         grad_act(s.layout.size),
         grad_cr(s.R * s.N),
         grad_f(s.R * s.N),
         grad_b(s.R * s.N),
         grad_cw(s.N),
         grad_alloc(s.N),
-        prefix(s.N),
         factors(s.R),
         erased(s.N * s.M),
-        per_slot(s.N) {}
+        per_slot(s.N),
+        prefix(s.N) {}
 };
 
-// The gradients of one batch element's access: given those of its read vectors (g_reads)
-// and of its next state (grad: consumed, used as work space) -> those of the interface
-// before its activations (g_raw) and of the previous state (grad_prev).
-template <typename T>
-void access_backward(const Sizes& s, const T* raw, const Memory<T>& prev, const Memory<T>& next,
-                     const Kept<T>& kept, const T* g_reads, const Memory<T>& grad,
-                     const Memory<T>& grad_prev, T* g_raw, Scratch<T>& scratch) {
+// The allocation's backward, lane by lane along its sorted order: adds to grad_usage.
+template <typename V>
+void allocate_backward(const V* usage, const V* alloc, const int64_t* order, const V* grad_alloc,
+                       int64_t N, V* grad_usage, typename V::Scalar* prefix) {
+  using T = typename V::Scalar;
+  for (int lane = 0; lane < V::width; ++lane) {
+    auto floored = [&](int64_t slot) { return usage[slot][lane] * T(1 - kEpsilon) + T(kEpsilon); };
+    T product = 1;
+    for (int64_t j = 0; j < N; ++j) {
+      prefix[j] = product;
+      product *= floored(order[j * V::width + lane]);
+    }
+    T later = 0;  // sum_{l > j} grad a[s_l] a[s_l]
+    for (int64_t j = N - 1; j >= 0; --j) {
+      const int64_t slot = order[j * V::width + lane];
+      const T grad = grad_alloc[slot][lane];
+      grad_usage[slot][lane] += T(1 - kEpsilon) * (later / floored(slot) - grad * prefix[j]);
+      later += grad * alloc[slot][lane];
+    }
+  }
+}
+
+// The gradients of W elements' access: given those of the read vectors (g_reads) and of
+// the next state (grad: consumed, used as work space) -> those of the activated interface
+// (scratch.grad_act) and of the previous state (grad_prev).
+template <typename V>
+void access_backward(const Sizes& s, const Memory<V>& prev, const Memory<V>& next,
+                     const Kept<V>& kept, const V* g_reads, const Memory<V>& grad,
+                     const Memory<V>& grad_prev, Scratch<V>& scratch) {
   const int64_t N = s.N, M = s.M, R = s.R;
   const Layout& layout = s.layout;
-  const T* act = kept.activated;
-  const Gates<T> in(act, layout);
-  const T *mem = next.memory, *rw = next.read, *w = next.write, *u = next.usage, *l = next.link;
-  const T *cw = kept.write_content, *alloc = kept.allocation, *cr = kept.read_content,
+  const V* act = kept.activated;
+  const Gates<V> in(act, layout);
+  const V *mem = next.memory, *rw = next.read, *w = next.write, *u = next.usage, *l = next.link;
+  const V *cw = kept.write_content, *alloc = kept.allocation, *cr = kept.read_content,
           *fw = kept.forward, *bw = kept.backward;
-  const int64_t* slots = kept.order;
-  T *grad_mem = grad.memory, *grad_write = grad.write, *grad_usage = grad.usage,
+  V *grad_mem = grad.memory, *grad_write = grad.write, *grad_usage = grad.usage,
     *grad_link = grad.link;
-  const T *grad_read = grad.read, *grad_prec = grad.precedence;
-  T *g_mem0 = grad_prev.memory, *g_r0 = grad_prev.read, *g_w0 = grad_prev.write,
+  const V *grad_read = grad.read, *grad_prec = grad.precedence;
+  V *g_mem0 = grad_prev.memory, *g_r0 = grad_prev.read, *g_w0 = grad_prev.write,
     *g_u0 = grad_prev.usage, *g_l0 = grad_prev.link, *g_p0 = grad_prev.precedence;
-  T *grad_act = scratch.grad_act.data(), *grad_modes = scratch.grad_modes.data(),
+  V *grad_act = scratch.grad_act.data(),
     *grad_cr = scratch.grad_cr.data(), *grad_f = scratch.grad_f.data(),
     *grad_b = scratch.grad_b.data(), *grad_cw = scratch.grad_cw.data(),
     *grad_alloc = scratch.grad_alloc.data(), *inverse = scratch.inverse.data(),
-    *prefix = scratch.prefix.data(), *factors = scratch.factors.data();
-  std::fill(grad_act, grad_act + layout.size, T(0));
-  std::fill(grad_modes, grad_modes + 3 * R, T(0));
-  std::fill(g_r0, g_r0 + R * N, T(0));
+    *factors = scratch.factors.data();
+  std::fill(grad_act, grad_act + layout.size, V(0));
+  std::fill(g_r0, g_r0 + R * N, V(0));
 
   // reads = rw M; read weights = the modes' mix
   for (int64_t r = 0; r < R; ++r) {
-    const T* g = g_reads + r * M;
-    T* modes = grad_modes + 3 * r;
-    const T* pi = act + layout.modes + 3 * r;
+    const V* g = g_reads + r * M;
+    V* modes = grad_act + layout.modes + 3 * r;
+    const V* pi = act + layout.modes + 3 * r;
     for (int64_t n = 0; n < N; ++n) {
-      const T weight = rw[r * N + n];
-      T grad_weight = grad_read[r * N + n] + dot(g, mem + n * M, M);
-      T* grad_slot = grad_mem + n * M;
-#pragma omp simd
+      const V weight = rw[r * N + n];
+      const V grad_weight = grad_read[r * N + n] + dot(g, mem + n * M, M);
+      V* grad_slot = grad_mem + n * M;
       for (int64_t j = 0; j < M; ++j) grad_slot[j] += weight * g[j];
       const int64_t k = r * N + n;
       modes[0] += grad_weight * bw[k];
@@ -385,14 +558,13 @@ void access_backward(const Sizes& s, const T* raw, const Memory<T>& prev, const 
   }
   // forward / backward reads: the link's whole gradient, then the previous reads'
   for (int64_t r = 0; r < R; ++r) {
-    const T* weights = prev.read + r * N;
-    const T* gf = grad_f + r * N;
-    const T* gb = grad_b + r * N;
-    T* g_weights = g_r0 + r * N;
+    const V* weights = prev.read + r * N;
+    const V* gf = grad_f + r * N;
+    const V* gb = grad_b + r * N;
+    V* g_weights = g_r0 + r * N;
     for (int64_t i = 0; i < N; ++i) {
-      T* g_row = grad_link + i * N;
-      const T left = gf[i], right = weights[i];
-#pragma omp simd
+      V* g_row = grad_link + i * N;
+      const V left = gf[i], right = weights[i];
       for (int64_t j = 0; j < N; ++j) g_row[j] += left * weights[j] + right * gb[j];
       g_weights[i] += dot(l + i * N, gb, N);
     }
@@ -400,7 +572,7 @@ void access_backward(const Sizes& s, const T* raw, const Memory<T>& prev, const 
   }
   for (int64_t i = 0; i < N; ++i) grad_link[i * N + i] = 0;
   // precedence p = (1 - sum w) p0 + w
-  T written = 0, by_prec = 0;
+  V written = 0, by_prec = 0;
   for (int64_t n = 0; n < N; ++n) {
     written += w[n];
     by_prec += grad_prec[n] * prev.precedence[n];
@@ -411,13 +583,12 @@ void access_backward(const Sizes& s, const T* raw, const Memory<T>& prev, const 
   }
   // link L = (1 - w[i] - w[j]) L0 + w[i] p0[j]
   for (int64_t i = 0; i < N; ++i) {
-    const T* g_row = grad_link + i * N;
-    const T* l0_row = prev.link + i * N;
-    T* out_row = g_l0 + i * N;
-    T by_row = 0;
-#pragma omp simd reduction(+ : by_row)
+    const V* g_row = grad_link + i * N;
+    const V* l0_row = prev.link + i * N;
+    V* out_row = g_l0 + i * N;
+    V by_row = 0;
     for (int64_t j = 0; j < N; ++j) {
-      const T weighted = g_row[j] * l0_row[j];
+      const V weighted = g_row[j] * l0_row[j];
       out_row[j] = (1 - w[i] - w[j]) * g_row[j];
       by_row += g_row[j] * prev.precedence[j] - weighted;
       grad_write[j] -= weighted;
@@ -426,14 +597,13 @@ void access_backward(const Sizes& s, const T* raw, const Memory<T>& prev, const 
     grad_write[i] += by_row;
   }
   // erase and add: M = M0 + w (v - M0 e)
-  T* g_erase = grad_act + layout.erase;
-  T* g_vector = grad_act + layout.write_vector;
-  T* erased = scratch.erased.data();  // grad_mem * prev.memory, elementwise
+  V* g_erase = grad_act + layout.erase;
+  V* g_vector = grad_act + layout.write_vector;
+  V* erased = scratch.erased.data();  // grad_mem * prev.memory, elementwise
   for (int64_t n = 0; n < N; ++n) {
-    T by_slot = 0;
-#pragma omp simd reduction(+ : by_slot)
+    V by_slot = 0;
     for (int64_t j = 0; j < M; ++j) {
-      const T g = grad_mem[n * M + j], old = prev.memory[n * M + j];
+      const V g = grad_mem[n * M + j], old = prev.memory[n * M + j];
       by_slot += g * in.vector[j] - g * old * in.erase[j];
       erased[n * M + j] = -g * old;
       g_mem0[n * M + j] = g * (1 - w[n] * in.erase[j]);
@@ -443,70 +613,246 @@ void access_backward(const Sizes& s, const T* raw, const Memory<T>& prev, const 
   add_weighted_rows(g_erase, erased, w, N, M);
   add_weighted_rows(g_vector, grad_mem, w, N, M);
   // write weighting w = g^w (c + g^a (a - c))
-  T g_write_gate = 0, g_allocation_gate = 0;
+  V g_write_gate = 0, g_allocation_gate = 0;
   for (int64_t n = 0; n < N; ++n) {
-    const T mixed = cw[n] + in.allocation * (alloc[n] - cw[n]);
+    const V mixed = cw[n] + in.allocation * (alloc[n] - cw[n]);
     g_write_gate += grad_write[n] * mixed;
-    const T g_mixed = in.write * grad_write[n];
+    const V g_mixed = in.write * grad_write[n];
     g_allocation_gate += g_mixed * (alloc[n] - cw[n]);
     grad_cw[n] = g_mixed * (1 - in.allocation);
     grad_alloc[n] = g_mixed * in.allocation;
   }
   grad_act[layout.write_gate] += g_write_gate;
   grad_act[layout.allocation_gate] += g_allocation_gate;
-  // allocation a[s_j] = (1 - u[s_j]) prod_{i<j} u[s_i] of the floored, sorted usage
-  T product = 1;
-  for (int64_t j = 0; j < N; ++j) {
-    prefix[j] = product;
-    product *= u[slots[j]] * T(1 - kEpsilon) + T(kEpsilon);
-  }
-  T later = 0;  // sum_{l > j} grad a[s_l] a[s_l]
-  for (int64_t j = N - 1; j >= 0; --j) {
-    const int64_t slot = slots[j];
-    const T floored = u[slot] * T(1 - kEpsilon) + T(kEpsilon);
-    grad_usage[slot] += T(1 - kEpsilon) * (later / floored - grad_alloc[slot] * prefix[j]);
-    later += grad_alloc[slot] * alloc[slot];
-  }
+  allocate_backward(u, alloc, kept.order, grad_alloc, N, grad_usage, scratch.prefix.data());
   // write key lookup on the previous memory
   for (int64_t n = 0; n < N; ++n) inverse[n] = inverse_norm(prev.memory + n * M, M);
   content_backward(prev.memory, inverse, act + layout.write_key, act[layout.write_strength], cw,
                    grad_cw, N, M, g_mem0, grad_act + layout.write_key,
                    grad_act + layout.write_strength, scratch.per_slot.data());
   // usage u = (u0 + w0 - u0 w0) psi, psi = prod_r (1 - f^r w^r)
-  T* g_free = grad_act + layout.free_gates;
+  V* g_free = grad_act + layout.free_gates;
   for (int64_t n = 0; n < N; ++n) {
-    T retention = 1;
+    V retention = 1;
     for (int64_t r = 0; r < R; ++r) {
       factors[r] = 1 - in.free[r] * prev.read[r * N + n];
       retention *= factors[r];
     }
-    const T g = grad_usage[n];
+    const V g = grad_usage[n];
     g_u0[n] = g * retention * (1 - prev.write[n]);
     g_w0[n] = g * retention * (1 - prev.usage[n]);
-    const T g_retention = g * (prev.usage[n] + prev.write[n] - prev.usage[n] * prev.write[n]);
+    const V g_retention = g * (prev.usage[n] + prev.write[n] - prev.usage[n] * prev.write[n]);
     for (int64_t r = 0; r < R; ++r) {
-      T others = 1;
+      V others = 1;
       for (int64_t k = 0; k < R; ++k) {
         if (k != r) others *= factors[k];
       }
-      const T g_factor = g_retention * others;
+      const V g_factor = g_retention * others;
       g_free[r] -= g_factor * prev.read[r * N + n];
       g_r0[r * N + n] -= g_factor * in.free[r];
     }
   }
-  // activations: identity, oneplus, sigmoid, softmax over each head's three modes
-  for (int64_t k = 0; k < layout.read_strengths; ++k) g_raw[k] = grad_act[k];
-  for (int64_t k = layout.read_strengths; k < layout.erase; ++k) {
-    g_raw[k] = raw[k] > kSoftplusThreshold ? grad_act[k] : grad_act[k] * sigmoid(raw[k]);
-  }
-  for (int64_t k = layout.erase; k < layout.modes; ++k) g_raw[k] = grad_act[k] * act[k] * (1 - act[k]);
-  for (int64_t r = 0; r < R; ++r) {
-    const T* pi = act + layout.modes + 3 * r;
-    const T* g = grad_modes + 3 * r;
-    const T mean = pi[0] * g[0] + pi[1] * g[1] + pi[2] * g[2];
-    for (int k = 0; k < 3; ++k) g_raw[layout.modes + 3 * r + k] = pi[k] * (g[k] - mean);
-  }
 }
+
+// One batch element's rows for an access forward: the interface before its activations,
+// the previous and the next state, what backward keeps, the read vectors [R, M].
+template <typename T>
+struct ForwardRows {
+  const T* raw;
+  Memory<T> prev, next;
+  Kept<T> kept;
+  T* reads;
+};
+
+// ... and for its backward: those of the forward, the gradient of the read vectors -> that
+// of the interface (g_raw). The state's gradient stays in the Group's lanes.
+template <typename T>
+struct BackwardRows {
+  const T* raw;
+  Memory<T> prev, next;
+  Kept<T> kept;
+  const T* g_reads;
+  T* g_raw;
+};
+
+// Runs the access on up to W batch elements at once: gathers their rows into lanes, runs
+// access_forward or access_backward on the lanes and scatters the results back to the
+// rows. Lanes past the group's last element repeat it; their results are dropped. The
+// interface's activations are done element by element (a few numbers each). Along a
+// sequence (continues), the state one call ends with is the next call's, already in lanes;
+// backward carries the state's gradient in lanes from call to call.
+template <typename T>
+class Group {
+ public:
+  using V = Lanes<T>;
+  static constexpr int W = V::width;
+
+  explicit Group(const Sizes& s)
+      : s_(s),
+        order_(s.N * W),
+        slots_(s.N),
+        reads_(s.R * s.M),
+        g_reads_(s.R * s.M),
+        inverse_(s.N),
+        floored_(s.N),
+        grad_act_(s.layout.size),
+        scratch_(s) {
+    for (int k = 0; k < 6; ++k) {
+      for (auto* arrays : {&prev_, &next_, &grad_, &grad_prev_}) {
+        (*arrays)[k].assign(s.state()[k], V(0));
+      }
+      kept_[k].resize(s.kept()[k]);
+    }
+  }
+
+  // rows(e) -> the ForwardRows of the group's element e < count; continues: their previous
+  // state is the next state of this group's last forward.
+  template <typename Rows>
+  void forward(int count, Rows rows, bool continues) {
+    std::array<ForwardRows<T>, W> r;
+    for (int e = 0; e < W; ++e) r[e] = rows(std::min(e, count - 1));
+    for (int e = 0; e < count; ++e) activate(s_.layout, s_.R, r[e].raw, r[e].kept.activated);
+    gather(kept_[0], [&](int e) { return r[e].kept.activated; });
+    if (continues) {
+      std::swap(prev_, next_);
+    } else {
+      for (int k = 0; k < 6; ++k) gather(prev_[k], [&](int e) { return r[e].prev[k]; });
+    }
+    access_forward(s_, memory(prev_), memory(next_), kept(), reads_.data(), inverse_.data(),
+                   floored_.data(), slots_.data());
+    for (int k = 0; k < 6; ++k) scatter(next_[k], count, [&](int e) { return r[e].next[k]; });
+    for (int k = 1; k < 6; ++k) scatter(kept_[k], count, [&](int e) { return r[e].kept[k]; });
+    for (int e = 0; e < count; ++e) {
+      for (int64_t j = 0; j < s_.N; ++j) r[e].kept.order[j] = order_[j * W + e];
+    }
+    scatter(reads_, count, [&](int e) { return r[e].reads; });
+  }
+
+  // The next state's gradient (before backward; after it the previous state's): set from
+  // rows(e) -> Memory<T>, added to from row(e) of array k, or stored to rows(e).
+  template <typename Rows>
+  void load_grad(Rows rows) {
+    for (int k = 0; k < 6; ++k) gather(grad_[k], [&](int e) { return rows(e)[k]; });
+  }
+  template <typename Row>
+  void add_grad(int k, int count, Row row) {
+    for (int e = 0; e < count; ++e) {
+      const T* from = row(e);
+      for (size_t j = 0; j < grad_[k].size(); ++j) grad_[k][j][e] += from[j];
+    }
+  }
+  template <typename Rows>
+  void store_grad(int count, Rows rows) {
+    for (int k = 0; k < 6; ++k) scatter(grad_[k], count, [&](int e) { return rows(e)[k]; });
+  }
+
+  // rows(e) -> the BackwardRows of the group's element e < count; continues: their next
+  // state is the previous state of this group's last backward.
+  template <typename Rows>
+  void backward(int count, Rows rows, bool continues) {
+    std::array<BackwardRows<T>, W> r;
+    for (int e = 0; e < W; ++e) r[e] = rows(std::min(e, count - 1));
+    std::swap(prev_, next_);
+    for (int k = 0; k < 6; ++k) {
+      if (!continues) gather(next_[k], [&](int e) { return r[e].next[k]; });
+      gather(prev_[k], [&](int e) { return r[e].prev[k]; });
+      gather(kept_[k], [&](int e) { return r[e].kept[k]; });
+    }
+    for (int e = 0; e < W; ++e) {
+      for (int64_t j = 0; j < s_.N; ++j) order_[j * W + e] = r[e].kept.order[j];
+    }
+    gather(g_reads_, [&](int e) { return r[e].g_reads; });
+    access_backward(s_, memory(prev_), memory(next_), kept(), g_reads_.data(), memory(grad_),
+                    memory(grad_prev_), scratch_);
+    std::swap(grad_, grad_prev_);
+    for (int e = 0; e < count; ++e) {
+      for (int64_t k = 0; k < s_.layout.size; ++k) grad_act_[k] = scratch_.grad_act[k][e];
+      activate_backward(s_.layout, s_.R, r[e].raw, r[e].kept.activated, grad_act_.data(),
+                        r[e].g_raw);
+    }
+  }
+
+ private:
+  // lanes[k][e] = row(e)[k]: W x W blocks transposed, then the rest number by number.
+  template <typename Row>
+  static void gather(std::vector<V>& lanes, Row row) {
+    std::array<const T*, W> from;
+    for (int e = 0; e < W; ++e) from[e] = row(e);
+    const int64_t size = lanes.size();
+    int64_t k = 0;
+    for (; k + W <= size; k += W) {
+      std::array<typename V::Vector, W> block;
+      for (int e = 0; e < W; ++e) std::memcpy(&block[e], from[e] + k, sizeof(block[e]));
+      transpose(block.data());
+      for (int e = 0; e < W; ++e) lanes[k + e].v = block[e];
+    }
+    for (; k < size; ++k) {
+      for (int e = 0; e < W; ++e) lanes[k][e] = from[e][k];
+    }
+  }
+  // row(e)[k] = lanes[k][e] for e < count
+  template <typename Row>
+  static void scatter(const std::vector<V>& lanes, int count, Row row) {
+    std::array<T*, W> to;
+    for (int e = 0; e < count; ++e) to[e] = row(e);
+    const int64_t size = lanes.size();
+    int64_t k = 0;
+    for (; k + W <= size; k += W) {
+      std::array<typename V::Vector, W> block;
+      for (int e = 0; e < W; ++e) block[e] = lanes[k + e].v;
+      transpose(block.data());
+      for (int e = 0; e < count; ++e) std::memcpy(to[e] + k, &block[e], sizeof(block[e]));
+    }
+    for (; k < size; ++k) {
+      for (int e = 0; e < count; ++e) to[e][k] = lanes[k][e];
+    }
+  }
+  static Memory<V> memory(std::array<std::vector<V>, 6>& arrays) {
+    return Memory<V>::of([&](int k) { return arrays[k].data(); });
+  }
+  Kept<V> kept() {
+    return {kept_[0].data(), kept_[1].data(), kept_[2].data(), kept_[3].data(),
+            kept_[4].data(), kept_[5].data(), order_.data()};
+  }
+
+  Sizes s_;
+  std::array<std::vector<V>, 6> prev_, next_, grad_, grad_prev_, kept_;
+  std::vector<int64_t> order_, slots_;
+  std::vector<V> reads_, g_reads_, inverse_, floored_;
+  std::vector<T> grad_act_;
+  Scratch<V> scratch_;
+};
+
+// at::parallel_for over the groups of W elements of a batch of B: body(begin, end) on
+// each thread's block of elements, begin a multiple of W.
+template <typename T, typename Body>
+void parallel_groups(int64_t B, Body body) {
+  constexpr int64_t W = Lanes<T>::width;
+  at::parallel_for(0, (B + W - 1) / W, 1, [&](int64_t first, int64_t last) {
+    body(first * W, std::min(B, last * W));
+  });
+}
+
+// A block of batch elements [begin, end) as Groups of W, begin a multiple of W.
+template <typename T>
+class Groups {
+ public:
+  Groups(const Sizes& s, int64_t begin, int64_t end) : begin_(begin), end_(end) {
+    for (int64_t g = begin; g < end; g += Group<T>::W) groups_.emplace_back(s);
+  }
+  // body(group, its first element, its number of elements) for each group
+  template <typename Body>
+  void each(Body body) {
+    for (size_t i = 0; i < groups_.size(); ++i) {
+      const int64_t first = begin_ + int64_t(i) * Group<T>::W;
+      body(groups_[i], first, int(std::min<int64_t>(Group<T>::W, end_ - first)));
+    }
+  }
+
+ private:
+  int64_t begin_, end_;
+  std::vector<Group<T>> groups_;
+};
 
 // Forward results kept for backward, as tensors [B, ...] (one access) or [T, B, ...] (a
 // sequence); the rows of element b (at step t).
@@ -557,16 +903,17 @@ std::vector<Tensor> dnc_access_forward(const Tensor& interface_in, const Tensor&
                          at::empty({B, s.R, s.N}, options), at::empty({B, s.R, s.N}, options),
                          at::empty({B, s.N}, options.dtype(at::kLong))};
   AT_DISPATCH_FLOATING_TYPES(interface.scalar_type(), "dnc_access_forward", [&] {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> inverse(s.N), sorted_usage(s.N);
-      for (int64_t b = begin; b < end; ++b) {
-        access_forward(
-            s, row<scalar_t>(interface, b),
-            Memory<scalar_t>::of([&](int k) { return row<scalar_t>(prev[k], b); }),
-            Memory<scalar_t>::of([&](int k) { return row<scalar_t>(next[k], b); }),
-            kept.rows<scalar_t>(b), row<scalar_t>(reads, b), inverse.data(),
-            sorted_usage.data());
-      }
+    using T = scalar_t;
+    parallel_groups<T>(B, [&](int64_t begin, int64_t end) {
+      Groups<T>(s, begin, end).each([&](Group<T>& group, int64_t first, int count) {
+        group.forward(count, [&](int e) {
+          const int64_t b = first + e;
+          return ForwardRows<T>{row<T>(interface, b),
+                                Memory<T>::of([&](int k) { return row<T>(prev[k], b); }),
+                                Memory<T>::of([&](int k) { return row<T>(next[k], b); }),
+                                kept.rows<T>(b), row<T>(reads, b)};
+        }, false);
+      });
     });
   });
   std::vector<Tensor> results{reads};
@@ -589,23 +936,25 @@ std::vector<Tensor> dnc_access_backward(at::TensorList saved_in, at::TensorList 
                          saved[18], saved[19], saved[16]};
   std::vector<Tensor> out{at::empty_like(interface)};
   for (int k = 1; k <= 6; ++k) out.push_back(at::empty_like(saved[k]));
-  const std::array<int64_t, 6> sizes = s.state();
   AT_DISPATCH_FLOATING_TYPES(interface.scalar_type(), "dnc_access_backward", [&] {
     using T = scalar_t;
-    at::parallel_for(0, interface.size(0), 1, [&](int64_t begin, int64_t end) {
-      Scratch<T> scratch(s);
-      std::array<std::vector<T>, 6> grad;
-      for (int k = 0; k < 6; ++k) grad[k].resize(sizes[k]);
-      for (int64_t b = begin; b < end; ++b) {
-        for (int k = 0; k < 6; ++k) std::copy_n(row<T>(grads[1 + k], b), sizes[k], grad[k].data());
-        access_backward(s, row<T>(interface, b),
-                        Memory<T>::of([&](int k) { return row<T>(saved[1 + k], b); }),
-                        Memory<T>::of([&](int k) { return row<T>(saved[7 + k], b); }),
-                        kept.rows<T>(b), row<T>(grads[0], b),
-                        Memory<T>::of([&](int k) { return grad[k].data(); }),
-                        Memory<T>::of([&](int k) { return row<T>(out[1 + k], b); }),
-                        row<T>(out[0], b), scratch);
-      }
+    parallel_groups<T>(interface.size(0), [&](int64_t begin, int64_t end) {
+      Groups<T>(s, begin, end).each([&](Group<T>& group, int64_t first, int count) {
+        auto element = [&](int e) { return first + std::min(e, count - 1); };
+        group.load_grad([&](int e) {
+          return Memory<T>::of([&](int k) { return row<T>(grads[1 + k], element(e)); });
+        });
+        group.backward(count, [&](int e) {
+          const int64_t b = first + e;
+          return BackwardRows<T>{row<T>(interface, b),
+                                 Memory<T>::of([&](int k) { return row<T>(saved[1 + k], b); }),
+                                 Memory<T>::of([&](int k) { return row<T>(saved[7 + k], b); }),
+                                 kept.rows<T>(b), row<T>(grads[0], b), row<T>(out[0], b)};
+        }, false);
+        group.store_grad(count, [&](int e) {
+          return Memory<T>::of([&](int k) { return row<T>(out[1 + k], first + e); });
+        });
+      });
     });
   });
   return out;
@@ -721,11 +1070,11 @@ void sequence_forward(Sequence& q, const Tensor& projected, const Params& p, dou
   const int64_t steps = projected.size(0), B = projected.size(1);
   const int64_t L = p.layers, H = q.hidden.size(3);
   const Sizes s(q.state[0].size(2), q.state[0].size(3), q.state[1].size(2));
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  parallel_groups<T>(B, [&](int64_t begin, int64_t end) {
     // Below autograd (on every thread; grad mode is per thread): plain ATen kernels.
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t n = end - begin;
-    std::vector<T> inverse(s.N), sorted_usage(s.N);
+    Groups<T> groups(s, begin, end);
     for (int64_t t = 0; t < steps; ++t) {
       const int64_t now = timeline.state(t), next = timeline.state(t + 1);
       const int64_t kept = timeline.kept(t);
@@ -770,13 +1119,15 @@ void sequence_forward(Sequence& q, const Tensor& projected, const Params& p, dou
       Tensor interface = rows_at(q.interface, kept, begin, n);
       at::addmm_out(interface, p.interface_bias(), rows_at(q.outputs, t, begin, n),
                     p.interface_weight().t());
-      for (int64_t b = begin; b < end; ++b) {
-        access_forward(s, row<T>(q.interface, kept, b),
-                       Memory<T>::of([&](int k) { return row<T>(q.state[k], now, b); }),
-                       Memory<T>::of([&](int k) { return row<T>(q.state[k], next, b); }),
-                       q.kept.rows<T>(kept, b), row<T>(q.reads, t + 1, b), inverse.data(),
-                       sorted_usage.data());
-      }
+      groups.each([&](Group<T>& group, int64_t first, int count) {
+        group.forward(count, [&](int e) {
+          const int64_t b = first + e;
+          return ForwardRows<T>{row<T>(q.interface, kept, b),
+                                Memory<T>::of([&](int k) { return row<T>(q.state[k], now, b); }),
+                                Memory<T>::of([&](int k) { return row<T>(q.state[k], next, b); }),
+                                q.kept.rows<T>(kept, b), row<T>(q.reads, t + 1, b)};
+        }, t > 0);
+      });
     }
   });
 }
@@ -822,19 +1173,13 @@ void sequence_backward(const Sequence& q, const Params& p, double clip,
   const int64_t L = p.layers, H = q.hidden.size(3);
   const Sizes s(q.state[0].size(2), q.state[0].size(3), q.state[1].size(2));
   const int64_t read_size = s.R * s.M;
-  const std::array<int64_t, 6> sizes = s.state();
-  std::array<int64_t, 6> offsets{};  // of each state tensor in one element's gradients
-  std::partial_sum(sizes.begin(), sizes.end() - 1, offsets.begin() + 1);
-  const int64_t per_element = offsets[5] + sizes[5];
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  parallel_groups<T>(B, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t n = end - begin;
-    // Gradients carried back in time, of the state after the step being undone.
+    // Gradients carried back in time, of the state after the step being undone (the
+    // memory's in the groups' lanes).
     std::vector<T> reads(n * read_size, T(0)), hidden(L * n * H, T(0)), cell(L * n * H, T(0));
-    std::vector<T> memory(n * per_element, T(0)), previous(n * per_element);
-    auto memory_of = [&](std::vector<T>& arena, int64_t i) {
-      return Memory<T>::of([&, i](int k) { return arena.data() + i * per_element + offsets[k]; });
-    };
+    Groups<T> groups(s, begin, end);
     auto add_state = [&](int64_t t) {  // the external gradients of the state at step t
       for (int64_t b = begin; b < end; ++b) {
         const int64_t i = b - begin;
@@ -844,11 +1189,14 @@ void sequence_backward(const Sequence& q, const Params& p, double clip,
           add_rows(hidden.data() + at, grads[2], H, t, layer, b);
           add_rows(cell.data() + at, grads[3], H, t, layer, b);
         }
-        const Memory<T> carried = memory_of(memory, i);
-        for (int k = 0; k < 6; ++k) add_rows(carried[k], grads[4 + k], sizes[k], t, b);
+      }
+      for (int k = 0; k < 6; ++k) {
+        if (grads[4 + k].numel() == 0) continue;  // no gradient flows into this output
+        groups.each([&](Group<T>& group, int64_t first, int count) {
+          group.add_grad(k, count, [&](int e) { return row<T>(grads[4 + k], t, first + e); });
+        });
       }
     };
-    Scratch<T> scratch(s);
     std::vector<T> grad_below(n * H), grad_out(n * H);
     std::vector<Tensor> grad_inputs;
     for (int64_t layer = 0; layer < L; ++layer) {
@@ -857,15 +1205,16 @@ void sequence_backward(const Sequence& q, const Params& p, double clip,
     Tensor grad_top = at::empty({n, H}, q.outputs.options());
     for (int64_t t = steps - 1; t >= 0; --t) {
       add_state(t + 1);
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t i = b - begin;
-        access_backward(s, row<T>(q.interface, t, b),
-                        Memory<T>::of([&](int k) { return row<T>(q.state[k], t, b); }),
-                        Memory<T>::of([&](int k) { return row<T>(q.state[k], t + 1, b); }),
-                        q.kept.rows<T>(t, b), reads.data() + i * read_size, memory_of(memory, i),
-                        memory_of(previous, i), row<T>(grad_interface, t, b), scratch);
-      }
-      std::swap(memory, previous);
+      groups.each([&](Group<T>& group, int64_t first, int count) {
+        group.backward(count, [&](int e) {
+          const int64_t b = first + e;
+          return BackwardRows<T>{row<T>(q.interface, t, b),
+                                 Memory<T>::of([&](int k) { return row<T>(q.state[k], t, b); }),
+                                 Memory<T>::of([&](int k) { return row<T>(q.state[k], t + 1, b); }),
+                                 q.kept.rows<T>(t, b), reads.data() + (b - begin) * read_size,
+                                 row<T>(grad_interface, t, b)};
+        }, t < steps - 1);
+      });
       // the interface layer and the clip: the gradient of the top layer's new hidden
       at::mm_out(grad_top, rows_at(grad_interface, t, begin, n), p.interface_weight());
       const T* from_interface = grad_top.data_ptr<T>();
@@ -902,9 +1251,12 @@ void sequence_backward(const Sequence& q, const Params& p, double clip,
         std::copy_n(hidden.data() + (layer * n + i) * H, H, row<T>(initial[1], layer, b));
         std::copy_n(cell.data() + (layer * n + i) * H, H, row<T>(initial[2], layer, b));
       }
-      const Memory<T> carried = memory_of(memory, i);
-      for (int k = 0; k < 6; ++k) std::copy_n(carried[k], sizes[k], row<T>(initial[3 + k], b));
     }
+    groups.each([&](Group<T>& group, int64_t first, int count) {
+      group.store_grad(count, [&](int e) {
+        return Memory<T>::of([&](int k) { return row<T>(initial[3 + k], first + e); });
+      });
+    });
   });
 }
 
