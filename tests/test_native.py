@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(native.cpp_compiler() is None, reason="no C++ co
 B, N, M, R = 3, 6, 5, 2
 
 
-def random_state(generator: torch.Generator, usage: str) -> AccessState:
+def random_state(generator: torch.Generator, usage: str, B: int = B) -> AccessState:
     def rand(*shape: int) -> torch.Tensor:
         return torch.rand(*shape, dtype=torch.float64, generator=generator)
 
@@ -158,7 +158,8 @@ def threads(request):
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("overrides", CONFIGS)
 def test_a_dnc_gives_the_same_outputs_and_gradients_on_both_paths(overrides, threads, monkeypatch):
-    """With two threads the native sequence splits the batch into two blocks."""
+    """float64 runs four batch elements in the lanes of a vector: a batch of 6 is two
+    groups, the second padded; with two threads each group is one thread's block."""
     calls = {"dnc_sequence": 0, "dnc_access": 0}
     for name in calls:
         original = getattr(native, name)
@@ -174,7 +175,7 @@ def test_a_dnc_gives_the_same_outputs_and_gradients_on_both_paths(overrides, thr
         torch.manual_seed(3)
         kwargs = {"hidden_size": 8, "nr_cells": N, "cell_size": M, "read_heads": R}
         rnn = DNC(5, **kwargs, **overrides).double()
-        x = torch.randn(3, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        x = torch.randn(6, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
         output, (_, memory, reads) = rnn(x, (None, None, None), reset_experience=True)
         loss = output.square().sum() + memory["link_matrix"].sum() + reads.sum()
         return output, torch.autograd.grad(loss, list(rnn.parameters()))
@@ -189,6 +190,46 @@ def test_a_dnc_gives_the_same_outputs_and_gradients_on_both_paths(overrides, thr
     torch.testing.assert_close(native_output, output, rtol=1e-12, atol=1e-12)
     for have, want in zip(native_gradients, gradients, strict=True):
         torch.testing.assert_close(have, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("usage", ["random", "ties", "full"])
+def test_a_float32_access_agrees_with_float64(usage: str):
+    """float32 runs eight batch elements in the lanes of a vector, with its own exp (within
+    2 ulp of expf): a batch of 11 is two groups, the second padded. One access agrees with
+    float64's to a few float32 roundings."""
+    generator = torch.Generator().manual_seed(1)
+    state = random_state(generator, usage, B=11)
+    access = MemoryAccess(7, N, M, R, 1).double()
+    with torch.no_grad():  # sharp keys and gates
+        interface = 3 * access.interface(
+            torch.randn(11, 7, dtype=torch.float64, generator=generator)
+        )
+    want = native.dnc_access(interface, *state)
+    have = native.dnc_access(interface.float(), *(tensor.float() for tensor in state))
+    for got, expected in zip(have, want, strict=True):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_float32_agrees_with_float64(threads, monkeypatch):
+    """A whole DNC in float32, forward and backward, agrees with the PyTorch path in
+    float64 to float32's precision (11 sequences: two groups of eight lanes)."""
+
+    def run(flag: str, dtype: torch.dtype):
+        monkeypatch.setenv("MEMCTL_NATIVE", flag)
+        torch.manual_seed(3)
+        rnn = DNC(5, hidden_size=8, nr_cells=N, cell_size=M, read_heads=R).to(dtype)
+        generator = torch.Generator().manual_seed(4)
+        x = (3 * torch.randn(11, 9, 5, generator=generator)).to(dtype)
+        output, (_, memory, reads) = rnn(x, (None, None, None), reset_experience=True)
+        loss = output.square().sum() + memory["link_matrix"].sum() + reads.sum()
+        return output, torch.autograd.grad(loss, list(rnn.parameters()))
+
+    output, gradients = run("1", torch.float32)
+    want_output, want_gradients = run("0", torch.float64)
+    torch.testing.assert_close(output.double(), want_output, rtol=1e-4, atol=1e-5)
+    for have, want in zip(gradients, want_gradients, strict=True):
+        torch.testing.assert_close(have.double(), want, rtol=1e-3, atol=1e-4)
 
 
 def test_float32_training_steps_agree(monkeypatch):
