@@ -113,6 +113,45 @@ inline Lanes<float> lanes_exp(Lanes<float> a) {
   return p * scale;
 }
 
+// A vector from or to unaligned memory (with AVX, one instruction: the compiler's own
+// choice for a 32-byte copy may be two halves, which the transpose then reads back whole
+// through the stack).
+inline Float8 load(const float* from) {
+#if defined(__AVX__)
+  return (Float8)_mm256_loadu_ps(from);
+#else
+  Float8 out;
+  std::memcpy(&out, from, sizeof(out));
+  return out;
+#endif
+}
+
+inline Double4 load(const double* from) {
+#if defined(__AVX__)
+  return (Double4)_mm256_loadu_pd(from);
+#else
+  Double4 out;
+  std::memcpy(&out, from, sizeof(out));
+  return out;
+#endif
+}
+
+inline void store(float* to, Float8 vector) {
+#if defined(__AVX__)
+  _mm256_storeu_ps(to, (__m256)vector);
+#else
+  std::memcpy(to, &vector, sizeof(vector));
+#endif
+}
+
+inline void store(double* to, Double4 vector) {
+#if defined(__AVX__)
+  _mm256_storeu_pd(to, (__m256d)vector);
+#else
+  std::memcpy(to, &vector, sizeof(vector));
+#endif
+}
+
 // Square blocks of lanes transposed: in[e][k] -> out[k][e] (W x W numbers). With AVX, in
 // registers; without, number by number.
 inline void transpose(Float8* rows) {
@@ -782,7 +821,7 @@ class Group {
     int64_t k = 0;
     for (; k + W <= size; k += W) {
       std::array<typename V::Vector, W> block;
-      for (int e = 0; e < W; ++e) std::memcpy(&block[e], from[e] + k, sizeof(block[e]));
+      for (int e = 0; e < W; ++e) block[e] = load(from[e] + k);
       transpose(block.data());
       for (int e = 0; e < W; ++e) lanes[k + e].v = block[e];
     }
@@ -801,7 +840,7 @@ class Group {
       std::array<typename V::Vector, W> block;
       for (int e = 0; e < W; ++e) block[e] = lanes[k + e].v;
       transpose(block.data());
-      for (int e = 0; e < count; ++e) std::memcpy(to[e] + k, &block[e], sizeof(block[e]));
+      for (int e = 0; e < count; ++e) store(to[e] + k, block[e]);
     }
     for (; k < size; ++k) {
       for (int e = 0; e < count; ++e) to[e][k] = lanes[k][e];
