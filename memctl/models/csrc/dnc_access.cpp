@@ -1,9 +1,9 @@
 // The DNC on the CPU as native kernels, forward and backward, built and wrapped in
 // memctl/models/native.py:
 // - dnc_access_forward / dnc_access_backward: one memory access with one write head, the
-//   maths of addressing.py step by step in the order of MemoryAccess.step, each batch
-//   element a few plain loops over N slots (two calls instead of about four hundred small
-//   tensor ops a step);
+//   maths of addressing.py step by step in the order of MemoryAccess.step, as loops over
+//   N slots on W batch elements at once, one in each lane of a vector (see Lanes and
+//   Group; two calls instead of about four hundred small tensor ops a step);
 // - dnc_sequence_forward / dnc_sequence_backward: a whole sequence of a DNC with one LSTM
 //   controller stack (Controller.step without layer norm or dropout, the output clip, the
 //   interface layer, that memory access), the time loop inside: one call forward and one
