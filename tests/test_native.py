@@ -42,12 +42,27 @@ def random_state(generator: torch.Generator, usage: str, B: int = B) -> AccessSt
     )
 
 
+@pytest.fixture
+def threads(request):
+    """Torch threads: the native kernels run W batch elements in vector lanes where every
+    thread gets W of them (or there is one thread), else one element at a time."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
 def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
+# One thread: the batch of 3 in four float64 lanes (one padded); two: one at a time.
+LAYOUTS = pytest.mark.parametrize("threads", [1, 2], indirect=True, ids=["lanes", "single"])
+
+
+@LAYOUTS
 @pytest.mark.parametrize("usage", ["random", "ties", "full"])
-def test_access_gives_the_pytorch_paths_numbers_and_gradients(usage: str, monkeypatch):
+def test_access_gives_the_pytorch_paths_numbers_and_gradients(usage: str, threads, monkeypatch):
     generator = torch.Generator().manual_seed(0)
     access = MemoryAccess(7, N, M, R, 1).double()
     state = random_state(generator, usage)
@@ -71,7 +86,8 @@ def test_access_gives_the_pytorch_paths_numbers_and_gradients(usage: str, monkey
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_gradcheck_of_the_access():
+@LAYOUTS
+def test_gradcheck_of_the_access(threads):
     generator = torch.Generator().manual_seed(1)
     state = random_state(generator, "ties")
     size = MemoryAccess(1, N, M, R, 1).interface.out_features
@@ -95,8 +111,9 @@ def sequence_inputs(layers: int, generator: torch.Generator, steps: int = 3):
     return tensors, list(random_state(generator, "random")), params
 
 
+@LAYOUTS
 @pytest.mark.parametrize(("layers", "clip"), [(1, 20.0), (2, 0.3)])
-def test_gradcheck_of_a_whole_sequence(layers: int, clip: float):
+def test_gradcheck_of_a_whole_sequence(layers: int, clip: float, threads):
     """Every input (the projected inputs, the initial state, the parameters) against every
     output (the controller outputs and every step's state)."""
     tensors, state, params = sequence_inputs(layers, torch.Generator().manual_seed(2))
@@ -147,19 +164,11 @@ CONFIGS = [
 ]
 
 
-@pytest.fixture
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("overrides", CONFIGS)
 def test_a_dnc_gives_the_same_outputs_and_gradients_on_both_paths(overrides, threads, monkeypatch):
-    """float64 runs four batch elements in the lanes of a vector: a batch of 6 is two
-    groups, the second padded; with two threads each group is one thread's block."""
+    """One thread: float64 runs a batch of 6 in two groups of four lanes, the second
+    padded; two threads: one element at a time, three on each thread."""
     calls = {"dnc_sequence": 0, "dnc_access": 0}
     for name in calls:
         original = getattr(native, name)
@@ -192,8 +201,9 @@ def test_a_dnc_gives_the_same_outputs_and_gradients_on_both_paths(overrides, thr
         torch.testing.assert_close(have, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("threads", [1], indirect=True)
 @pytest.mark.parametrize("usage", ["random", "ties", "full"])
-def test_a_float32_access_agrees_with_float64(usage: str):
+def test_a_float32_access_agrees_with_float64(usage: str, threads):
     """float32 runs eight batch elements in the lanes of a vector, with its own exp (within
     2 ulp of expf): a batch of 11 is two groups, the second padded. One access agrees with
     float64's to a few float32 roundings."""
@@ -213,7 +223,8 @@ def test_a_float32_access_agrees_with_float64(usage: str):
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 def test_float32_agrees_with_float64(threads, monkeypatch):
     """A whole DNC in float32, forward and backward, agrees with the PyTorch path in
-    float64 to float32's precision (11 sequences: two groups of eight lanes)."""
+    float64 to float32's precision (11 sequences: on one thread two groups of eight
+    lanes, on two one at a time)."""
 
     def run(flag: str, dtype: torch.dtype):
         monkeypatch.setenv("MEMCTL_NATIVE", flag)

@@ -47,24 +47,36 @@ using at::Tensor;
 constexpr double kEpsilon = 1e-6;  // addressing.EPSILON
 constexpr double kSoftplusThreshold = 20;  // torch.nn.functional.softplus's default
 
-// A batch of elements in the lanes of one 32-byte vector register (8 float or 4 double):
-// the access runs on W batch elements at once, each number of one element's maths a lane,
-// so that its many short loops over slots and words are vector instructions with no
-// horizontal sums. GCC's and Clang's vector extensions; elementwise arithmetic only.
+// A batch of W elements in the lanes of one 32-byte vector register (W = 8 float or 4
+// double): the access runs on W batch elements at once, each number of one element's
+// maths a lane, so that its many short loops over slots and words are vector
+// instructions with no horizontal sums (GCC's and Clang's vector extensions; elementwise
+// arithmetic only). W = 1 is one element at a time, a plain number: there the compiler
+// vectorises the loops along the rows, which is as good where rows are long (large N).
 typedef float Float8 __attribute__((vector_size(32)));
 typedef double Double4 __attribute__((vector_size(32)));
 
-template <typename T>
+template <typename T, int W>
 struct Lanes {
+  static_assert(W == 1 || W * sizeof(T) == 32, "one number or one 32-byte vector");
   using Scalar = T;
-  static constexpr int width = 32 / sizeof(T);
-  using Vector = std::conditional_t<std::is_same_v<T, float>, Float8, Double4>;
+  static constexpr int width = W;
+  using Vector =
+      std::conditional_t<W == 1, T, std::conditional_t<std::is_same_v<T, float>, Float8, Double4>>;
   Vector v;
   Lanes() = default;
   Lanes(T x) : v(Vector{} + x) {}  // every lane x
-  Lanes(Vector x) : v(x) {}
-  T& operator[](int lane) { return v[lane]; }
-  T operator[](int lane) const { return v[lane]; }
+  template <typename U>
+    requires(W > 1 && std::is_same_v<U, Vector>)
+  Lanes(U x) : v(x) {}
+  T& operator[](int lane) {
+    if constexpr (W == 1) {
+      return v;
+    } else {
+      return v[lane];
+    }
+  }
+  T operator[](int lane) const { return const_cast<Lanes&>(*this)[lane]; }
   friend Lanes operator+(Lanes a, Lanes b) { return a.v + b.v; }
   friend Lanes operator-(Lanes a, Lanes b) { return a.v - b.v; }
   friend Lanes operator*(Lanes a, Lanes b) { return a.v * b.v; }
@@ -76,23 +88,33 @@ struct Lanes {
   Lanes& operator/=(Lanes b) { return v /= b.v, *this; }
   friend Lanes max(Lanes a, Lanes b) { return a.v > b.v ? a.v : b.v; }
   friend Lanes sqrt(Lanes a) {
-    for (int k = 0; k < width; ++k) a.v[k] = std::sqrt(a.v[k]);  // -fno-math-errno: one sqrt
+    for (int k = 0; k < W; ++k) a[k] = std::sqrt(a[k]);  // -fno-math-errno: one sqrt
     return a;
   }
-  friend Lanes exp(Lanes a) { return lanes_exp(a); }
+  friend Lanes exp(Lanes a) {
+    if constexpr (W == 1) {
+      return std::exp(a.v);
+    } else {
+      return lanes_exp(a);
+    }
+  }
 };
+
+// The lanes of a 32-byte vector for T.
+template <typename T>
+using Wide = Lanes<T, 32 / sizeof(T)>;
 
 // exp in every lane: double by the C library lane by lane; float by a vectorised
 // Cephes-style expf (x = n ln 2 + r, |r| <= ln 2 / 2, a degree-7 polynomial in r, 2^n from
 // the exponent bits), within 2 ulp of expf on [-87.3, 88.7]; below -87.3 it gives the
 // smallest normal float instead of a denormal or 0 (the softmaxes' smallest terms).
-inline Lanes<double> lanes_exp(Lanes<double> a) {
-  for (int k = 0; k < Lanes<double>::width; ++k) a.v[k] = std::exp(a.v[k]);
+inline Wide<double> lanes_exp(Wide<double> a) {
+  for (int k = 0; k < Wide<double>::width; ++k) a[k] = std::exp(a[k]);
   return a;
 }
 
-inline Lanes<float> lanes_exp(Lanes<float> a) {
-  using V = Lanes<float>::Vector;
+inline Wide<float> lanes_exp(Wide<float> a) {
+  using V = Wide<float>::Vector;
   using I = int32_t __attribute__((vector_size(32)));
   V x = a.v;
   x = x < -87.33654f ? V{} - 87.33654f : x;
@@ -256,20 +278,31 @@ void activate_backward(const Layout& layout, int64_t R, const T* raw, const T* a
   }
 }
 
-// A short dot product in four independent sums (so that consecutive products do not wait
-// on each other), added pairwise at the end.
+// A short dot product in independent sums (so that consecutive products do not wait on
+// each other), added pairwise at the end: one element's in eight (one vector register once
+// the compiler vectorises them), lanes' in four vectors.
 template <typename V>
 [[gnu::always_inline]] inline V dot(const V* a, const V* b, int64_t width) {
-  V s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   int64_t j = 0;
-  for (; j + 4 <= width; j += 4) {
-    s0 += a[j] * b[j];
-    s1 += a[j + 1] * b[j + 1];
-    s2 += a[j + 2] * b[j + 2];
-    s3 += a[j + 3] * b[j + 3];
+  V rest = 0;
+  if constexpr (V::width == 1) {
+    typename V::Scalar sums[8] = {};
+    for (; j + 8 <= width; j += 8) {
+      for (int k = 0; k < 8; ++k) sums[k] += a[j + k].v * b[j + k].v;
+    }
+    for (; j < width; ++j) rest += a[j] * b[j];
+    return V(((sums[0] + sums[4]) + (sums[1] + sums[5])) + ((sums[2] + sums[6]) + (sums[3] + sums[7]))) + rest;
+  } else {
+    V s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (; j + 4 <= width; j += 4) {
+      s0 += a[j] * b[j];
+      s1 += a[j + 1] * b[j + 1];
+      s2 += a[j + 2] * b[j + 2];
+      s3 += a[j + 3] * b[j + 3];
+    }
+    for (; j < width; ++j) rest += a[j] * b[j];
+    return ((s0 + s1) + (s2 + s3)) + rest;
   }
-  for (; j < width; ++j) s0 += a[j] * b[j];
-  return (s0 + s1) + (s2 + s3);
 }
 
 template <typename V>
@@ -288,6 +321,7 @@ template <typename V>
     const V *m0 = matrix + i * width, *m1 = m0 + width, *m2 = m1 + width, *m3 = m2 + width;
     const V c0 = coefficients[i], c1 = coefficients[i + 1], c2 = coefficients[i + 2],
             c3 = coefficients[i + 3];
+#pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
       out[j] += (c0 * m0[j] + c1 * m1[j]) + (c2 * m2[j] + c3 * m3[j]);
     }
@@ -295,6 +329,7 @@ template <typename V>
   for (; i < rows; ++i) {
     const V* m = matrix + i * width;
     const V c = coefficients[i];
+#pragma omp simd
     for (int64_t j = 0; j < width; ++j) out[j] += c * m[j];
   }
 }
@@ -338,11 +373,13 @@ void content_backward(const V* memory, const V* memory_inverse, const V* key, V 
     by_dots += grad_logit * d * memory_inverse[n];
     grad_dots[n] = grad_dot;
     V* grad_row = grad_memory + n * M;
+#pragma omp simd
     for (int64_t j = 0; j < M; ++j) grad_row[j] += grad_dot * key[j] - grad_norm * row[j];
   }
   add_weighted_rows(grad_key, memory, grad_dots, N, M);
   *grad_strength += key_inverse * by_dots;
   const V grad_norm = strength * by_dots * key_inverse * key_inverse * key_inverse;
+#pragma omp simd
   for (int64_t j = 0; j < M; ++j) grad_key[j] -= grad_norm * key[j];
 }
 
@@ -464,6 +501,7 @@ void access_forward(const Sizes& s, const Memory<V>& prev, const Memory<V>& next
     const V* old = prev.memory + n * M;
     V* slot = mem + n * M;
     const V weight = w[n];
+#pragma omp simd
     for (int64_t j = 0; j < M; ++j) slot[j] = old[j] + weight * (in.vector[j] - old[j] * in.erase[j]);
   }
   // link (zero diagonal) and precedence
@@ -471,6 +509,7 @@ void access_forward(const Sizes& s, const Memory<V>& prev, const Memory<V>& next
     V* l_row = l + i * N;
     const V* l0_row = prev.link + i * N;
     const V keep = 1 - w[i], written_here = w[i];
+#pragma omp simd
     for (int64_t j = 0; j < N; ++j) {
       l_row[j] = (keep - w[j]) * l0_row[j] + written_here * prev.precedence[j];
     }
@@ -577,6 +616,7 @@ void access_backward(const Sizes& s, const Memory<V>& prev, const Memory<V>& nex
       const V weight = rw[r * N + n];
       const V grad_weight = grad_read[r * N + n] + dot(g, mem + n * M, M);
       V* grad_slot = grad_mem + n * M;
+#pragma omp simd
       for (int64_t j = 0; j < M; ++j) grad_slot[j] += weight * g[j];
       const int64_t k = r * N + n;
       modes[0] += grad_weight * bw[k];
@@ -604,6 +644,7 @@ void access_backward(const Sizes& s, const Memory<V>& prev, const Memory<V>& nex
     for (int64_t i = 0; i < N; ++i) {
       V* g_row = grad_link + i * N;
       const V left = gf[i], right = weights[i];
+#pragma omp simd
       for (int64_t j = 0; j < N; ++j) g_row[j] += left * weights[j] + right * gb[j];
       g_weights[i] += dot(l + i * N, gb, N);
     }
@@ -625,29 +666,39 @@ void access_backward(const Sizes& s, const Memory<V>& prev, const Memory<V>& nex
     const V* g_row = grad_link + i * N;
     const V* l0_row = prev.link + i * N;
     V* out_row = g_l0 + i * N;
-    V by_row = 0;
-    for (int64_t j = 0; j < N; ++j) {
-      const V weighted = g_row[j] * l0_row[j];
-      out_row[j] = (1 - w[i] - w[j]) * g_row[j];
-      by_row += g_row[j] * prev.precedence[j] - weighted;
-      grad_write[j] -= weighted;
-      g_p0[j] += g_row[j] * w[i];
+    if constexpr (V::width == 1) {  // the sum as dot products, the rest vectorised
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) {
+        out_row[j] = (1 - w[i] - w[j]) * g_row[j];
+        grad_write[j] -= g_row[j] * l0_row[j];
+        g_p0[j] += g_row[j] * w[i];
+      }
+      grad_write[i] += dot(g_row, prev.precedence, N) - dot(g_row, l0_row, N);
+    } else {  // in lanes: one pass
+      V by_row = 0;
+      for (int64_t j = 0; j < N; ++j) {
+        const V weighted = g_row[j] * l0_row[j];
+        out_row[j] = (1 - w[i] - w[j]) * g_row[j];
+        by_row += g_row[j] * prev.precedence[j] - weighted;
+        grad_write[j] -= weighted;
+        g_p0[j] += g_row[j] * w[i];
+      }
+      grad_write[i] += by_row;
     }
-    grad_write[i] += by_row;
   }
   // erase and add: M = M0 + w (v - M0 e)
   V* g_erase = grad_act + layout.erase;
   V* g_vector = grad_act + layout.write_vector;
   V* erased = scratch.erased.data();  // grad_mem * prev.memory, elementwise
   for (int64_t n = 0; n < N; ++n) {
-    V by_slot = 0;
+    const V *g = grad_mem + n * M, *old = prev.memory + n * M;
+    V* erased_row = erased + n * M;
+#pragma omp simd
     for (int64_t j = 0; j < M; ++j) {
-      const V g = grad_mem[n * M + j], old = prev.memory[n * M + j];
-      by_slot += g * in.vector[j] - g * old * in.erase[j];
-      erased[n * M + j] = -g * old;
-      g_mem0[n * M + j] = g * (1 - w[n] * in.erase[j]);
+      erased_row[j] = -g[j] * old[j];
+      g_mem0[n * M + j] = g[j] * (1 - w[n] * in.erase[j]);
     }
-    grad_write[n] += by_slot;
+    grad_write[n] += dot(g, in.vector, M) + dot(erased_row, in.erase, M);
   }
   add_weighted_rows(g_erase, erased, w, N, M);
   add_weighted_rows(g_vector, grad_mem, w, N, M);
@@ -720,10 +771,10 @@ struct BackwardRows {
 // interface's activations are done element by element (a few numbers each). Along a
 // sequence (continues), the state one call ends with is the next call's, already in lanes;
 // backward carries the state's gradient in lanes from call to call.
-template <typename T>
+template <typename V>
 class Group {
  public:
-  using V = Lanes<T>;
+  using T = typename V::Scalar;
   static constexpr int W = V::width;
 
   explicit Group(const Sizes& s)
@@ -815,35 +866,43 @@ class Group {
   // lanes[k][e] = row(e)[k]: W x W blocks transposed, then the rest number by number.
   template <typename Row>
   static void gather(std::vector<V>& lanes, Row row) {
-    std::array<const T*, W> from;
-    for (int e = 0; e < W; ++e) from[e] = row(e);
     const int64_t size = lanes.size();
-    int64_t k = 0;
-    for (; k + W <= size; k += W) {
-      std::array<typename V::Vector, W> block;
-      for (int e = 0; e < W; ++e) block[e] = load(from[e] + k);
-      transpose(block.data());
-      for (int e = 0; e < W; ++e) lanes[k + e].v = block[e];
-    }
-    for (; k < size; ++k) {
-      for (int e = 0; e < W; ++e) lanes[k][e] = from[e][k];
+    if constexpr (W == 1) {
+      std::copy_n(row(0), size, &lanes[0].v);
+    } else {
+      std::array<const T*, W> from;
+      for (int e = 0; e < W; ++e) from[e] = row(e);
+      int64_t k = 0;
+      for (; k + W <= size; k += W) {
+        std::array<typename V::Vector, W> block;
+        for (int e = 0; e < W; ++e) block[e] = load(from[e] + k);
+        transpose(block.data());
+        for (int e = 0; e < W; ++e) lanes[k + e].v = block[e];
+      }
+      for (; k < size; ++k) {
+        for (int e = 0; e < W; ++e) lanes[k][e] = from[e][k];
+      }
     }
   }
   // row(e)[k] = lanes[k][e] for e < count
   template <typename Row>
   static void scatter(const std::vector<V>& lanes, int count, Row row) {
-    std::array<T*, W> to;
-    for (int e = 0; e < count; ++e) to[e] = row(e);
     const int64_t size = lanes.size();
-    int64_t k = 0;
-    for (; k + W <= size; k += W) {
-      std::array<typename V::Vector, W> block;
-      for (int e = 0; e < W; ++e) block[e] = lanes[k + e].v;
-      transpose(block.data());
-      for (int e = 0; e < count; ++e) store(to[e] + k, block[e]);
-    }
-    for (; k < size; ++k) {
-      for (int e = 0; e < count; ++e) to[e][k] = lanes[k][e];
+    if constexpr (W == 1) {
+      std::copy_n(&lanes[0].v, size, row(0));
+    } else {
+      std::array<T*, W> to;
+      for (int e = 0; e < count; ++e) to[e] = row(e);
+      int64_t k = 0;
+      for (; k + W <= size; k += W) {
+        std::array<typename V::Vector, W> block;
+        for (int e = 0; e < W; ++e) block[e] = lanes[k + e].v;
+        transpose(block.data());
+        for (int e = 0; e < count; ++e) store(to[e] + k, block[e]);
+      }
+      for (; k < size; ++k) {
+        for (int e = 0; e < count; ++e) to[e][k] = lanes[k][e];
+      }
     }
   }
   static Memory<V> memory(std::array<std::vector<V>, 6>& arrays) {
@@ -862,35 +921,50 @@ class Group {
   Scratch<V> scratch_;
 };
 
+// body(Lanes<T, W>{}) with the lanes for a batch of B with N slots: W elements in the
+// lanes of a vector where rows are short (N <= 128: there that is up to twice as fast)
+// and every thread gets a group of them or there is one thread; else one element at a
+// time (a batch of 8 in float32 would leave all but one thread idle, and long rows are
+// vectors already).
+template <typename T, typename Body>
+void with_lanes(int64_t B, int64_t N, Body body) {
+  const int threads = at::get_num_threads();
+  if (N <= 128 && (threads == 1 || B >= Wide<T>::width * threads)) {
+    body(Wide<T>{});
+  } else {
+    body(Lanes<T, 1>{});
+  }
+}
+
 // at::parallel_for over the groups of W elements of a batch of B: body(begin, end) on
 // each thread's block of elements, begin a multiple of W.
-template <typename T, typename Body>
+template <typename V, typename Body>
 void parallel_groups(int64_t B, Body body) {
-  constexpr int64_t W = Lanes<T>::width;
+  constexpr int64_t W = V::width;
   at::parallel_for(0, (B + W - 1) / W, 1, [&](int64_t first, int64_t last) {
     body(first * W, std::min(B, last * W));
   });
 }
 
 // A block of batch elements [begin, end) as Groups of W, begin a multiple of W.
-template <typename T>
+template <typename V>
 class Groups {
  public:
   Groups(const Sizes& s, int64_t begin, int64_t end) : begin_(begin), end_(end) {
-    for (int64_t g = begin; g < end; g += Group<T>::W) groups_.emplace_back(s);
+    for (int64_t g = begin; g < end; g += Group<V>::W) groups_.emplace_back(s);
   }
   // body(group, its first element, its number of elements) for each group
   template <typename Body>
   void each(Body body) {
     for (size_t i = 0; i < groups_.size(); ++i) {
-      const int64_t first = begin_ + int64_t(i) * Group<T>::W;
-      body(groups_[i], first, int(std::min<int64_t>(Group<T>::W, end_ - first)));
+      const int64_t first = begin_ + int64_t(i) * Group<V>::W;
+      body(groups_[i], first, int(std::min<int64_t>(Group<V>::W, end_ - first)));
     }
   }
 
  private:
   int64_t begin_, end_;
-  std::vector<Group<T>> groups_;
+  std::vector<Group<V>> groups_;
 };
 
 // Forward results kept for backward, as tensors [B, ...] (one access) or [T, B, ...] (a
@@ -943,15 +1017,18 @@ std::vector<Tensor> dnc_access_forward(const Tensor& interface_in, const Tensor&
                          at::empty({B, s.N}, options.dtype(at::kLong))};
   AT_DISPATCH_FLOATING_TYPES(interface.scalar_type(), "dnc_access_forward", [&] {
     using T = scalar_t;
-    parallel_groups<T>(B, [&](int64_t begin, int64_t end) {
-      Groups<T>(s, begin, end).each([&](Group<T>& group, int64_t first, int count) {
-        group.forward(count, [&](int e) {
-          const int64_t b = first + e;
-          return ForwardRows<T>{row<T>(interface, b),
-                                Memory<T>::of([&](int k) { return row<T>(prev[k], b); }),
-                                Memory<T>::of([&](int k) { return row<T>(next[k], b); }),
-                                kept.rows<T>(b), row<T>(reads, b)};
-        }, false);
+    with_lanes<T>(B, s.N, [&](auto lanes) {
+      using V = decltype(lanes);
+      parallel_groups<V>(B, [&](int64_t begin, int64_t end) {
+        Groups<V>(s, begin, end).each([&](Group<V>& group, int64_t first, int count) {
+          group.forward(count, [&](int e) {
+            const int64_t b = first + e;
+            return ForwardRows<T>{row<T>(interface, b),
+                                  Memory<T>::of([&](int k) { return row<T>(prev[k], b); }),
+                                  Memory<T>::of([&](int k) { return row<T>(next[k], b); }),
+                                  kept.rows<T>(b), row<T>(reads, b)};
+          }, false);
+        });
       });
     });
   });
@@ -977,21 +1054,24 @@ std::vector<Tensor> dnc_access_backward(at::TensorList saved_in, at::TensorList 
   for (int k = 1; k <= 6; ++k) out.push_back(at::empty_like(saved[k]));
   AT_DISPATCH_FLOATING_TYPES(interface.scalar_type(), "dnc_access_backward", [&] {
     using T = scalar_t;
-    parallel_groups<T>(interface.size(0), [&](int64_t begin, int64_t end) {
-      Groups<T>(s, begin, end).each([&](Group<T>& group, int64_t first, int count) {
-        auto element = [&](int e) { return first + std::min(e, count - 1); };
-        group.load_grad([&](int e) {
-          return Memory<T>::of([&](int k) { return row<T>(grads[1 + k], element(e)); });
-        });
-        group.backward(count, [&](int e) {
-          const int64_t b = first + e;
-          return BackwardRows<T>{row<T>(interface, b),
-                                 Memory<T>::of([&](int k) { return row<T>(saved[1 + k], b); }),
-                                 Memory<T>::of([&](int k) { return row<T>(saved[7 + k], b); }),
-                                 kept.rows<T>(b), row<T>(grads[0], b), row<T>(out[0], b)};
-        }, false);
-        group.store_grad(count, [&](int e) {
-          return Memory<T>::of([&](int k) { return row<T>(out[1 + k], first + e); });
+    with_lanes<T>(interface.size(0), s.N, [&](auto lanes) {
+      using V = decltype(lanes);
+      parallel_groups<V>(interface.size(0), [&](int64_t begin, int64_t end) {
+        Groups<V>(s, begin, end).each([&](Group<V>& group, int64_t first, int count) {
+          auto element = [&](int e) { return first + std::min(e, count - 1); };
+          group.load_grad([&](int e) {
+            return Memory<T>::of([&](int k) { return row<T>(grads[1 + k], element(e)); });
+          });
+          group.backward(count, [&](int e) {
+            const int64_t b = first + e;
+            return BackwardRows<T>{row<T>(interface, b),
+                                   Memory<T>::of([&](int k) { return row<T>(saved[1 + k], b); }),
+                                   Memory<T>::of([&](int k) { return row<T>(saved[7 + k], b); }),
+                                   kept.rows<T>(b), row<T>(grads[0], b), row<T>(out[0], b)};
+          }, false);
+          group.store_grad(count, [&](int e) {
+            return Memory<T>::of([&](int k) { return row<T>(out[1 + k], first + e); });
+          });
         });
       });
     });
@@ -1103,17 +1183,18 @@ Tensor rows_at(const Tensor& tensor, int64_t t, int64_t layer, int64_t begin, in
 // Each batch element's run is independent of the others': the batch is split into one
 // block per thread, and each block runs the whole sequence (forward, and backward) on its
 // own, with ATen's matrix products on its rows.
-template <typename T>
+template <typename V>
 void sequence_forward(Sequence& q, const Tensor& projected, const Params& p, double clip,
                       const Timeline& timeline) {
+  using T = typename V::Scalar;
   const int64_t steps = projected.size(0), B = projected.size(1);
   const int64_t L = p.layers, H = q.hidden.size(3);
   const Sizes s(q.state[0].size(2), q.state[0].size(3), q.state[1].size(2));
-  parallel_groups<T>(B, [&](int64_t begin, int64_t end) {
+  parallel_groups<V>(B, [&](int64_t begin, int64_t end) {
     // Below autograd (on every thread; grad mode is per thread): plain ATen kernels.
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t n = end - begin;
-    Groups<T> groups(s, begin, end);
+    Groups<V> groups(s, begin, end);
     for (int64_t t = 0; t < steps; ++t) {
       const int64_t now = timeline.state(t), next = timeline.state(t + 1);
       const int64_t kept = timeline.kept(t);
@@ -1158,7 +1239,7 @@ void sequence_forward(Sequence& q, const Tensor& projected, const Params& p, dou
       Tensor interface = rows_at(q.interface, kept, begin, n);
       at::addmm_out(interface, p.interface_bias(), rows_at(q.outputs, t, begin, n),
                     p.interface_weight().t());
-      groups.each([&](Group<T>& group, int64_t first, int count) {
+      groups.each([&](Group<V>& group, int64_t first, int count) {
         group.forward(count, [&](int e) {
           const int64_t b = first + e;
           return ForwardRows<T>{row<T>(q.interface, kept, b),
@@ -1204,21 +1285,22 @@ void add_rows(T* into, const Tensor& grad, int64_t count, Index... index) {
 // grads: of the outputs, reads, hidden, cell and the memory's six (empty where none flows)
 // -> the gates' gradients per layer [T, B, 4H] and the interface's [T, B, I]; the initial
 // state's gradients: reads, hidden, cell, the memory's six.
-template <typename T>
+template <typename V>
 void sequence_backward(const Sequence& q, const Params& p, double clip,
                        const std::vector<Tensor>& grads, std::vector<Tensor>& grad_gates,
                        Tensor& grad_interface, std::vector<Tensor>& initial) {
+  using T = typename V::Scalar;
   const int64_t steps = q.outputs.size(0), B = q.outputs.size(1);
   const int64_t L = p.layers, H = q.hidden.size(3);
   const Sizes s(q.state[0].size(2), q.state[0].size(3), q.state[1].size(2));
   const int64_t read_size = s.R * s.M;
-  parallel_groups<T>(B, [&](int64_t begin, int64_t end) {
+  parallel_groups<V>(B, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t n = end - begin;
     // Gradients carried back in time, of the state after the step being undone (the
     // memory's in the groups' lanes).
     std::vector<T> reads(n * read_size, T(0)), hidden(L * n * H, T(0)), cell(L * n * H, T(0));
-    Groups<T> groups(s, begin, end);
+    Groups<V> groups(s, begin, end);
     auto add_state = [&](int64_t t) {  // the external gradients of the state at step t
       for (int64_t b = begin; b < end; ++b) {
         const int64_t i = b - begin;
@@ -1231,7 +1313,7 @@ void sequence_backward(const Sequence& q, const Params& p, double clip,
       }
       for (int k = 0; k < 6; ++k) {
         if (grads[4 + k].numel() == 0) continue;  // no gradient flows into this output
-        groups.each([&](Group<T>& group, int64_t first, int count) {
+        groups.each([&](Group<V>& group, int64_t first, int count) {
           group.add_grad(k, count, [&](int e) { return row<T>(grads[4 + k], t, first + e); });
         });
       }
@@ -1244,7 +1326,7 @@ void sequence_backward(const Sequence& q, const Params& p, double clip,
     Tensor grad_top = at::empty({n, H}, q.outputs.options());
     for (int64_t t = steps - 1; t >= 0; --t) {
       add_state(t + 1);
-      groups.each([&](Group<T>& group, int64_t first, int count) {
+      groups.each([&](Group<V>& group, int64_t first, int count) {
         group.backward(count, [&](int e) {
           const int64_t b = first + e;
           return BackwardRows<T>{row<T>(q.interface, t, b),
@@ -1291,7 +1373,7 @@ void sequence_backward(const Sequence& q, const Params& p, double clip,
         std::copy_n(cell.data() + (layer * n + i) * H, H, row<T>(initial[2], layer, b));
       }
     }
-    groups.each([&](Group<T>& group, int64_t first, int count) {
+    groups.each([&](Group<V>& group, int64_t first, int count) {
       group.store_grad(count, [&](int e) {
         return Memory<T>::of([&](int k) { return row<T>(initial[3 + k], first + e); });
       });
@@ -1346,7 +1428,9 @@ std::vector<Tensor> dnc_sequence_forward(const Tensor& projected_in, const Tenso
     q.inputs.push_back(kept({p.weight(layer).size(1)}));
   }
   AT_DISPATCH_FLOATING_TYPES(projected.scalar_type(), "dnc_sequence_forward", [&] {
-    sequence_forward<scalar_t>(q, projected, p, clip, timeline);
+    with_lanes<scalar_t>(B, s.N, [&](auto lanes) {
+      sequence_forward<decltype(lanes)>(q, projected, p, clip, timeline);
+    });
   });
   return q.flat();
 }
@@ -1368,7 +1452,9 @@ std::vector<Tensor> dnc_sequence_backward(at::TensorList params_in, at::TensorLi
                               at::empty_like(q.cell[0])};
   for (const Tensor& state : q.state) initial.push_back(at::empty_like(state[0]));
   AT_DISPATCH_FLOATING_TYPES(q.outputs.scalar_type(), "dnc_sequence_backward", [&] {
-    sequence_backward<scalar_t>(q, p, clip, grads, grad_gates, grad_interface, initial);
+    with_lanes<scalar_t>(B, q.state[0].size(2), [&](auto lanes) {
+      sequence_backward<decltype(lanes)>(q, p, clip, grads, grad_gates, grad_interface, initial);
+    });
   });
   // The weights' gradients: one product over all steps and batch elements.
   auto flat = [&](const Tensor& tensor) { return tensor.view({steps * B, tensor.size(2)}); };
