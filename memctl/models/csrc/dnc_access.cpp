@@ -138,37 +138,29 @@ inline Wide<float> lanes_exp(Wide<float> a) {
 // A vector from or to unaligned memory (with AVX, one instruction: the compiler's own
 // choice for a 32-byte copy may be two halves, which the transpose then reads back whole
 // through the stack).
-inline Float8 load(const float* from) {
+template <typename T>
+inline typename Wide<T>::Vector load(const T* from) {
 #if defined(__AVX__)
-  return (Float8)_mm256_loadu_ps(from);
+  if constexpr (std::is_same_v<T, float>) {
+    return (Float8)_mm256_loadu_ps(from);
+  } else {
+    return (Double4)_mm256_loadu_pd(from);
+  }
 #else
-  Float8 out;
+  typename Wide<T>::Vector out;
   std::memcpy(&out, from, sizeof(out));
   return out;
 #endif
 }
 
-inline Double4 load(const double* from) {
+template <typename T>
+inline void store(T* to, typename Wide<T>::Vector vector) {
 #if defined(__AVX__)
-  return (Double4)_mm256_loadu_pd(from);
-#else
-  Double4 out;
-  std::memcpy(&out, from, sizeof(out));
-  return out;
-#endif
-}
-
-inline void store(float* to, Float8 vector) {
-#if defined(__AVX__)
-  _mm256_storeu_ps(to, (__m256)vector);
-#else
-  std::memcpy(to, &vector, sizeof(vector));
-#endif
-}
-
-inline void store(double* to, Double4 vector) {
-#if defined(__AVX__)
-  _mm256_storeu_pd(to, (__m256d)vector);
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(to, (__m256)vector);
+  } else {
+    _mm256_storeu_pd(to, (__m256d)vector);
+  }
 #else
   std::memcpy(to, &vector, sizeof(vector));
 #endif
