@@ -791,6 +791,13 @@ class Group {
   // state is the next state of this group's last forward.
   template <typename Rows>
   void forward(int count, Rows rows, bool continues) {
+    if constexpr (W == 1) {  // on the rows themselves
+      const ForwardRows<T> r = rows(0);
+      activate(s_.layout, s_.R, r.raw, r.kept.activated);
+      access_forward(s_, direct(r.prev), direct(r.next), direct(r.kept), direct(r.reads),
+                     inverse_.data(), floored_.data(), slots_.data());
+      return;
+    }
     std::array<ForwardRows<T>, W> r;
     for (int e = 0; e < W; ++e) r[e] = rows(std::min(e, count - 1));
     for (int e = 0; e < count; ++e) activate(s_.layout, s_.R, r[e].raw, r[e].kept.activated);
@@ -832,6 +839,15 @@ class Group {
   // state is the previous state of this group's last backward.
   template <typename Rows>
   void backward(int count, Rows rows, bool continues) {
+    if constexpr (W == 1) {  // on the rows themselves, but for the carried gradient
+      const BackwardRows<T> r = rows(0);
+      access_backward(s_, direct(r.prev), direct(r.next), direct(r.kept), direct(r.g_reads),
+                      memory(grad_), memory(grad_prev_), scratch_);
+      std::swap(grad_, grad_prev_);
+      activate_backward(s_.layout, s_.R, r.raw, r.kept.activated, &scratch_.grad_act[0].v,
+                        r.g_raw);
+      return;
+    }
     std::array<BackwardRows<T>, W> r;
     for (int e = 0; e < W; ++e) r[e] = rows(std::min(e, count - 1));
     std::swap(prev_, next_);
@@ -896,6 +912,17 @@ class Group {
         for (int e = 0; e < count; ++e) to[e][k] = lanes[k][e];
       }
     }
+  }
+  // One element's rows as W = 1 lanes (the same numbers; Lanes<T, 1> is one T).
+  static V* direct(T* row) { return reinterpret_cast<V*>(row); }
+  static const V* direct(const T* row) { return reinterpret_cast<const V*>(row); }
+  static Memory<V> direct(const Memory<T>& rows) {
+    return Memory<V>::of([&](int k) { return direct(rows[k]); });
+  }
+  static Kept<V> direct(const Kept<T>& rows) {
+    return {direct(rows.activated),    direct(rows.write_content), direct(rows.allocation),
+            direct(rows.read_content), direct(rows.forward),       direct(rows.backward),
+            rows.order};
   }
   static Memory<V> memory(std::array<std::vector<V>, 6>& arrays) {
     return Memory<V>::of([&](int k) { return arrays[k].data(); });
