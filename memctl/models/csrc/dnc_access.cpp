@@ -762,28 +762,29 @@ struct BackwardRows {
 // rows. Lanes past the group's last element repeat it; their results are dropped. The
 // interface's activations are done element by element (a few numbers each). Along a
 // sequence (continues), the state one call ends with is the next call's, already in lanes;
-// backward carries the state's gradient in lanes from call to call.
+// backward carries the state's gradient in lanes from call to call. With W = 1 the access
+// runs on the rows themselves; only the carried gradient has buffers of its own.
 template <typename V>
 class Group {
  public:
   using T = typename V::Scalar;
   static constexpr int W = V::width;
 
-  explicit Group(const Sizes& s)
-      : s_(s),
-        order_(s.N * W),
-        slots_(s.N),
-        reads_(s.R * s.M),
-        g_reads_(s.R * s.M),
-        inverse_(s.N),
-        floored_(s.N),
-        grad_act_(s.layout.size),
-        scratch_(s) {
+  explicit Group(const Sizes& s) : s_(s), slots_(s.N), inverse_(s.N), floored_(s.N), scratch_(s) {
     for (int k = 0; k < 6; ++k) {
-      for (auto* arrays : {&prev_, &next_, &grad_, &grad_prev_}) {
-        (*arrays)[k].assign(s.state()[k], V(0));
+      grad_[k].assign(s.state()[k], V(0));
+      grad_prev_[k].assign(s.state()[k], V(0));
+    }
+    if constexpr (W > 1) {  // the lanes' own copies of the rows
+      for (int k = 0; k < 6; ++k) {
+        prev_[k].resize(s.state()[k]);
+        next_[k].resize(s.state()[k]);
+        kept_[k].resize(s.kept()[k]);
       }
-      kept_[k].resize(s.kept()[k]);
+      order_.resize(s.N * W);
+      reads_.resize(s.R * s.M);
+      g_reads_.resize(s.R * s.M);
+      grad_act_.resize(s.layout.size);
     }
   }
 
