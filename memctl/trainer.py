@@ -29,10 +29,10 @@ from memctl import checkpoint
 from memctl.curriculum import Curriculum, Trigger
 from memctl.errors import UserError
 from memctl.models.base import parameter_count
-from memctl.models.native import cpp_compiler
 from memctl.recipe import Recipe, apply_overrides, read_yaml, validate_recipe
 from memctl.registry import MODELS, TASKS
 from memctl.rundir import CsvLog, RunDir, now, pid_alive
+from memctl.toolchain import cpp_compiler
 
 STOP_SIGNALS = {signal.SIGTERM: 0, signal.SIGINT: 130}
 if hasattr(signal, "SIGUSR1"):  # SLURM's usual warning before a time limit

@@ -68,7 +68,7 @@ def ntm_recipe(tmp_path: Path, compile_step: bool) -> Path:
 
 def test_compile_without_a_cpp_compiler_is_one_line(tmp_path: Path, runs_dir: Path, monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr("memctl.models.native.shutil.which", lambda name: None)
+    monkeypatch.setattr("memctl.toolchain.shutil.which", lambda name: None)
     result = cli("train", ntm_recipe(tmp_path, True), "--runs-dir", runs_dir)
     assert_one_line_error(result, "train.compile", "compiler")
     assert list(runs_dir.iterdir()) == []

@@ -24,7 +24,6 @@ import functools
 import hashlib
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from memctl.toolchain import cpp_compiler
+
 SOURCE = Path(__file__).parent / "csrc" / "dnc_access.cpp"
 
 # The native kernels keep every step's link matrices ([B, N, N]) for backward. Up to this
@@ -40,12 +41,6 @@ SOURCE = Path(__file__).parent / "csrc" / "dnc_access.cpp"
 # the faster choice; beyond it the PyTorch path, which keeps one in ten and recomputes the
 # rest (addressing.LinkWorkspace), saves memory where a step is long anyway.
 MAX_LINK_ELEMENTS = 1 << 20
-
-
-def cpp_compiler() -> str | None:
-    """The C++ compiler (as TorchInductor looks for one): ``$CXX``, g++, c++ or clang++."""
-    names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
-    return next((path for name in names if name and (path := shutil.which(name))), None)
 
 
 def _command(output: Path) -> list[str]:
