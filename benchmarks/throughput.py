@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from machine import cpu_name, synchronizer
 
+from memctl.lifecycle import seed_everything
 from memctl.recipe import load_recipe
 from memctl.trainer import Trainer
 
@@ -32,6 +33,7 @@ def device_name(device: torch.device) -> str:
 
 def measure(path: Path, device: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     recipe = load_recipe(path, ["curriculum.type=fixed", f"device={device}", *overrides])
+    seed_everything(recipe.seed)
     trainer = Trainer(recipe)
     synchronize = synchronizer(trainer.device.type)
     for _ in range(warmup):

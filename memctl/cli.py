@@ -193,9 +193,9 @@ def train(
 ) -> None:
     """Train a recipe into RUNS_DIR/NAME. An existing run of that name is never overwritten."""
     with user_errors():
+        from memctl.lifecycle import start_run
         from memctl.recipe import load_recipe
         from memctl.registry import TASKS
-        from memctl.trainer import start_run
 
         settings = list(overrides or []) + (["log.tensorboard=true"] if tensorboard else [])
         if name is not None:
@@ -222,11 +222,10 @@ def resume(
 ) -> None:
     """Continue a run from its last checkpoint, optionally under changed settings."""
     with user_errors():
+        from memctl.lifecycle import load_run, resume_run
         from memctl.registry import TASKS
-        from memctl.rundir import RunDir
-        from memctl.trainer import load_run_recipe, resume_run
 
-        task_type = load_run_recipe(RunDir.open(run)).task.type
+        task_type = load_run(run).recipe.task.type
         reporter = ConsoleReporter(TASKS.get(task_type).cls.primary_metric)
         settings = list(overrides or []) + (["log.tensorboard=true"] if tensorboard else [])
 
@@ -275,7 +274,7 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint on held-out batches; print a table and append to eval.csv."""
     with user_errors():
-        from memctl.trainer import evaluate_run
+        from memctl.lifecycle import evaluate_run
 
         rows = evaluate_run(run, checkpoint, _parse_lengths(lengths), device, batches)
         print_eval_table(rows, f"{run.name}: {checkpoint} checkpoint (step {rows[0]['step']})")

@@ -576,13 +576,6 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _higher_is_better(metric: str, task_type: str) -> bool:
-    task = TASKS.get(task_type).cls
-    if metric == task.primary_metric:
-        return task.higher_is_better
-    return metric.startswith("accuracy")
-
-
 def trial_table(sweep_dir: Path, metric: str | None = None,
                 keys: list[str] | None = None) -> pd.DataFrame:  # fmt: skip
     """One row per trial: status, step, the last logged curriculum level, the final and
@@ -611,7 +604,7 @@ def trial_table(sweep_dir: Path, metric: str | None = None,
                 known = ", ".join(frame.columns[4:])
                 raise UserError(f"--metric {name}: not a column of {metrics_file} ({known})")
             if len(frame):
-                higher = _higher_is_better(name, recipe["task.type"])
+                higher = TASKS.get(recipe["task.type"]).cls.metric_higher_is_better(name)
                 level = int(frame["level"].iloc[-1])
                 at_level = frame.loc[frame["level"] == level, name]
                 record["level"] = level

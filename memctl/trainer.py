@@ -10,28 +10,19 @@ CSV logs are cut back to the checkpoint's step before training continues.
 from __future__ import annotations
 
 import math
-import os
-import platform
-import random
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
-import memctl
 from memctl import checkpoint
 from memctl.curriculum import Curriculum, Trigger
 from memctl.errors import UserError
-from memctl.models.base import parameter_count
-from memctl.recipe import Recipe, apply_overrides, read_yaml, validate_recipe
+from memctl.recipe import Recipe
 from memctl.registry import MODELS, TASKS
-from memctl.rundir import CsvLog, RunDir, now, pid_alive
+from memctl.rundir import CsvLog, RunDir
 from memctl.toolchain import cpp_compiler
 
 STOP_SIGNALS = {signal.SIGTERM: 0, signal.SIGINT: 130}
@@ -127,27 +118,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def git_commit() -> str | None:
-    source = Path(memctl.__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
 def format_value(value: Any) -> Any:
     return float(f"{value:.10g}") if isinstance(value, float) else value
 
@@ -163,7 +133,6 @@ class Trainer:
         self.recipe = recipe
         self.reporter = reporter or SilentReporter()
         self.device = resolve_device(device or recipe.device)
-        seed_everything(recipe.seed)
         self.task = TASKS.get(recipe.task.type).cls(recipe.task)
         model_cls = MODELS.get(recipe.model.type).cls
         self.model = model_cls(recipe.model, self.task.input_size, self.task.output_size)
@@ -280,6 +249,18 @@ class Trainer:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def backend(self) -> str:
+        """Which implementation runs the model's steps: the model's own answer where it
+        has several (``describe_backend``, see ``memctl/models/base.py``), otherwise the
+        compiled step or plain PyTorch autograd."""
+        describe = getattr(self.model, "describe_backend", None)
+        if describe is not None:
+            return describe(self.recipe.train.batch_size)
+        if self.recipe.train.compile:
+            return "compiled (torch.compile step)"
+        return "reference (PyTorch autograd)"
 
     def attach(self, run: RunDir) -> None:
         self.run = run
@@ -547,160 +528,3 @@ class Trainer:
             self.best = value
             checkpoint.save(self.run.checkpoint_path("best"), self.state())
         return rows
-
-
-# -- run-level operations (what the CLI commands call) ---------------------------------
-
-
-def run_info(recipe: Recipe, trainer: Trainer, overrides: list[str]) -> dict[str, Any]:
-    return {
-        "name": recipe.name,
-        "status": "running",
-        "created": now(),
-        "model": recipe.model.type,
-        "task": recipe.task.type,
-        "metric": trainer.task.primary_metric,
-        "parameters": parameter_count(trainer.model),
-        "seed": recipe.seed,
-        "device": str(trainer.device),
-        "versions": {
-            "memctl": memctl.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "git_commit": git_commit(),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "recipe_digest": recipe.digest(),
-        "lineage": [
-            {"event": "train", "time": now(), "step": 0, "overrides": overrides, "argv": sys.argv}
-        ],
-        "events": [],
-    }
-
-
-def _finish(trainer: Trainer, run: RunDir) -> str:
-    """Run the loop to the recipe's step count and record how it ended."""
-    try:
-        status = trainer.train(trainer.recipe.train.steps)
-    except TrainingError as exc:
-        run.update_info(status="failed", error=str(exc), step=trainer.step)
-        raise
-    except BaseException as exc:
-        run.update_info(status="failed", error=f"{exc.__class__.__name__}: {exc}")
-        raise
-    if status == "finished":
-        trainer.final_eval = trainer.evaluate_and_record("final")
-    run.update_info(status=status, step=trainer.step, level=trainer.curriculum.level)
-    if trainer.tensorboard is not None:
-        trainer.tensorboard.close()
-    return status
-
-
-def start_run(
-    recipe: Recipe,
-    runs_dir: Path,
-    overrides: list[str],
-    device: str | None = None,
-    reporter: Reporter | None = None,
-    source: str = "recipe",
-) -> tuple[Trainer, str]:
-    try:
-        trainer = Trainer(recipe, device, reporter)
-        if recipe.log.tensorboard:
-            summary_writer_class()
-    except UserError as exc:
-        raise UserError(f"{source}: {exc}") from None
-    run = RunDir.create(runs_dir, recipe.name)
-    run.write_recipe(recipe.resolved())
-    run.write_info(run_info(recipe, trainer, overrides))
-    trainer.attach(run)
-    trainer.reporter.message(
-        f"{recipe.model.type} on {recipe.task.type}: "
-        f"{parameter_count(trainer.model):,} parameters, device {trainer.device}"
-    )
-    trainer.save_checkpoint()  # step 0: the rollback target before the first checkpoint
-    return trainer, _finish(trainer, run)
-
-
-def load_run_recipe(run: RunDir) -> Recipe:
-    return validate_recipe(read_yaml(run.recipe_file), str(run.recipe_file))
-
-
-def resume_run(
-    path: Path,
-    overrides: list[str],
-    more_steps: int | None = None,
-    device: str | None = None,
-    reporter: Reporter | None = None,
-) -> tuple[Trainer, str]:
-    run = RunDir.open(path)
-    info = run.read_info()
-    if run.status() == "running" and pid_alive(int(info.get("pid", -1))):
-        raise UserError(f"{path}: still running (pid {info['pid']}); stop it before resuming")
-    recipe = load_run_recipe(run)
-    ckpt_path = run.checkpoint_path("last")
-    state = checkpoint.load(ckpt_path)
-    data = apply_overrides(recipe.resolved(), overrides, str(run.recipe_file))
-    if more_steps is not None:
-        data["train"]["steps"] = int(state["step"]) + more_steps
-    recipe = validate_recipe(data, f"{run.recipe_file} with --set")
-    trainer = Trainer(recipe, device, reporter)
-    trainer.load_state(state, str(ckpt_path), overrides)
-    if recipe.log.tensorboard:
-        summary_writer_class()
-    if trainer.step >= recipe.train.steps:
-        raise UserError(
-            f"{path}: already at step {trainer.step} of train.steps={recipe.train.steps}; "
-            f"use --steps N to train N more"
-        )
-    trainer.attach(run)
-    trainer.metrics_log.truncate_after(trainer.step)
-    trainer.eval_log.truncate_after(trainer.step)
-    if trainer.tensorboard is not None:
-        trainer.tensorboard.truncate_after(trainer.step)
-    run.write_recipe(recipe.resolved())
-    info["lineage"].append(
-        {
-            "event": "resume",
-            "time": now(),
-            "step": trainer.step,
-            "overrides": overrides + ([f"train.steps={recipe.train.steps}"] if more_steps else []),
-            "argv": sys.argv,
-        }
-    )
-    info.update(status="running", pid=os.getpid(), host=socket.gethostname())
-    info.update(device=str(trainer.device), recipe_digest=recipe.digest())
-    run.write_info(info)
-    trainer.reporter.message(f"resuming {run.name} at step {trainer.step}")
-    return trainer, _finish(trainer, run)
-
-
-def evaluate_run(
-    path: Path,
-    which: str,
-    lengths: list[int] | None,
-    device: str | None = None,
-    batches: int | None = None,
-) -> list[dict[str, Any]]:
-    """Evaluate a checkpoint on the recipe's held-out batches, or on the first
-    ``batches`` of the same held-out stream (more sequences: a finer estimate where
-    errors are rare and large, as with long copies), and append the rows to eval.csv."""
-    run = RunDir.open(path)
-    recipe = load_run_recipe(run)
-    data = recipe.resolved()
-    # A compiled step pays its compile time back over thousands of training steps, not
-    # over one evaluation; the eager step computes the same to float tolerance.
-    data["train"]["compile"] = False
-    if batches is not None:
-        data["eval"]["batches"] = batches
-    recipe = validate_recipe(data, "--batches" if batches is not None else str(run.recipe_file))
-    ckpt_path = run.checkpoint_path(which)
-    state = checkpoint.load(ckpt_path)
-    trainer = Trainer(recipe, device)
-    trainer.load_state(state, str(ckpt_path), [])
-    trainer.attach(run)
-    label = which if which in ("last", "best") else f"step_{int(which)}"
-    rows = trainer.evaluate(trainer.eval_levels(lengths), label)
-    trainer.eval_log.append(rows)
-    return rows

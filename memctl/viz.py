@@ -241,35 +241,17 @@ class SampleTrace:
     quantities: dict[str, torch.Tensor]
 
 
-def _output_view(task: Any, logits: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """The outputs as the task reads them: probabilities where it scores logits with
-    the base class's sigmoid cross-entropy, a softmax over the digits for associative
-    retrieval, the raw outputs otherwise (min's real-valued bits)."""
-    from memctl.tasks.associative_retrieval import AssociativeRetrievalTask
-    from memctl.tasks.base import Task
-
-    if type(task).loss is Task.loss:
-        return torch.sigmoid(logits), r"output $\sigma(y_t)$"
-    if isinstance(task, AssociativeRetrievalTask):
-        return torch.softmax(logits, dim=-1), r"output softmax$(y_t)$"
-    return logits, r"output $y_t$"
-
-
 def trace_sample(
     path: Path, which: str, level: int | None, seed: int, device: str | None = None
 ) -> SampleTrace:
     """Load a checkpoint as ``memctl eval`` does, draw one sequence at ``level`` (default:
     the curriculum's level in the checkpoint) from a generator seeded with ``seed``, and
     run the model's ``trace`` (or plain forward) on it in eval mode without gradients."""
-    from memctl import checkpoint
-    from memctl.trainer import Trainer, load_run_recipe
+    from memctl.lifecycle import load_run
 
-    run = RunDir.open(path)
-    recipe = load_run_recipe(run)
-    ckpt_path = run.checkpoint_path(which.removeprefix("step_"))
-    state = checkpoint.load(ckpt_path)
-    trainer = Trainer(recipe, device)
-    trainer.load_state(state, str(ckpt_path), [])
+    loaded = load_run(path, which, device)
+    run, trainer = loaded.run, loaded.trainer
+    assert trainer is not None
     task, model = trainer.task, trainer.model
     level = trainer.curriculum.level if level is None else level
     if level < task.min_level:
@@ -284,7 +266,7 @@ def trace_sample(
         else:
             logits, _ = model(batch.inputs)
             quantities = {}
-        outputs, output_name = _output_view(task, logits)
+        outputs, output_name = task.output_view(logits)
     first = {name: value[:, 0].float().cpu() for name, value in quantities.items()}
     return SampleTrace(
         run=run.name,

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
+from memctl.lifecycle import start_run
 from memctl.recipe import validate_recipe
 from memctl.rundir import RunDir, new_file_mode
-from memctl.trainer import TrainingError, start_run
+from memctl.trainer import TrainingError
 from tests.conftest import TINY, cli, cli_process
 
 # Columns that depend on time, not on the computation.

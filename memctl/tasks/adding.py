@@ -109,6 +109,10 @@ class ScalarOutputTask(Task):
         """Mean squared error of the predicted number."""
         return self.sequence_losses(outputs, batch).mean()
 
+    def output_view(self, logits: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """The raw outputs: the task scores them as real numbers."""
+        return logits, r"output $y_t$"
+
     @torch.no_grad()
     def metrics(self, outputs: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         """abs_error: mean |prediction - target|; accuracy: fraction of sequences whose

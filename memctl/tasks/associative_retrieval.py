@@ -110,6 +110,10 @@ class AssociativeRetrievalTask(Task):
         """Mean softmax cross-entropy over the answered steps."""
         return self._cross_entropy(outputs, batch).sum() / batch.mask.sum().clamp_min(1)
 
+    def output_view(self, logits: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """A softmax over the digits."""
+        return torch.softmax(logits, dim=-1), r"output softmax$(y_t)$"
+
     def sequence_losses(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Cross-entropy of each sequence's answer, ``[B]``."""
         return self._cross_entropy(outputs, batch).sum(0)

@@ -59,6 +59,8 @@ class Task:
     primary_metric: ClassVar[str] = "bit_errors"
     higher_is_better: ClassVar[bool] = False
     metric_names: ClassVar[tuple[str, ...]] = ("cost_bits", "bit_errors", "accuracy")
+    # The other metrics of which a higher value is better (fractions right).
+    higher_is_better_metrics: ClassVar[frozenset[str]] = frozenset({"accuracy"})
 
     input_size: int
     output_size: int
@@ -75,6 +77,18 @@ class Task:
     def min_level(self) -> int:
         """Smallest level the task can generate (lower bound of mixed-length batches)."""
         return 1
+
+    @classmethod
+    def metric_higher_is_better(cls, metric: str) -> bool:
+        """Whether a higher value of one of the task's metrics is better."""
+        if metric == cls.primary_metric:
+            return cls.higher_is_better
+        return metric in cls.higher_is_better_metrics
+
+    def output_view(self, logits: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """The model's outputs as the task reads them, for figures, and their label:
+        bit probabilities for the sigmoid cross-entropy of binary outputs."""
+        return torch.sigmoid(logits), r"output $\sigma(y_t)$"
 
     def sample(
         self, batch_size: int, max_level: int, generator: torch.Generator, min_level: int

@@ -148,6 +148,10 @@ class MinTask(KeyValueTask):
         scored = batch.mask.sum() * outputs.shape[-1]
         return self._squared_errors(outputs, batch).sum() / scored.clamp_min(1)
 
+    def output_view(self, logits: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """The raw outputs: the task scores them as real numbers."""
+        return logits, r"output $y_t$"
+
     def sequence_losses(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Summed squared error of each sequence, ``[B]``."""
         return self._squared_errors(outputs, batch).sum(dim=(0, 2))

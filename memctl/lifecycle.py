@@ -1,0 +1,318 @@
+"""The life of a run directory: start a run, resume it, evaluate one of its checkpoints,
+and ``load_run``, through which every command that opens an existing run goes (eval,
+resume, inspect, plot), so that a run is read and checked in one way only.
+
+The process's random streams are seeded here, where a run starts: a ``Trainer`` built
+only to evaluate or inspect a checkpoint leaves them alone, and a resumed one gets them
+back from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import memctl
+from memctl import checkpoint
+from memctl.errors import UserError
+from memctl.models.base import parameter_count
+from memctl.recipe import Recipe, apply_overrides, read_yaml, validate_recipe
+from memctl.rundir import RunDir, now, pid_alive
+from memctl.trainer import Reporter, Trainer, TrainingError, summary_writer_class
+
+# Recipe fields that name or place a run: the directory is named after them, so a
+# resume cannot change them (a new run can).
+FIXED_ON_RESUME = ("name",)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global streams (model initialisation, dropout);
+    the data stream is the trainer's own generator."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_commit() -> str | None:
+    source = Path(memctl.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(trainer: Trainer) -> dict[str, Any]:
+    """Where a run (or a segment of it) trains: device, implementation, host, threads."""
+    return {
+        "device": str(trainer.device),
+        "backend": trainer.backend,
+        "host": socket.gethostname(),
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "pid": os.getpid(),
+    }
+
+
+def run_info(recipe: Recipe, trainer: Trainer, overrides: list[str]) -> dict[str, Any]:
+    return {
+        "name": recipe.name,
+        "status": "running",
+        "created": now(),
+        "model": recipe.model.type,
+        "task": recipe.task.type,
+        "metric": trainer.task.primary_metric,
+        "parameters": parameter_count(trainer.model),
+        "seed": recipe.seed,
+        **machine_info(trainer),
+        "versions": {
+            "memctl": memctl.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "git_commit": git_commit(),
+        "recipe_digest": recipe.digest(),
+        "lineage": [
+            {"event": "train", "time": now(), "step": 0, "overrides": overrides, "argv": sys.argv}
+        ],
+        "events": [],
+    }
+
+
+@dataclass
+class LoadedRun:
+    """An existing run, read and checked: its directory, its recipe (with any overrides
+    applied) and, when a checkpoint was asked for, a trainer holding that checkpoint."""
+
+    run: RunDir
+    recipe: Recipe
+    trainer: Trainer | None = None
+    checkpoint: Path | None = None
+    label: str | None = None
+
+
+def checkpoint_label(which: str) -> str:
+    """``last``, ``best`` or ``step_<N>``, as eval.csv names a checkpoint."""
+    which = which.removeprefix("step_")
+    return which if which in ("last", "best") else f"step_{int(which)}"
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        data = data[part]
+    data[leaf] = value
+
+
+def load_run(
+    path: Path,
+    which: str | None = None,
+    device: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    more_steps: int | None = None,
+    settings: dict[str, Any] | None = None,
+    settings_source: str = "--set",
+    reporter: Reporter | None = None,
+) -> LoadedRun:
+    """Open the run at ``path`` and validate its recipe; with ``which`` (``last``,
+    ``best``, ``<N>`` or ``step_<N>``) also build its trainer from that checkpoint.
+
+    ``overrides`` are the user's ``--set`` values (refused for fields that name the run);
+    ``more_steps`` sets ``train.steps`` to the checkpoint's step plus that many;
+    ``settings`` are dotted values the calling command sets itself (``settings_source``
+    names them in errors, e.g. ``--batches``)."""
+    overrides = list(overrides or [])
+    run = RunDir.open(path)
+    recipe = validate_recipe(read_yaml(run.recipe_file), str(run.recipe_file))
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key in FIXED_ON_RESUME:
+            raise UserError(
+                f"--set {key}: cannot change on an existing run ({key} names its directory "
+                f"{run.path}); start a new run with train --set {key}=... instead"
+            )
+    if which is None:
+        return LoadedRun(run, recipe)
+    ckpt_path = run.checkpoint_path(which.removeprefix("step_"))
+    label = checkpoint_label(which)
+    state = checkpoint.load(ckpt_path)
+    if overrides or more_steps is not None or settings:
+        data = apply_overrides(recipe.resolved(), overrides, str(run.recipe_file))
+        if more_steps is not None:
+            data["train"]["steps"] = int(state["step"]) + more_steps
+        for key, value in (settings or {}).items():
+            _set(data, key, value)
+        source = "--set" if overrides or more_steps is not None else settings_source
+        recipe = validate_recipe(data, f"{run.recipe_file} with {source}")
+    trainer = Trainer(recipe, device, reporter)
+    trainer.load_state(state, str(ckpt_path), overrides)
+    return LoadedRun(run, recipe, trainer, ckpt_path, label)
+
+
+def _finish(trainer: Trainer, run: RunDir) -> str:
+    """Run the loop to the recipe's step count and record how it ended."""
+    try:
+        status = trainer.train(trainer.recipe.train.steps)
+    except TrainingError as exc:
+        run.update_info(status="failed", error=str(exc), step=trainer.step)
+        raise
+    except BaseException as exc:
+        run.update_info(status="failed", error=f"{exc.__class__.__name__}: {exc}")
+        raise
+    if status == "finished":
+        trainer.final_eval = trainer.evaluate_and_record("final")
+    run.update_info(status=status, step=trainer.step, level=trainer.curriculum.level)
+    if trainer.tensorboard is not None:
+        trainer.tensorboard.close()
+    return status
+
+
+def start_run(
+    recipe: Recipe,
+    runs_dir: Path,
+    overrides: list[str],
+    device: str | None = None,
+    reporter: Reporter | None = None,
+    source: str = "recipe",
+) -> tuple[Trainer, str]:
+    seed_everything(recipe.seed)
+    try:
+        trainer = Trainer(recipe, device, reporter)
+        if recipe.log.tensorboard:
+            summary_writer_class()
+        backend = trainer.backend
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    run = RunDir.create(runs_dir, recipe.name)
+    run.write_recipe(recipe.resolved())
+    run.write_info(run_info(recipe, trainer, overrides))
+    trainer.attach(run)
+    trainer.reporter.message(
+        f"{recipe.model.type} on {recipe.task.type}: "
+        f"{parameter_count(trainer.model):,} parameters, device {trainer.device}, {backend}"
+    )
+    trainer.save_checkpoint()  # step 0: the rollback target before the first checkpoint
+    return trainer, _finish(trainer, run)
+
+
+def _final_rows(run: RunDir, step: int) -> list[dict[str, Any]]:
+    """The final evaluation's rows at ``step`` already in eval.csv (a run stopped after
+    writing them but before recording its status)."""
+    if not run.eval_file.is_file() or run.eval_file.stat().st_size == 0:
+        return []
+    frame = pd.read_csv(run.eval_file)
+    if "checkpoint" not in frame:
+        return []
+    chosen = frame[(frame["checkpoint"] == "final") & (frame["step"] == step)]
+    return chosen.to_dict("records")
+
+
+def resume_run(
+    path: Path,
+    overrides: list[str],
+    more_steps: int | None = None,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+) -> tuple[Trainer, str]:
+    """Continue a run from its last checkpoint. A run whose last checkpoint is at its
+    final step but which never recorded its end (killed during the final evaluation) is
+    finished: evaluated once, and its status set."""
+    run = RunDir.open(path)
+    info = run.read_info()
+    if run.status() == "running" and pid_alive(int(info.get("pid", -1))):
+        raise UserError(f"{path}: still running (pid {info['pid']}); stop it before resuming")
+    loaded = load_run(path, "last", device, overrides, more_steps=more_steps, reporter=reporter)
+    trainer, recipe = loaded.trainer, loaded.recipe
+    assert trainer is not None
+    if recipe.log.tensorboard:
+        summary_writer_class()
+    unfinished = run.status() != "finished" and trainer.step == recipe.train.steps
+    if trainer.step >= recipe.train.steps and not unfinished:
+        raise UserError(
+            f"{path}: already at step {trainer.step} of train.steps={recipe.train.steps}; "
+            f"use --steps N to train N more"
+        )
+    trainer.attach(run)
+    trainer.metrics_log.truncate_after(trainer.step)
+    trainer.eval_log.truncate_after(trainer.step)
+    if trainer.tensorboard is not None:
+        trainer.tensorboard.truncate_after(trainer.step)
+    run.write_recipe(recipe.resolved())
+    info["lineage"].append(
+        {
+            "event": "resume",
+            "time": now(),
+            "step": trainer.step,
+            "overrides": overrides + ([f"train.steps={recipe.train.steps}"] if more_steps else []),
+            "argv": sys.argv,
+        }
+    )
+    info.update(status="running", **machine_info(trainer), recipe_digest=recipe.digest())
+    run.write_info(info)
+    if unfinished:
+        trainer.reporter.message(f"finishing {run.name} at step {trainer.step}")
+        rows = _final_rows(run, trainer.step)
+        trainer.final_eval = rows or trainer.evaluate_and_record("final")
+        run.update_info(status="finished", step=trainer.step, level=trainer.curriculum.level)
+        return trainer, "finished"
+    trainer.reporter.message(f"resuming {run.name} at step {trainer.step}, {trainer.backend}")
+    return trainer, _finish(trainer, run)
+
+
+def evaluate_run(
+    path: Path,
+    which: str,
+    lengths: list[int] | None,
+    device: str | None = None,
+    batches: int | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate a checkpoint on the recipe's held-out batches, or on the first
+    ``batches`` of the same held-out stream (more sequences: a finer estimate where
+    errors are rare and large, as with long copies), and append the rows to eval.csv."""
+    # A compiled step pays its compile time back over thousands of training steps, not
+    # over one evaluation; the eager step computes the same to float tolerance.
+    settings: dict[str, Any] = {"train.compile": False}
+    if batches is not None:
+        settings["eval.batches"] = batches
+    loaded = load_run(
+        path,
+        which,
+        device,
+        settings=settings,
+        settings_source="--batches" if batches is not None else "eval",
+    )
+    trainer = loaded.trainer
+    assert trainer is not None and loaded.label is not None
+    trainer.attach(loaded.run)
+    rows = trainer.evaluate(trainer.eval_levels(lengths), loaded.label)
+    trainer.eval_log.append(rows)
+    return rows
