@@ -41,7 +41,7 @@ SetOption = Annotated[
     typer.Option("--set", help="Override a recipe value by dotted key, e.g. --set train.steps=200"),
 ]
 DeviceOption = Annotated[
-    str | None, typer.Option("--device", help="auto, cpu or cuda (default: the recipe's)")
+    str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: the recipe's)")
 ]
 RunsDirOption = Annotated[Path, typer.Option("--runs-dir", help="Where run directories live")]
 TensorBoardOption = Annotated[

@@ -29,6 +29,10 @@ from memctl.tasks.base import TaskConfig
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._=+,-]{0,127}$"
 
 
+# The devices a run can ask for; ``auto`` is CUDA when present, else the CPU.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -114,7 +118,9 @@ class LogSection(Section):
 class Recipe(Section):
     name: str = Field(pattern=NAME_PATTERN)
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field(
+        "auto", pattern=DEVICE_PATTERN, description="auto (CUDA when present), cpu, cuda, cuda:N"
+    )
     model: SerializeAsAny[ModelConfig]
     task: SerializeAsAny[TaskConfig]
     curriculum: CurriculumSection = CurriculumSection()

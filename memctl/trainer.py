@@ -10,6 +10,7 @@ CSV logs are cut back to the checkpoint's step before training continues.
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from memctl import checkpoint
 from memctl.curriculum import Curriculum, Trigger
 from memctl.errors import UserError
-from memctl.recipe import Recipe
+from memctl.recipe import DEVICE_PATTERN, Recipe
 from memctl.registry import MODELS, TASKS
 from memctl.rundir import CsvLog, RunDir
 from memctl.toolchain import cpp_compiler
@@ -110,12 +111,22 @@ class TensorBoardLog:
             self.writer = None
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, source: str = "device") -> torch.device:
+    """The torch device a run asks for (``source`` names where it asked, for errors)."""
+    if re.fullmatch(DEVICE_PATTERN, name) is None:
+        raise UserError(f"{source} {name}: expected auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: cuda was asked for but CUDA is not available here")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"{source} {name}: CUDA is not available here (torch {torch.__version__})"
+            )
+        if (device.index or 0) >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise UserError(f"{source} {name}: this machine has {count} CUDA device(s)")
+    return device
 
 
 def format_value(value: Any) -> Any:
@@ -132,7 +143,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, device: str | None = None, reporter: Reporter | None = None):
         self.recipe = recipe
         self.reporter = reporter or SilentReporter()
-        self.device = resolve_device(device or recipe.device)
+        self.device = resolve_device(device or recipe.device, "--device" if device else "device")
         self.task = TASKS.get(recipe.task.type).cls(recipe.task)
         model_cls = MODELS.get(recipe.model.type).cls
         self.model = model_cls(recipe.model, self.task.input_size, self.task.output_size)
