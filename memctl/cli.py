@@ -44,6 +44,14 @@ DeviceOption = Annotated[
     str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: the recipe's)")
 ]
 RunsDirOption = Annotated[Path, typer.Option("--runs-dir", help="Where run directories live")]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Skip the check that a step fits in the device's memory (estimated before "
+        "anything is built or written)",
+    ),
+]
 TensorBoardOption = Annotated[
     bool,
     typer.Option(
@@ -190,6 +198,7 @@ def train(
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = None,
     tensorboard: TensorBoardOption = False,
+    force: ForceOption = False,
 ) -> None:
     """Train a recipe into RUNS_DIR/NAME. An existing run of that name is never overwritten."""
     with user_errors():
@@ -204,7 +213,9 @@ def train(
         reporter = ConsoleReporter(TASKS.get(loaded.task.type).cls.primary_metric)
 
         def start() -> tuple[Any, str, Path]:
-            trainer, status = start_run(loaded, runs_dir, settings, device, reporter, str(recipe))
+            trainer, status = start_run(
+                loaded, runs_dir, settings, device, reporter, str(recipe), force
+            )
             return trainer, status, runs_dir / loaded.name
 
         _run_training(start)
@@ -219,6 +230,7 @@ def resume(
     overrides: SetOption = None,
     device: DeviceOption = None,
     tensorboard: TensorBoardOption = False,
+    force: ForceOption = False,
 ) -> None:
     """Continue a run from its last checkpoint, optionally under changed settings."""
     with user_errors():
@@ -230,7 +242,7 @@ def resume(
         settings = list(overrides or []) + (["log.tensorboard=true"] if tensorboard else [])
 
         def start() -> tuple[Any, str, Path]:
-            trainer, status = resume_run(run, settings, steps, device, reporter)
+            trainer, status = resume_run(run, settings, steps, device, reporter, force)
             return trainer, status, run
 
         _run_training(start)
@@ -271,12 +283,13 @@ def evaluate(
         ),
     ] = None,
     device: DeviceOption = None,
+    force: ForceOption = False,
 ) -> None:
     """Evaluate a checkpoint on held-out batches; print a table and append to eval.csv."""
     with user_errors():
         from memctl.lifecycle import evaluate_run
 
-        rows = evaluate_run(run, checkpoint, _parse_lengths(lengths), device, batches)
+        rows = evaluate_run(run, checkpoint, _parse_lengths(lengths), device, batches, force)
         print_eval_table(rows, f"{run.name}: {checkpoint} checkpoint (step {rows[0]['step']})")
 
 

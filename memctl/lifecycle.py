@@ -24,12 +24,12 @@ import pandas as pd
 import torch
 
 import memctl
-from memctl import checkpoint
+from memctl import checkpoint, preflight
 from memctl.errors import UserError
 from memctl.models.base import parameter_count
 from memctl.recipe import Recipe, apply_overrides, read_yaml, validate_recipe
 from memctl.rundir import RunDir, now, pid_alive
-from memctl.trainer import Reporter, Trainer, TrainingError, summary_writer_class
+from memctl.trainer import Reporter, Trainer, TrainingError, resolve_device, summary_writer_class
 
 # Recipe fields that name or place a run: the directory is named after them, so a
 # resume cannot change them (a new run can).
@@ -107,6 +107,14 @@ def run_info(recipe: Recipe, trainer: Trainer, overrides: list[str]) -> dict[str
     }
 
 
+def check_training(recipe: Recipe, device: str | None, source: str) -> None:
+    """Refuse a recipe whose training step needs more memory than the device has."""
+    place = resolve_device(device or recipe.device, "--device" if device else "device")
+    batch = recipe.train.batch_size
+    what = f"{source}: {preflight.model_sizes(recipe)}, train.batch_size={batch}"
+    preflight.check(recipe, place, batch, preflight.training_level(recipe), True, what)
+
+
 @dataclass
 class LoadedRun:
     """An existing run, read and checked: its directory, its recipe (with any overrides
@@ -142,6 +150,7 @@ def load_run(
     settings: dict[str, Any] | None = None,
     settings_source: str = "--set",
     reporter: Reporter | None = None,
+    check_memory: bool = False,
 ) -> LoadedRun:
     """Open the run at ``path`` and validate its recipe; with ``which`` (``last``,
     ``best``, ``<N>`` or ``step_<N>``) also build its trainer from that checkpoint.
@@ -149,7 +158,8 @@ def load_run(
     ``overrides`` are the user's ``--set`` values (refused for fields that name the run);
     ``more_steps`` sets ``train.steps`` to the checkpoint's step plus that many;
     ``settings`` are dotted values the calling command sets itself (``settings_source``
-    names them in errors, e.g. ``--batches``)."""
+    names them in errors, e.g. ``--batches``). ``check_memory`` refuses a recipe whose
+    training step would not fit the device, before the model is built."""
     overrides = list(overrides or [])
     run = RunDir.open(path)
     recipe = validate_recipe(read_yaml(run.recipe_file), str(run.recipe_file))
@@ -173,6 +183,8 @@ def load_run(
             _set(data, key, value)
         source = "--set" if overrides or more_steps is not None else settings_source
         recipe = validate_recipe(data, f"{run.recipe_file} with {source}")
+    if check_memory:
+        check_training(recipe, device, str(run.recipe_file))
     trainer = Trainer(recipe, device, reporter)
     trainer.load_state(state, str(ckpt_path), overrides)
     return LoadedRun(run, recipe, trainer, ckpt_path, label)
@@ -203,15 +215,21 @@ def start_run(
     device: str | None = None,
     reporter: Reporter | None = None,
     source: str = "recipe",
+    force: bool = False,
 ) -> tuple[Trainer, str]:
+    """Create ``runs_dir/<name>`` and train the recipe there. ``force`` skips the check of
+    what a step will allocate."""
     seed_everything(recipe.seed)
     try:
+        if not force:
+            check_training(recipe, device, source)
         trainer = Trainer(recipe, device, reporter)
         if recipe.log.tensorboard:
             summary_writer_class()
         backend = trainer.backend
     except UserError as exc:
-        raise UserError(f"{source}: {exc}") from None
+        message = str(exc)
+        raise UserError(message if message.startswith(source) else f"{source}: {message}") from None
     run = RunDir.create(runs_dir, recipe.name)
     run.write_recipe(recipe.resolved())
     run.write_info(run_info(recipe, trainer, overrides))
@@ -242,6 +260,7 @@ def resume_run(
     more_steps: int | None = None,
     device: str | None = None,
     reporter: Reporter | None = None,
+    force: bool = False,
 ) -> tuple[Trainer, str]:
     """Continue a run from its last checkpoint. A run whose last checkpoint is at its
     final step but which never recorded its end (killed during the final evaluation) is
@@ -250,7 +269,15 @@ def resume_run(
     info = run.read_info()
     if run.status() == "running" and pid_alive(int(info.get("pid", -1))):
         raise UserError(f"{path}: still running (pid {info['pid']}); stop it before resuming")
-    loaded = load_run(path, "last", device, overrides, more_steps=more_steps, reporter=reporter)
+    loaded = load_run(
+        path,
+        "last",
+        device,
+        overrides,
+        more_steps=more_steps,
+        reporter=reporter,
+        check_memory=not force,
+    )
     trainer, recipe = loaded.trainer, loaded.recipe
     assert trainer is not None
     if recipe.log.tensorboard:
@@ -294,6 +321,7 @@ def evaluate_run(
     lengths: list[int] | None,
     device: str | None = None,
     batches: int | None = None,
+    force: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate a checkpoint on the recipe's held-out batches, or on the first
     ``batches`` of the same held-out stream (more sequences: a finer estimate where
@@ -312,7 +340,12 @@ def evaluate_run(
     )
     trainer = loaded.trainer
     assert trainer is not None and loaded.label is not None
+    levels = trainer.eval_levels(lengths)
+    batch = loaded.recipe.eval.batch_size or loaded.recipe.train.batch_size
+    for level in [] if force else [n for n in levels if n >= trainer.task.min_level]:
+        what = f"evaluation at level {level} (batch {batch})"
+        preflight.check(loaded.recipe, trainer.device, batch, level, False, what)
     trainer.attach(loaded.run)
-    rows = trainer.evaluate(trainer.eval_levels(lengths), loaded.label)
+    rows = trainer.evaluate(levels, loaded.label)
     trainer.eval_log.append(rows)
     return rows

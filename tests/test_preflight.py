@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from memctl import preflight
+from memctl.recipe import read_yaml, validate_recipe
 from tests.conftest import cli, snapshot
 from tests.test_bad_input import assert_one_line_error
 
@@ -45,3 +47,46 @@ def test_bad_recipe_device_names_the_field(tiny_recipe: Path, runs_dir: Path):
     result = cli("train", tiny_recipe, "--runs-dir", runs_dir, "--set", "device=tpu")
     assert_one_line_error(result, "device")
     assert snapshot(runs_dir) == before
+
+
+HUGE = [
+    ("recipes/ntm_copy_small.yaml", "model.memory_size=1000000000"),
+    ("recipes/dnc_copy.yaml", "model.memory_size=1000000"),
+]
+
+
+@pytest.mark.parametrize(("recipe", "setting"), HUGE)
+def test_a_model_too_big_for_the_machine_is_refused_before_anything(
+    runs_dir: Path, recipe: str, setting: str
+):
+    before = snapshot(runs_dir)
+    result = cli("train", recipe, "--runs-dir", runs_dir, "--set", setting)
+    assert_one_line_error(result, recipe, setting, "needs about", "available CPU RAM", "--force")
+    assert snapshot(runs_dir) == before and not any(runs_dir.iterdir())
+
+
+def test_estimate_grows_with_the_memory_and_the_length():
+    recipe = validate_recipe(read_yaml(Path("recipes/ntm_copy_small.yaml")), "ntm")
+    small = preflight.estimate(recipe, 8, 10, training=True)
+    wide = recipe.model_copy(
+        update={"model": recipe.model.model_copy(update={"memory_size": 1280})}
+    )
+    large = preflight.estimate(wide, 8, 10, training=True)
+    longer = preflight.estimate(recipe, 8, 20, training=True)
+    assert small.per_step is not None and small.steps == 2 * 10 + 1
+    # The memory (N x M x batch float32) is kept for backward at every step.
+    assert large.per_step - small.per_step >= (1280 - 128) * 20 * 8 * 4
+    assert longer.total - small.total == pytest.approx(small.per_step * 20, rel=0.05)
+    assert preflight.estimate(recipe, 8, 10, training=False).total < small.total
+
+
+def test_eval_at_a_huge_length_is_refused(runs_dir: Path, trained: Path):
+    before = snapshot(runs_dir)
+    result = cli("eval", trained, "--lengths", "100000000")
+    assert_one_line_error(result, "evaluation at level 100000000", "needs about", "--force")
+    assert snapshot(runs_dir) == before
+
+
+def test_a_run_that_fits_trains_as_before(tiny_recipe: Path, runs_dir: Path):
+    result = cli("train", tiny_recipe, "--runs-dir", runs_dir)
+    assert result.exit_code == 0, result.output
