@@ -398,7 +398,9 @@ class Trainer:
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.count += 1
 
-    def _handle_nonfinite(self, loss: torch.Tensor) -> None:
+    def _handle_nonfinite(self, loss: torch.Tensor) -> bool:
+        """Apply ``train.on_nan``; True when the step still counts (skip), False after a
+        rollback to the last checkpoint."""
         policy = self.recipe.train.on_nan
         step = self.step + 1
         self.nan_in_a_row += 1
@@ -416,7 +418,7 @@ class Trainer:
             self.reporter.message(f"step {step}: non-finite loss or gradient; step skipped")
             self.step = step
             self.samples += self.recipe.train.batch_size
-            return
+            return True
         halved = self.lr_scale / 2
         nan_in_a_row, last_nan_step = self.nan_in_a_row, self.last_nan_step
         restored = self._restore_last()
@@ -428,14 +430,17 @@ class Trainer:
             f"step {step}: non-finite loss or gradient; rolled back to step {restored}, "
             f"learning rate now {self.lr:.3g}"
         )
+        return False
 
     def _restore_last(self) -> int:
         assert self.run is not None
         path = self.run.checkpoint_path("last")
         self._bank_time()
-        wall_s = self.wall_s  # the rolled-back steps took real time
+        # Kept: the rolled-back steps took real time, and best.pt (which a rollback does
+        # not undo) may come from them: a later model must beat that file, not an older one.
+        kept = self.wall_s, self.best, self.best_level
         self.load_state(checkpoint.load(path), str(path), [])
-        self.wall_s = wall_s
+        self.wall_s, self.best, self.best_level = kept
         self.metrics_log.truncate_after(self.step)
         self.eval_log.truncate_after(self.step)
         if self.tensorboard is not None:
@@ -444,7 +449,9 @@ class Trainer:
             self._start_clock()
         return self.step
 
-    def train_step(self) -> None:
+    def train_step(self) -> bool:
+        """One step; False when it rolled the run back to its last checkpoint, whose step
+        was logged, evaluated and saved already."""
         train = self.recipe.train
         level = self.curriculum.level
         low, high = self.curriculum.batch_levels(self.data_generator)
@@ -460,8 +467,7 @@ class Trainer:
         max_norm = train.clip.norm if train.clip.norm is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):
-            self._handle_nonfinite(total)
-            return
+            return self._handle_nonfinite(total)
         if train.clip.value is not None:
             torch.nn.utils.clip_grad_value_(self.model.parameters(), train.clip.value, foreach=True)
         self.optimizer.step()
@@ -473,6 +479,7 @@ class Trainer:
         self._accumulate({"loss": loss, **metrics, "grad_norm": grad_norm})
         self.level_used = level
         self.curriculum.after_step(self.step)
+        return True
 
     def _log_row(self) -> dict[str, Any]:
         self._bank_time()
@@ -530,7 +537,8 @@ class Trainer:
         self.reporter.start(self.step, until_step, self.curriculum.level)
         try:
             while self.step < until_step and self.stop_signal is None:
-                self.train_step()
+                if not self.train_step():
+                    continue
                 if self.clock is None:
                     self.startup_s = time.perf_counter() - loop_start
                     self._start_clock()

@@ -20,6 +20,7 @@ from memctl.recipe import validate_recipe
 from memctl.rundir import CsvLog, RunDir, format_size
 from memctl.trainer import Trainer, resume_run, start_run
 from tests.conftest import TINY, cli, cli_process, snapshot
+from tests.test_reliability import NanAt
 
 TIMING = ["wall_s", "steps_per_s"]
 
@@ -47,9 +48,10 @@ def stop_at(monkeypatch, step: int) -> None:
     original = Trainer.train_step
 
     def train_step(self):
-        original(self)
+        stepped = original(self)
         if self.step == step:
             self.stop_signal = signal.SIGTERM
+        return stepped
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
@@ -96,6 +98,46 @@ def test_best_prefers_a_higher_curriculum_level(tiny_recipe: Path, runs_dir: Pat
     assert best["best_level"] == 4
     assert best["best"] == top.bit_errors.min()
     assert best["step"] == top.loc[top.bit_errors.idxmin(), "checkpoint_step"]
+
+
+def test_a_rollback_keeps_the_best_that_best_pt_holds(runs_dir: Path, monkeypatch):
+    # Scripted evaluations (bit errors at steps 5, 10, 15, then again from the rollback to
+    # step 10 caused by a NaN loss in step 17: 15, 20, 25, 30, final).
+    values, steps = iter([3.0, 2.0, 1.0, 1.5, 1.6, 1.7, 1.8, 1.8]), []
+
+    def evaluate(self, levels, label, run_step=None):
+        steps.append(self.step)
+        return [
+            {"step": self.step, "level": level, "bit_errors": next(values)} for level in levels[:1]
+        ]
+
+    original = Trainer.__init__
+
+    def with_nan(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.task = NanAt(self.task, {17})
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(Trainer, "__init__", with_nan)
+    data = {**tiny(steps=30, eval_every=5, on_nan="rollback"), "curriculum": {"type": "fixed"}}
+    _, status = start_run(validate_recipe(data, "tiny"), runs_dir, [])
+    assert status == "finished"
+    assert [e["event"] for e in RunDir(runs_dir / "tiny").read_info()["events"]] == [
+        "nonfinite", "rollback",
+    ]  # fmt: skip
+    # The restored step 10 was evaluated before; it is not evaluated again.
+    assert steps == [5, 10, 15, 15, 20, 25, 30, 30]
+    assert pd.read_csv(runs_dir / "tiny" / "eval.csv")["step"].tolist() == [
+        5,
+        10,
+        15,
+        20,
+        25,
+        30,
+        30,
+    ]
+    assert load(runs_dir / "tiny" / "checkpoints" / "best.pt")["best"] == 1.0
+    assert load(runs_dir / "tiny" / "checkpoints" / "last.pt")["best"] == 1.0
 
 
 def test_best_rule_and_old_checkpoints(monkeypatch):
@@ -170,7 +212,7 @@ def test_the_row_spanning_a_resume_leaves_start_up_out(runs_dir: Path, monkeypat
         if not getattr(self, "warmed_up", False):
             time.sleep(slow)  # a kernel build or compilation on the first step
             self.warmed_up = True
-        original(self)
+        return original(self)
 
     monkeypatch.setattr(Trainer, "train_step", slow_first_step)
     trainer, status = resume_run(runs_dir / "tiny", [])
@@ -312,9 +354,10 @@ def test_a_vanished_run_folder_is_one_line(tiny_recipe: Path, runs_dir: Path, mo
     original = Trainer.train_step
 
     def train_step(self):
-        original(self)
+        stepped = original(self)
         if self.step == 12:
             shutil.rmtree(self.run.path)
+        return stepped
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     result = cli("train", tiny_recipe, "--runs-dir", runs_dir)
