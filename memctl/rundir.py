@@ -120,9 +120,22 @@ class CsvLog:
                 self.columns = header
             self.upgrade = header != self.columns
 
+    @staticmethod
+    def _complete(lines: list[str]) -> tuple[list[str], list[str]]:
+        """The header line and the complete rows (a torn last line is not one)."""
+        if not lines:
+            return [], []
+        width = len(lines[0].split(","))
+        rows = [
+            line
+            for line in lines[1:]
+            if line.endswith("\n") and len(line.rstrip("\n").split(",")) == width
+        ]
+        return lines[:1], rows
+
     def _rewrite_with_new_columns(self) -> None:
-        with self.path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        header, old = self._complete(self.path.read_text().splitlines(keepends=True))
+        rows = csv.DictReader(io.StringIO("".join(header + old)))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, self.columns, restval="", lineterminator="\n")
         writer.writeheader()
@@ -152,13 +165,8 @@ class CsvLog:
         if not self.path.exists():
             return 0
         lines = self.path.read_text().splitlines(keepends=True)
-        kept = lines[:1]
-        width = len(lines[0].split(",")) if lines else 0
-        for line in lines[1:]:
-            fields = line.rstrip("\n").split(",")
-            complete = line.endswith("\n") and len(fields) == width
-            if complete and int(fields[0]) <= step:
-                kept.append(line)
+        header, rows = self._complete(lines)
+        kept = header + [line for line in rows if int(line.split(",")[0]) <= step]
         if kept != lines:
             atomic_write(self.path, "".join(kept))
         return len(kept) - 1

@@ -290,6 +290,7 @@ def test_csv_log_rewrites_an_old_file_at_its_first_append_only(tmp_path: Path):
     log = CsvLog(path, ["step", "time", "a"])
     before = snapshot(tmp_path)  # opening it (as a command that then fails does) is harmless
     assert log.truncate_after(5) == 1 and snapshot(tmp_path) == before
+    path.write_text("step,a\n1,2\n3,")  # a torn last line is not carried over
     log.append([{"step": 2, "time": "t", "a": 3}])
     assert path.read_text() == "step,time,a\n1,,2\n2,t,3\n"
 
