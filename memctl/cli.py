@@ -155,7 +155,8 @@ class ConsoleReporter:
 
 def print_eval_table(rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
-    columns = [c for c in rows[0] if c not in ("step", "checkpoint")]
+    bookkeeping = ("step", "time", "checkpoint", "checkpoint_step", "eval_seed")
+    columns = [c for c in rows[0] if c not in bookkeeping]
     for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
@@ -290,7 +291,9 @@ def evaluate(
         from memctl.lifecycle import evaluate_run
 
         rows = evaluate_run(run, checkpoint, _parse_lengths(lengths), device, batches, force)
-        print_eval_table(rows, f"{run.name}: {checkpoint} checkpoint (step {rows[0]['step']})")
+        print_eval_table(
+            rows, f"{run.name}: {checkpoint} checkpoint (step {rows[0]['checkpoint_step']})"
+        )
 
 
 @app.command("runs")

@@ -9,6 +9,7 @@ back from the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -125,6 +126,7 @@ class LoadedRun:
     trainer: Trainer | None = None
     checkpoint: Path | None = None
     label: str | None = None
+    state: dict[str, Any] | None = None
 
 
 def checkpoint_label(which: str) -> str:
@@ -187,7 +189,7 @@ def load_run(
         check_training(recipe, device, str(run.recipe_file))
     trainer = Trainer(recipe, device, reporter)
     trainer.load_state(state, str(ckpt_path), overrides)
-    return LoadedRun(run, recipe, trainer, ckpt_path, label)
+    return LoadedRun(run, recipe, trainer, ckpt_path, label, state)
 
 
 def _finish(trainer: Trainer, run: RunDir) -> str:
@@ -198,11 +200,15 @@ def _finish(trainer: Trainer, run: RunDir) -> str:
         run.update_info(status="failed", error=str(exc), step=trainer.step)
         raise
     except BaseException as exc:
-        run.update_info(status="failed", error=f"{exc.__class__.__name__}: {exc}")
+        with contextlib.suppress(UserError):  # the runs folder may be what failed
+            run.update_info(status="failed", error=f"{exc.__class__.__name__}: {exc}")
         raise
-    if status == "finished":
-        trainer.final_eval = trainer.evaluate_and_record("final")
-    run.update_info(status=status, step=trainer.step, level=trainer.curriculum.level)
+    run.update_info(
+        status=status,
+        step=trainer.step,
+        level=trainer.curriculum.level,
+        startup_s=trainer.startup_s,
+    )
     if trainer.tensorboard is not None:
         trainer.tensorboard.close()
     return status
@@ -346,6 +352,7 @@ def evaluate_run(
         what = f"evaluation at level {level} (batch {batch})"
         preflight.check(loaded.recipe, trainer.device, batch, level, False, what)
     trainer.attach(loaded.run)
-    rows = trainer.evaluate(levels, loaded.label)
+    last = loaded.state if which == "last" else checkpoint.load(loaded.run.checkpoint_path("last"))
+    rows = trainer.evaluate(levels, loaded.label, int(last["step"]))
     trainer.eval_log.append(rows)
     return rows

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from memctl.errors import UserError
+from memctl.errors import StorageError, UserError
 
 STATUSES = ("running", "finished", "interrupted", "failed")
 
@@ -38,10 +38,39 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def format_size(size: int) -> str:
+    """Bytes for people: 812 B, 45.1 kB, 1.2 MB (powers of 1000, as ``df -H``)."""
+    if size < 1000:
+        return f"{size} B"
+    value, unit = size / 1000, "kB"
+    for bigger in ("MB", "GB", "TB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, bigger
+    return f"{value:.1f} {unit}"
+
+
+def storage_error(path: Path, size: int, exc: OSError) -> StorageError:
+    """The one line for a failed write: the file, why, and the free space it needed."""
+    reason = exc.strerror or exc.__class__.__name__
+    return StorageError(f"{path}: cannot write ({reason}); it needs {format_size(size)} free")
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a temporary file in the same folder, fsync, rename over ``path``."""
+    """Write to a temporary file in the same folder, fsync, rename over ``path``.
+
+    Any OSError (full disk, read-only or vanished folder) leaves ``path`` as it was and
+    becomes a StorageError naming the file and its size.
+    """
     path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
+    try:
+        _write_and_rename(path, raw)
+    except OSError as exc:
+        raise storage_error(path, len(raw), exc) from None
+
+
+def _write_and_rename(path: Path, raw: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, new_file_mode())
@@ -71,39 +100,73 @@ def pid_alive(pid: int) -> bool:
 
 
 class CsvLog:
-    """An append-only CSV whose first column is ``step``; flushed after every row."""
+    """An append-only CSV whose first column is ``step``; flushed after every row.
+
+    A file written with fewer columns (an older memctl) gains the new ones at the first
+    append: it is rewritten atomically under the new header, its old rows with empty
+    cells there, so every row stays under its own header. A file with columns this log
+    lacks (a resumed run whose columns changed) keeps its header; new columns are dropped.
+    """
 
     def __init__(self, path: Path, columns: list[str]) -> None:
         self.path = path
         self.columns = columns
+        self.upgrade = False
         if not path.exists() or path.stat().st_size == 0:
             atomic_write(path, ",".join(columns) + "\n")
         else:
             header = path.read_text().splitlines()[0].split(",")
-            if header != columns:
-                # A resumed run whose columns changed keeps its file; new columns are dropped.
+            if not set(header) <= set(columns):
                 self.columns = header
+            self.upgrade = header != self.columns
+
+    @staticmethod
+    def _complete(lines: list[str]) -> tuple[list[str], list[str]]:
+        """The header line and the complete rows (a torn last line is not one)."""
+        if not lines:
+            return [], []
+        width = len(lines[0].split(","))
+        rows = [
+            line
+            for line in lines[1:]
+            if line.endswith("\n") and len(line.rstrip("\n").split(",")) == width
+        ]
+        return lines[:1], rows
+
+    def _rewrite_with_new_columns(self) -> None:
+        header, old = self._complete(self.path.read_text().splitlines(keepends=True))
+        rows = csv.DictReader(io.StringIO("".join(header + old)))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, self.columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.path, buffer.getvalue())
+        self.upgrade = False
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Append and fsync; a failed write is a StorageError (a torn last line that it
+        may leave is dropped by ``truncate_after`` on resume)."""
+        if self.upgrade:
+            self._rewrite_with_new_columns()
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, self.columns, extrasaction="ignore", lineterminator="\n")
         writer.writerows(rows)
-        with self.path.open("a") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
+        text = buffer.getvalue()
+        try:
+            with self.path.open("a") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise storage_error(self.path, len(text.encode()), exc) from None
 
     def truncate_after(self, step: int) -> int:
         """Drop rows past ``step`` and any torn last line; return the rows kept."""
         if not self.path.exists():
             return 0
         lines = self.path.read_text().splitlines(keepends=True)
-        kept = lines[:1]
-        for line in lines[1:]:
-            fields = line.rstrip("\n").split(",")
-            complete = line.endswith("\n") and len(fields) == len(self.columns)
-            if complete and int(fields[0]) <= step:
-                kept.append(line)
+        header, rows = self._complete(lines)
+        kept = header + [line for line in rows if int(line.split(",")[0]) <= step]
         if kept != lines:
             atomic_write(self.path, "".join(kept))
         return len(kept) - 1

@@ -20,10 +20,10 @@ import torch
 
 from memctl import checkpoint
 from memctl.curriculum import Curriculum, Trigger
-from memctl.errors import UserError
+from memctl.errors import StorageError, UserError
 from memctl.recipe import DEVICE_PATTERN, Recipe
 from memctl.registry import MODELS, TASKS
-from memctl.rundir import CsvLog, RunDir
+from memctl.rundir import CsvLog, RunDir, now
 from memctl.toolchain import cpp_compiler
 
 STOP_SIGNALS = {signal.SIGTERM: 0, signal.SIGINT: 130}
@@ -97,7 +97,7 @@ class TensorBoardLog:
         self._write([(f"train/{k}", v, row["step"]) for k, v in row.items() if k != "step"])
 
     def add_eval(self, rows: list[dict[str, Any]]) -> None:
-        skip = ("step", "checkpoint", "level", "sequences")
+        skip = ("step", "time", "checkpoint", "checkpoint_step", "eval_seed", "level", "sequences")
         self._write([(f"eval/{k}/level_{row['level']}", v, row["step"])
                      for row in rows for k, v in row.items() if k not in skip])  # fmt: skip
 
@@ -138,6 +138,16 @@ class Trainer:
 
     Constructing a Trainer validates everything that can be wrong with a recipe before
     any file is written; ``attach`` then binds it to a run directory.
+
+    best.pt: an evaluation at a higher curriculum level beats any at a lower level; at
+    the same level the better primary metric wins (``task.higher_is_better`` says which
+    way). The best value and its level are in every checkpoint, so a resumed run compares
+    against the best of all its steps, not only of its own.
+
+    Timing: ``wall_s`` is training time summed over every start and resume; the first
+    step after each (re)start is left out of it and of ``steps_per_s``, because it pays
+    for start-up (lazy initialisation, kernel builds, compilation). That first step's
+    duration, counted from the start of the loop, is ``startup_s``.
     """
 
     def __init__(self, recipe: Recipe, device: str | None = None, reporter: Reporter | None = None):
@@ -168,13 +178,9 @@ class Trainer:
             *self.task.metric_names, "grad_norm", "lr", "steps_per_s",
         ]  # fmt: skip
         self.eval_columns = [
-            "step",
-            "checkpoint",
-            "level",
-            "loss",
-            *self.task.metric_names,
-            "sequences",
-        ]
+            "step", "time", "checkpoint", "checkpoint_step", "eval_seed", "level", "loss",
+            *self.task.metric_names, "sequences",
+        ]  # fmt: skip
         watched = {"train.lr_decay.metric": recipe.train.lr_decay.metric}
         if recipe.curriculum.type == "adaptive":
             watched["curriculum.metric"] = recipe.curriculum.metric
@@ -196,9 +202,15 @@ class Trainer:
         self.wall_s = 0.0
         self.lr_scale = 1.0
         self.best: float | None = None
+        self.best_level = self.curriculum.level
         self.nan_in_a_row = 0
         self.last_nan_step = -1
+        # The running clock: None outside train() and before its first step is done.
+        self.clock: float | None = None
+        self.clock_step = 0
+        self.startup_s: float | None = None
         self._reset_interval()
+        self.saved_step: int | None = None
         self.stop_signal: int | None = None
         self.run: RunDir | None = None
 
@@ -284,19 +296,24 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds; the running clock is banked first, so the saved
+        times are those of this moment."""
+        self._bank_time()
         return {
             "step": self.step,
             "samples": self.samples,
             "wall_s": self.wall_s,
             "lr_scale": self.lr_scale,
             "best": self.best,
+            "best_level": self.best_level,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "optimizer_name": self.recipe.train.optimizer.name,
             "curriculum": self.curriculum.state_dict(),
             "lr_decay_window": [] if self.lr_trigger is None else list(self.lr_trigger.window),
             "rng": checkpoint.rng_state(self.data_generator),
-            "interval": {k: v.cpu() for k, v in self.sums.items()} | {"_count": self.count},
+            "interval": {k: v.cpu() for k, v in self.sums.items()}
+            | {"_count": self.count, "_seconds": self.interval_s, "_timed": self.interval_timed},
             "recipe_digest": self.recipe.digest(),
         }
 
@@ -324,18 +341,24 @@ class Trainer:
         self.best = state["best"]
         self._set_lr()
         self.curriculum.load_state_dict(state["curriculum"])
+        # Checkpoints from before best_level was saved: their best was taken at their level.
+        self.best_level = int(state.get("best_level", self.curriculum.level))
         if self.lr_trigger is not None:
             self.lr_trigger.window = [float(v) for v in state.get("lr_decay_window", [])]
         checkpoint.set_rng_state(state["rng"], self.data_generator)
         interval = dict(state["interval"])
         self.count = int(interval.pop("_count"))
+        self.interval_s = float(interval.pop("_seconds", 0.0))
+        self.interval_timed = int(interval.pop("_timed", 0))
         self.sums = {k: v.to(self.device) for k, v in interval.items()}
+        self.saved_step = self.step
 
     def save_checkpoint(self) -> None:
         assert self.run is not None
         state = self.state()
         checkpoint.save(self.run.checkpoints / f"step_{self.step}.pt", state)
         checkpoint.save(self.run.checkpoint_path("last"), state)
+        self.saved_step = self.step
         for _, path in self.run.step_checkpoints()[: -self.recipe.train.keep_checkpoints]:
             path.unlink(missing_ok=True)
 
@@ -344,8 +367,21 @@ class Trainer:
     def _reset_interval(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
-        self.interval_start = time.perf_counter()
-        self.interval_step = self.step
+        self.interval_s = 0.0  # seconds of the interval's timed steps, banked
+        self.interval_timed = 0  # steps in interval_s (a (re)start's first step is not)
+
+    def _bank_time(self) -> None:
+        """Move the time since the clock last started into ``wall_s`` and the interval."""
+        if self.clock is None:
+            return
+        now_s = time.perf_counter()
+        self.wall_s += now_s - self.clock
+        self.interval_s += now_s - self.clock
+        self.interval_timed += self.step - self.clock_step
+        self.clock, self.clock_step = now_s, self.step
+
+    def _start_clock(self) -> None:
+        self.clock, self.clock_step = time.perf_counter(), self.step
 
     def _accumulate(self, values: dict[str, torch.Tensor]) -> None:
         for key, value in values.items():
@@ -353,7 +389,9 @@ class Trainer:
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.count += 1
 
-    def _handle_nonfinite(self, loss: torch.Tensor) -> None:
+    def _handle_nonfinite(self, loss: torch.Tensor) -> bool:
+        """Apply ``train.on_nan``; True when the step still counts (skip), False after a
+        rollback to the last checkpoint."""
         policy = self.recipe.train.on_nan
         step = self.step + 1
         self.nan_in_a_row += 1
@@ -371,7 +409,7 @@ class Trainer:
             self.reporter.message(f"step {step}: non-finite loss or gradient; step skipped")
             self.step = step
             self.samples += self.recipe.train.batch_size
-            return
+            return True
         halved = self.lr_scale / 2
         nan_in_a_row, last_nan_step = self.nan_in_a_row, self.last_nan_step
         restored = self._restore_last()
@@ -383,20 +421,28 @@ class Trainer:
             f"step {step}: non-finite loss or gradient; rolled back to step {restored}, "
             f"learning rate now {self.lr:.3g}"
         )
+        return False
 
     def _restore_last(self) -> int:
         assert self.run is not None
         path = self.run.checkpoint_path("last")
+        self._bank_time()
+        # Kept: the rolled-back steps took real time, and best.pt (which a rollback does
+        # not undo) may come from them: a later model must beat that file, not an older one.
+        kept = self.wall_s, self.best, self.best_level
         self.load_state(checkpoint.load(path), str(path), [])
+        self.wall_s, self.best, self.best_level = kept
         self.metrics_log.truncate_after(self.step)
         self.eval_log.truncate_after(self.step)
         if self.tensorboard is not None:
             self.tensorboard.truncate_after(self.step)
-        self.interval_start = time.perf_counter()
-        self.interval_step = self.step - self.count
+        if self.clock is not None:
+            self._start_clock()
         return self.step
 
-    def train_step(self) -> None:
+    def train_step(self) -> bool:
+        """One step; False when it rolled the run back to its last checkpoint, whose step
+        was logged, evaluated and saved already."""
         train = self.recipe.train
         level = self.curriculum.level
         low, high = self.curriculum.batch_levels(self.data_generator)
@@ -412,8 +458,7 @@ class Trainer:
         max_norm = train.clip.norm if train.clip.norm is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):
-            self._handle_nonfinite(total)
-            return
+            return self._handle_nonfinite(total)
         if train.clip.value is not None:
             torch.nn.utils.clip_grad_value_(self.model.parameters(), train.clip.value, foreach=True)
         self.optimizer.step()
@@ -425,18 +470,24 @@ class Trainer:
         self._accumulate({"loss": loss, **metrics, "grad_norm": grad_norm})
         self.level_used = level
         self.curriculum.after_step(self.step)
+        return True
 
-    def _log_row(self, segment_start: float) -> dict[str, Any]:
-        elapsed = time.perf_counter() - self.interval_start
+    def _log_row(self) -> dict[str, Any]:
+        self._bank_time()
         means = {k: float(v) / self.count for k, v in self.sums.items()}
+        if self.interval_timed:
+            steps_per_s = self.interval_timed / max(self.interval_s, 1e-9)
+        else:  # the interval's one step is a (re)start's first: its own rate is all there is
+            assert self.startup_s is not None
+            steps_per_s = 1 / max(self.startup_s, 1e-9)
         row = {
             "step": self.step,
             "samples": self.samples,
-            "wall_s": self.wall_s + time.perf_counter() - segment_start,
+            "wall_s": self.wall_s,
             "level": self.level_used,
             **means,
             "lr": self.lr,
-            "steps_per_s": (self.step - self.interval_step) / max(elapsed, 1e-9),
+            "steps_per_s": steps_per_s,
         }
         row = {k: format_value(v) for k, v in row.items()}
         self.metrics_log.append([row])
@@ -446,35 +497,60 @@ class Trainer:
         return row
 
     def train(self, until_step: int) -> str:
-        """Train up to ``until_step``; return 'finished' or 'interrupted'."""
+        """Train up to ``until_step``; return 'finished' or 'interrupted'.
+
+        The last step of ``train.steps`` always gets a metrics row, even part of a log
+        interval, and a finished segment is evaluated ('final') before its last
+        checkpoint, so that checkpoint holds the final best. A signal checkpoints
+        without a row: the partial interval is in the checkpoint and resume continues it.
+        A write that fails (full disk, read-only or vanished folder) is a StorageError
+        that also names the last good checkpoint, from which resume continues.
+        """
+        try:
+            return self._train(until_step)
+        except StorageError as exc:
+            assert self.run is not None
+            last = self.run.checkpoint_path("last")
+            if not last.is_file():  # the run folder vanished
+                raise StorageError(f"{exc}; no checkpoint of this run is left") from None
+            raise StorageError(
+                f"{exc}; the last good checkpoint is {last} (step {self.saved_step}), "
+                "resume continues from it"
+            ) from None
+
+    def _train(self, until_step: int) -> str:
         assert self.run is not None
         train = self.recipe.train
         previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
-        segment_start = time.perf_counter()
-        self.interval_start = segment_start
-        self.interval_step = self.step - self.count
+        loop_start = time.perf_counter()
+        self.clock, self.startup_s = None, None
         self.level_used = self.curriculum.level
         self.reporter.start(self.step, until_step, self.curriculum.level)
         try:
             while self.step < until_step and self.stop_signal is None:
-                self.train_step()
-                if self.count and self.step % train.log_every == 0:
-                    row = self._log_row(segment_start)
+                if not self.train_step():
+                    continue
+                if self.clock is None:
+                    self.startup_s = time.perf_counter() - loop_start
+                    self._start_clock()
+                if self.count and (self.step % train.log_every == 0 or self.step == train.steps):
+                    row = self._log_row()
                     self.curriculum.after_log(row)
                     self._maybe_decay_lr(row)
                     self.reporter.log(row)
                 if train.eval_every and self.step % train.eval_every == 0:
                     self.evaluate_and_record("train")
-                if self.step % train.checkpoint_every == 0:
-                    self.wall_s += time.perf_counter() - segment_start
-                    segment_start = time.perf_counter()
+                if self.step % train.checkpoint_every == 0 and self.step < until_step:
                     self.save_checkpoint()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.wall_s += time.perf_counter() - segment_start
+            self._bank_time()
+            self.clock = None
             self.reporter.stop()
-        if self.step % train.checkpoint_every != 0:
+        if self.stop_signal is None:
+            self.final_eval = self.evaluate_and_record("final")
+        if self.saved_step != self.step:
             self.save_checkpoint()
         return "interrupted" if self.stop_signal is not None else "finished"
 
@@ -493,8 +569,16 @@ class Trainer:
         return sorted({self.curriculum.level, *lengths})
 
     @torch.no_grad()
-    def evaluate(self, levels: list[int], label: str) -> list[dict[str, Any]]:
-        """Held-out batches from the recipe's eval seed: the same data at every call."""
+    def evaluate(
+        self, levels: list[int], label: str, run_step: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Held-out batches from the recipe's eval seed: the same data at every call.
+
+        A row's ``step`` is where the run stood when it was written (``run_step``, by
+        default this model's step), ``checkpoint_step`` the step of the weights evaluated
+        (they differ when ``memctl eval`` reads best.pt or an older step); ``time`` and
+        ``eval_seed`` tell evaluations of the same weights apart.
+        """
         spec = self.recipe.eval
         batch_size = spec.batch_size or self.recipe.train.batch_size
         rows = []
@@ -519,23 +603,42 @@ class Trainer:
                     for key, value in values.items():
                         sums[key] = sums.get(key, 0.0) + float(value)
                 means = {k: v / spec.batches for k, v in sums.items()}
-                row = {"step": self.step, "checkpoint": label, "level": level, **means}
-                row["sequences"] = spec.batches * batch_size
+                row = {
+                    "step": self.step if run_step is None else run_step,
+                    "time": now(),
+                    "checkpoint": label,
+                    "checkpoint_step": self.step,
+                    "eval_seed": spec.seed,
+                    "level": level,
+                    **means,
+                    "sequences": spec.batches * batch_size,
+                }
                 rows.append({k: format_value(v) for k, v in row.items()})
         self.model.train(was_training)
         return rows
 
     def evaluate_and_record(self, label: str) -> list[dict[str, Any]]:
-        """Evaluate, append to eval.csv, and keep best.pt by the training level's metric."""
+        """Evaluate, append to eval.csv, and keep best.pt.
+
+        The primary metric at the curriculum's current level decides: a higher level beats
+        any lower one; at the same level the better value wins (``task.higher_is_better``).
+        """
         assert self.run is not None
         rows = self.evaluate(self.eval_levels(), label)
         self.eval_log.append(rows)
         if self.tensorboard is not None:
             self.tensorboard.add_eval(rows)
-        current = next(r for r in rows if r["level"] == self.curriculum.level)
+        level = self.curriculum.level
+        current = next(r for r in rows if r["level"] == level)
         value = float(current[self.task.primary_metric])
-        sign = -1.0 if self.task.higher_is_better else 1.0
-        if self.best is None or sign * value < sign * self.best:
-            self.best = value
+        if self._beats_best(level, value):
+            self.best, self.best_level = value, level
             checkpoint.save(self.run.checkpoint_path("best"), self.state())
         return rows
+
+    def _beats_best(self, level: int, value: float) -> bool:
+        if self.best is None:
+            return True
+        if level != self.best_level:
+            return level > self.best_level
+        return value > self.best if self.task.higher_is_better else value < self.best
