@@ -5,10 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import tomllib
+import pytest
 
 import memctl.models  # noqa: F401  (registers the models)
+from memctl.recipe import load_recipe
 from memctl.registry import MODELS
+from tests.conftest import TINY, cli, snapshot, write_recipe
+from tests.test_bad_input import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
 # The names the package description uses, and the registered model each stands for.
@@ -17,7 +20,42 @@ DESCRIBED_MODELS = {"NTM": "ntm", "DNC": "dnc", "HAM": "ham", "Fast Weights": "r
 
 
 def test_package_description_names_only_models_that_exist():
+    tomllib = pytest.importorskip("tomllib")
     description = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["description"]
     named = re.search(r"\(([^)]*)\)", description).group(1).split(", ")
     assert set(named) == set(DESCRIBED_MODELS), named
     assert all(DESCRIBED_MODELS[name] in MODELS for name in named)
+
+
+def test_set_error_example_is_a_valid_override(tiny_recipe: Path, runs_dir: Path):
+    result = cli("train", tiny_recipe, "--runs-dir", runs_dir, "--set", "lr")
+    assert_one_line_error(result, "--set 'lr'", "e.g. ")
+    example = result.stderr.split("e.g. ")[1].strip()
+    assert load_recipe(tiny_recipe, [example]).train.optimizer.lr == 1e-3
+    assert list(runs_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "key,suggested",
+    [
+        ("train.lr", "train.optimizer.lr"),
+        ("optimizer.lr", "train.optimizer.lr"),
+        ("train.tensorboard", "log.tensorboard"),
+        ("model.hiden", "hidden"),
+    ],
+)
+def test_set_did_you_mean_searches_every_section(
+    tiny_recipe: Path, runs_dir: Path, key: str, suggested: str
+):
+    before = snapshot(runs_dir)
+    result = cli("train", tiny_recipe, "--runs-dir", runs_dir, "--set", f"{key}=1")
+    assert_one_line_error(result, f"--set {key.split('.')[0]}", f"did you mean {suggested!r}?")
+    assert snapshot(runs_dir) == before
+
+
+def test_sweep_settings_did_you_mean_searches_every_section(tmp_path: Path):
+    base = write_recipe(tmp_path / "base.yaml", TINY)
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"base: {base}\nset:\n  train.lr: 0.01\n")
+    result = cli("sweep", "run", sweep, "--runs-dir", tmp_path / "runs", "--dry-run")
+    assert_one_line_error(result, "train.lr", "did you mean 'train.optimizer.lr'?")
