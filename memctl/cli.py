@@ -316,10 +316,14 @@ def plot(
     x: Annotated[str, typer.Option("--x", help="x axis: step, wall_s or samples")] = "step",
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="PNG file (default: <first run>/plots/<metric>.png)"),
+        typer.Option(
+            "--out",
+            help="Figure file; its extension (.png, .pdf, .svg) sets the format "
+            "(default: <first run>/plots/<metric>.png)",
+        ),
     ] = None,
 ) -> None:
-    """Learning curves of runs in one figure (PNG); sweep groups as median and min-max band."""
+    """Learning curves of runs in one figure; sweep groups as median and min-max band."""
     with user_errors():
         from memctl.viz import plot_curves
 
@@ -341,17 +345,19 @@ def inspect(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample's generator")] = 0,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Folder for the PNGs (default: <run>/inspect)")
+        Path | None, typer.Option("--out", help="Folder for the figures (default: <run>/inspect)")
     ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="File format: png, pdf or svg")] = "png",
     device: DeviceOption = None,
 ) -> None:
-    """Run a checkpoint on one sample; write heatmaps (PNG) of its inputs, outputs, and the
+    """Run a checkpoint on one sample; write heatmaps of its inputs, outputs, and the
     model's heads and memory over time."""
     with user_errors():
-        from memctl.viz import plot_trace, trace_sample
+        from memctl.viz import check_format, plot_trace, trace_sample
 
+        check_format(fmt, "--format")
         trace = trace_sample(run, checkpoint, length, seed, device)
-        for written in plot_trace(trace, out if out is not None else run / "inspect"):
+        for written in plot_trace(trace, out if out is not None else run / "inspect", fmt):
             console.print(str(written.path), soft_wrap=True)
 
 

@@ -1,4 +1,5 @@
-"""Learning curves and memory heatmaps as PNG files, for ``memctl plot`` and ``inspect``.
+"""Learning curves and memory heatmaps as PNG, PDF or SVG files, for ``memctl plot`` and
+``inspect``.
 
 matplotlib (the ``plot`` extra) is imported inside the functions that draw, and only its
 object-oriented API is used (``Figure``, no pyplot): no window, no global state, the Agg
@@ -29,6 +30,8 @@ X_AXES = {"step": "training step", "wall_s": "wall-clock seconds", "samples": "t
 # A y axis whose positive values span more than this ratio is drawn on a log scale.
 LOG_SCALE_RATIO = 100.0
 DPI = 100
+# The file formats written; a file's name ends in one of them.
+FORMATS = ("png", "pdf", "svg")
 # Weightings over more slots than this are cropped to the slots some head used: an NTM
 # on copy touches ~20 of its 128 slots, and the rest would squash them into a few pixels.
 CROP_SLOTS_ABOVE = 32
@@ -54,7 +57,23 @@ def _figure_class() -> Any:
     return Figure
 
 
+def check_format(fmt: str, flag: str) -> str:
+    """``fmt`` lower-cased if it is one of FORMATS, else a UserError naming ``flag``."""
+    if fmt.lower() not in FORMATS:
+        raise UserError(f"{flag} {fmt!r}: expected one of {', '.join(FORMATS)}")
+    return fmt.lower()
+
+
+def format_of(path: Path) -> str:
+    """The format a file name asks for: its extension, one of FORMATS."""
+    if path.suffix.lower().lstrip(".") not in FORMATS:
+        raise UserError(f"--out {path}: expected a file name ending in .png, .pdf or .svg")
+    return path.suffix.lower().lstrip(".")
+
+
 def _save(figure: Any, path: Path) -> Written:
+    """Write ``figure`` atomically in the format ``path``'s extension names."""
+    fmt = format_of(path)
     panels = [axes for axes in figure.axes if axes.get_label() != "<colorbar>"]
     legend = tuple(
         text.get_text()
@@ -63,7 +82,7 @@ def _save(figure: Any, path: Path) -> Written:
         for text in axes.get_legend().get_texts()
     )
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
+    figure.savefig(buffer, format=fmt, dpi=DPI)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, buffer.getvalue())
@@ -179,6 +198,8 @@ def plot_curves(paths: list[Path], metric: str | None, x: str, out: Path | None)
     min-max band); dotted vertical lines where the curriculum level changes."""
     if x not in X_AXES:
         raise UserError(f"--x {x!r}: expected one of {', '.join(X_AXES)}")
+    if out is not None:
+        format_of(out)
     series = _runs_and_groups(paths)
     metric = metric or _primary_metric(series)
     series = _load(series, metric, x)
@@ -464,14 +485,16 @@ def _plot_quantity(Figure: Any, trace: SampleTrace, name: str) -> Any:
     raise ValueError(f"trace quantity {name!r}: unexpected shape {tuple(data.shape)}")
 
 
-def plot_trace(trace: SampleTrace, out_dir: Path) -> list[Written]:
-    """``io.png`` (input, target, output), one PNG per trace quantity, and ``heads.png``
-    (write and read weightings together, as the NTM paper's figures) when both exist."""
+def plot_trace(trace: SampleTrace, out_dir: Path, fmt: str = "png") -> list[Written]:
+    """``io.<fmt>`` (input, target, output), one file per trace quantity, and
+    ``heads.<fmt>`` (write and read weightings together, as the NTM paper's figures) when
+    both exist; ``fmt`` is one of FORMATS."""
+    fmt = check_format(fmt, "--format")
     Figure = _figure_class()
-    written = [_save(_plot_io(Figure, trace), out_dir / "io.png")]
+    written = [_save(_plot_io(Figure, trace), out_dir / f"io.{fmt}")]
     for name in trace.quantities:
-        written.append(_save(_plot_quantity(Figure, trace, name), out_dir / f"{name}.png"))
+        written.append(_save(_plot_quantity(Figure, trace, name), out_dir / f"{name}.{fmt}"))
     if {"read_weights", "write_weights"} <= trace.quantities.keys():
         figure = _plot_heads(Figure, trace, ("write_weights", "read_weights"))
-        written.append(_save(figure, out_dir / "heads.png"))
+        written.append(_save(figure, out_dir / f"heads.{fmt}"))
     return written
