@@ -215,7 +215,9 @@ def plot_curves(paths: list[Path], metric: str | None, x: str, out: Path | None)
         xs = (median.index if x == "step" else _aligned(item.frames, x).median(axis=1)).to_numpy()
         seeds = len(item.frames)
         label = item.label if seeds == 1 else f"{item.label} (median of {seeds} seeds)"
-        axes.plot(xs, median, color=colour, label=label, linewidth=1.4)
+        # One logged row is no line: it is drawn as a point.
+        marker = "o" if len(xs) == 1 else None
+        axes.plot(xs, median, color=colour, label=label, linewidth=1.4, marker=marker)
         values.append(median)
         if seeds > 1:
             low, high = table.min(axis=1), table.max(axis=1)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from memctl import viz
 from tests.conftest import TINY, cli, snapshot, write_recipe
 from tests.test_bad_input import assert_one_line_error
 from tests.test_viz import PNG_MAGIC, curve, fake_run
@@ -64,3 +65,27 @@ def test_inspect_unknown_format_is_one_line(trained_lstm: Path, tmp_path: Path):
     assert_one_line_error(result, "--format 'gif'", "png, pdf, svg")
     assert not (tmp_path / "out").exists()
     assert snapshot(trained_lstm) == before
+
+
+def drawn_figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The figures viz saves from now on, to look at what was drawn."""
+    figures = []
+    save = viz._save
+
+    def keep(figure, path):
+        figures.append(figure)
+        return save(figure, path)
+
+    monkeypatch.setattr(viz, "_save", keep)
+    return figures
+
+
+def test_a_run_with_one_row_is_plotted_as_a_point(tmp_path: Path, monkeypatch):
+    figures = drawn_figures(monkeypatch)
+    one, many = fake_run(tmp_path / "one", curve(1.0, 1)), fake_run(tmp_path / "many", curve(2.0))
+    result = cli("plot", one, many, "--out", tmp_path / "c.png")
+    assert result.exit_code == 0, result.output
+    single, line = figures[0].axes[0].get_lines()[:2]
+    assert len(single.get_xdata()) == 1
+    assert single.get_marker() not in ("None", "", " ", None) and single.get_markersize() > 0
+    assert len(line.get_xdata()) == 8 and line.get_marker() == "None"
