@@ -28,6 +28,31 @@ from rich.table import Table
 
 from memctl.errors import UserError
 
+
+def _help_like_click() -> None:
+    """Make typer's rich help read as click's: typer 0.29 prints a value type after every
+    flag (``--dry-run <bool>``), although a flag takes no value (its plain help leaves it
+    out), and writes a required argument in braces (``{recipe}``). Here flags show no type
+    and arguments read ``RECIPE``, ``[RUNS_DIR]``, ``RUNS...``."""
+    from typer.core import TyperArgument, TyperOption
+
+    value_type = getattr(TyperOption, "display_type_rich", None)
+    if value_type is not None:
+
+        def flag_has_no_type(self: TyperOption, ctx: Any) -> str | None:
+            return None if self.is_flag or self.count else value_type(self, ctx)
+
+        TyperOption.display_type_rich = flag_has_no_type  # type: ignore[method-assign]
+
+    def usage_pieces(self: TyperArgument, ctx: Any) -> list[str]:
+        name = self.metavar or self.name.upper()
+        name = name if self.required else f"[{name}]"
+        return [f"{name}..." if self.nargs != 1 else name]
+
+    TyperArgument.get_usage_pieces = usage_pieces  # type: ignore[method-assign]
+
+
+_help_like_click()
 app = typer.Typer(
     help="Train and evaluate differentiable-memory neural networks from YAML recipes.",
     no_args_is_help=True,
@@ -350,8 +375,9 @@ def inspect(
     fmt: Annotated[str, typer.Option("--format", help="File format: png, pdf or svg")] = "png",
     device: DeviceOption = None,
 ) -> None:
-    """Run a checkpoint on one sample; write heatmaps of its inputs, outputs, and the
-    model's heads and memory over time."""
+    """Heatmaps of one sample through a checkpoint: inputs, outputs, heads, memory.
+
+    One figure per quantity of the model's trace, over time."""
     with user_errors():
         from memctl.viz import check_format, plot_trace, trace_sample
 

@@ -59,3 +59,40 @@ def test_sweep_settings_did_you_mean_searches_every_section(tmp_path: Path):
     sweep.write_text(f"base: {base}\nset:\n  train.lr: 0.01\n")
     result = cli("sweep", "run", sweep, "--runs-dir", tmp_path / "runs", "--dry-run")
     assert_one_line_error(result, "train.lr", "did you mean 'train.optimizer.lr'?")
+
+
+def help_text(*command: str) -> str:
+    result = cli(*command, "--help")
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    "command,flags,valued",
+    [
+        (["train"], ["--tensorboard", "--help"], {"--name": "<str>", "--runs-dir": "<path>"}),
+        (["sweep", "run"], ["--dry-run", "--retry-failed"], {"--workers": "<int range>"}),
+        (["sweep", "status"], ["--csv"], {}),
+        ([], ["--help"], {}),
+    ],
+)
+def test_help_shows_flags_without_a_value_type(
+    command: list[str], flags: list[str], valued: dict[str, str]
+):
+    text = help_text(*command)
+    assert "<bool>" not in text
+    for flag in flags:
+        assert re.search(rf"{flag}\s+[A-Z]", text), (flag, text)
+    for option, shown in valued.items():
+        assert re.search(rf"{option}\s+{shown}", text), (option, text)
+
+
+@pytest.mark.parametrize(
+    "command,usage",
+    [(["train"], "[OPTIONS] RECIPE"), (["runs"], "[OPTIONS] [RUNS_DIR]"),
+     (["plot"], "[OPTIONS] RUNS..."), (["sweep", "run"], "[OPTIONS] FILE")],
+)  # fmt: skip
+def test_help_usage_names_arguments_as_click_does(command: list[str], usage: str):
+    text = help_text(*command)
+    assert f" {' '.join([*command, usage])}" in " ".join(text.split()), text
+    assert "{" not in text.split("Usage:")[1].splitlines()[0]
