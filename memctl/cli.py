@@ -306,18 +306,33 @@ def evaluate(
         print_eval_table(rows, f"{run.name}: {checkpoint} checkpoint (step {rows[0]['step']})")
 
 
+def _run_summaries(runs_dir: Path) -> list[dict[str, str]]:
+    """``memctl runs``'s rows: each run in ``runs_dir``, and each started trial of each sweep
+    there (a folder with trials.csv), named ``<sweep>/<trial>``."""
+    from memctl.rundir import RunDir
+
+    if not runs_dir.is_dir():
+        raise UserError(f"{runs_dir}: no such directory")
+    rows = []
+    for path in sorted(runs_dir.iterdir()):
+        if (path / "run.json").is_file():
+            rows.append(RunDir(path).summary())
+        elif (path / "trials.csv").is_file():
+            for trial in sorted(p for p in path.iterdir() if (p / "run.json").is_file()):
+                rows.append({**RunDir(trial).summary(), "name": f"{path.name}/{trial.name}"})
+    return rows
+
+
 @app.command("runs")
 def list_runs(
     runs_dir: Annotated[Path, typer.Argument(help="Folder of runs")] = Path("runs"),
 ) -> None:
-    """List runs: name, model, task, status, step, level, last loss and metric."""
-    with user_errors():
-        from memctl.rundir import RunDir
+    """List runs: name, model, task, status, step, level, last loss and metric.
 
-        if not runs_dir.is_dir():
-            raise UserError(f"{runs_dir}: no such directory")
-        runs = [RunDir(p) for p in sorted(runs_dir.iterdir()) if (p / "run.json").is_file()]
-        rows = [run.summary() for run in runs]
+    Trials of a sweep in RUNS_DIR are listed as SWEEP/TRIAL once they have started (every
+    trial, started or not: memctl sweep status RUNS_DIR/SWEEP)."""
+    with user_errors():
+        rows = _run_summaries(runs_dir)
         if not rows:
             console.print(f"no runs in {runs_dir}")
             return

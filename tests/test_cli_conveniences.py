@@ -10,8 +10,10 @@ import pytest
 import memctl.models  # noqa: F401  (registers the models)
 from memctl.recipe import load_recipe
 from memctl.registry import MODELS
+from memctl.sweep import write_trials_csv
 from tests.conftest import TINY, cli, snapshot, write_recipe
 from tests.test_bad_input import assert_one_line_error
+from tests.test_viz import curve, fake_run
 
 ROOT = Path(__file__).resolve().parent.parent
 # The names the package description uses, and the registered model each stands for.
@@ -96,3 +98,26 @@ def test_help_usage_names_arguments_as_click_does(command: list[str], usage: str
     text = help_text(*command)
     assert f" {' '.join([*command, usage])}" in " ".join(text.split()), text
     assert "{" not in text.split("Usage:")[1].splitlines()[0]
+
+
+def runs_with_a_sweep(root: Path) -> Path:
+    """``root/runs``: a run ``r``, and a sweep ``s`` with two started trials of three."""
+    fake_run(root / "runs" / "r", curve(1.0))
+    rows = []
+    for trial, started in (("s-a", True), ("s-b", True), ("s-c", False)):
+        if started:
+            fake_run(root / "runs" / "s" / trial, curve(2.0, 3))
+        rows.append({"trial": trial, "status": "finished" if started else "pending"})
+    write_trials_csv(root / "runs" / "s", rows)
+    return root / "runs"
+
+
+def test_runs_lists_sweep_trials_under_the_sweeps_name(tmp_path: Path):
+    runs = runs_with_a_sweep(tmp_path)
+    before = snapshot(runs)
+    result = cli("runs", runs)
+    assert result.exit_code == 0, result.output
+    names = [line.split("│")[1].strip() for line in result.stdout.splitlines() if "│" in line]
+    assert names == ["r", "s/s-a", "s/s-b"]
+    assert snapshot(runs) == before
+    assert "SWEEP/TRIAL" in help_text("runs")
