@@ -212,6 +212,17 @@ def train(
     name: Annotated[
         str | None, typer.Option("--name", help="Run name (default: the recipe's name)")
     ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            help="Train to this total step (same as --set train.steps=N; "
+            "resume --steps is N more steps)",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of the run (same as --set seed=S)")
+    ] = None,
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = None,
     tensorboard: TensorBoardOption = False,
@@ -225,6 +236,10 @@ def train(
         settings = list(overrides or []) + (["log.tensorboard=true"] if tensorboard else [])
         if name is not None:
             settings.append(f"name={name}")
+        if steps is not None:
+            settings.append(f"train.steps={steps}")
+        if seed is not None:
+            settings.append(f"seed={seed}")
         loaded = load_recipe(recipe, settings)
         reporter = ConsoleReporter(TASKS.get(loaded.task.type).cls.primary_metric)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 
 import memctl.models  # noqa: F401  (registers the models)
 from memctl.recipe import load_recipe
@@ -69,6 +71,11 @@ def help_text(*command: str) -> str:
     return result.stdout
 
 
+def flat(text: str) -> str:
+    """Help text without its boxes' sides and line breaks: sentences read whole."""
+    return " ".join(text.replace("│", " ").split())
+
+
 @pytest.mark.parametrize(
     "command,flags,valued",
     [
@@ -121,3 +128,24 @@ def test_runs_lists_sweep_trials_under_the_sweeps_name(tmp_path: Path):
     assert names == ["r", "s/s-a", "s/s-b"]
     assert snapshot(runs) == before
     assert "SWEEP/TRIAL" in help_text("runs")
+
+
+def test_train_steps_and_seed_are_the_set_shortcuts(tiny_recipe: Path, runs_dir: Path):
+    short = cli("train", tiny_recipe, "--runs-dir", runs_dir, "--steps", 10, "--seed", 7)
+    assert short.exit_code == 0, short.output
+    longhand = ["--set", "train.steps=10", "--set", "seed=7", "--name", "long"]
+    assert cli("train", tiny_recipe, "--runs-dir", runs_dir, *longhand).exit_code == 0
+    recipe = yaml.safe_load((runs_dir / "tiny" / "recipe.yaml").read_text())
+    assert recipe["train"]["steps"] == 10 and recipe["seed"] == 7
+    assert recipe == {**yaml.safe_load((runs_dir / "long" / "recipe.yaml").read_text()),
+                      "name": "tiny"}  # fmt: skip
+    assert pd.read_csv(runs_dir / "tiny" / "metrics.csv")["step"].iloc[-1] == 10
+    text = flat(help_text("train"))
+    assert "same as --set train.steps=N; resume --steps is N more steps" in text
+    assert "--seed <int> Seed of the run (same as --set seed=S)" in text
+
+
+def test_train_steps_below_one_is_one_line(tiny_recipe: Path, runs_dir: Path):
+    result = cli("train", tiny_recipe, "--runs-dir", runs_dir, "--steps", 0)
+    assert_one_line_error(result, "train.steps", "greater than 0")
+    assert list(runs_dir.iterdir()) == []
