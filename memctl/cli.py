@@ -8,6 +8,8 @@ SIGINT 130.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -170,6 +172,31 @@ class ConsoleReporter:
             self._plain_line(self.last_row)
 
 
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object per row, nothing else (for programs)")
+]
+
+
+def _json_value(value: Any) -> Any:
+    """A cell as JSON: numbers written as text become numbers, NaN and infinities null."""
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                continue
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def print_json_rows(rows: list[dict[str, Any]]) -> None:
+    """One JSON object per line on stdout: what ``--json`` prints."""
+    for row in rows:
+        print(json.dumps({key: _json_value(value) for key, value in row.items()}))
+
+
 def print_eval_table(rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
     columns = [c for c in rows[0] if c not in ("step", "checkpoint")]
@@ -312,12 +339,16 @@ def evaluate(
         ),
     ] = None,
     device: DeviceOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Evaluate a checkpoint on held-out batches; print a table and append to eval.csv."""
     with user_errors():
         from memctl.trainer import evaluate_run
 
         rows = evaluate_run(run, checkpoint, _parse_lengths(lengths), device, batches)
+        if as_json:
+            print_json_rows(rows)
+            return
         print_eval_table(rows, f"{run.name}: {checkpoint} checkpoint (step {rows[0]['step']})")
 
 
@@ -341,6 +372,7 @@ def _run_summaries(runs_dir: Path) -> list[dict[str, str]]:
 @app.command("runs")
 def list_runs(
     runs_dir: Annotated[Path, typer.Argument(help="Folder of runs")] = Path("runs"),
+    as_json: JsonOption = False,
 ) -> None:
     """List runs: name, model, task, status, step, level, last loss and metric.
 
@@ -348,6 +380,9 @@ def list_runs(
     trial, started or not: memctl sweep status RUNS_DIR/SWEEP)."""
     with user_errors():
         rows = _run_summaries(runs_dir)
+        if as_json:
+            print_json_rows(rows)
+            return
         if not rows:
             console.print(f"no runs in {runs_dir}")
             return

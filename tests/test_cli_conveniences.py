@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 import memctl.models  # noqa: F401  (registers the models)
+from memctl.cli import print_json_rows
 from memctl.recipe import load_recipe
 from memctl.registry import MODELS
 from memctl.sweep import write_trials_csv
@@ -149,3 +151,43 @@ def test_train_steps_below_one_is_one_line(tiny_recipe: Path, runs_dir: Path):
     result = cli("train", tiny_recipe, "--runs-dir", runs_dir, "--steps", 0)
     assert_one_line_error(result, "train.steps", "greater than 0")
     assert list(runs_dir.iterdir()) == []
+
+
+def json_lines(text: str) -> list[dict]:
+    lines = text.splitlines()
+    assert lines and all(line.startswith("{") for line in lines), text
+    return [json.loads(line) for line in lines]
+
+
+def test_runs_json_prints_one_object_per_row(tmp_path: Path):
+    runs = runs_with_a_sweep(tmp_path)
+    result = cli("runs", runs, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json_lines(result.stdout)
+    assert [row["name"] for row in rows] == ["r", "s/s-a", "s/s-b"]
+    assert rows[0]["step"] == 80 and rows[0]["status"] == "finished"
+    assert isinstance(rows[0]["loss"], float)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli("runs", empty, "--json").stdout == ""
+
+
+def test_eval_json_prints_one_object_per_level(tiny_recipe: Path, runs_dir: Path):
+    assert cli("train", tiny_recipe, "--runs-dir", runs_dir, "--steps", 10).exit_code == 0
+    run = runs_dir / "tiny"
+    before = len(pd.read_csv(run / "eval.csv"))
+    result = cli("eval", run, "--lengths", "5", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json_lines(result.stdout)
+    assert [row["level"] for row in rows] == [2, 5]  # the trained level, then --lengths
+    assert all(row["step"] == 10 and row["checkpoint"] == "last" for row in rows)
+    assert all(isinstance(row["bit_errors"], float) for row in rows)
+    added = pd.read_csv(run / "eval.csv").iloc[before:]
+    assert added["bit_errors"].tolist() == [row["bit_errors"] for row in rows]
+    assert "--json" in help_text("eval") and "--json" in help_text("runs")
+
+
+def test_json_rows_are_valid_json_for_non_finite_values(capsys):
+    print_json_rows([{"name": "r", "step": "40", "loss": float("nan"), "metric": "-"}])
+    assert json.loads(capsys.readouterr().out) == {"name": "r", "step": 40, "loss": None,
+                                                   "metric": "-"}  # fmt: skip
