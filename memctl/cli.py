@@ -59,9 +59,35 @@ app = typer.Typer(
     help="Train and evaluate differentiable-memory neural networks from YAML recipes.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 console = Console()
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        import torch
+
+        import memctl
+
+        print(f"memctl {memctl.__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print memctl's version and torch's, and exit.",
+        ),
+    ] = False,
+) -> None:
+    """The options of memctl itself, given before a command (the app's help describes it)."""
+
 
 SetOption = Annotated[
     list[str] | None,

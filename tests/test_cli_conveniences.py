@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
-import memctl.models  # noqa: F401  (registers the models)
+import memctl
+import memctl.models
 from memctl.cli import print_json_rows
 from memctl.recipe import load_recipe
 from memctl.registry import MODELS
 from memctl.sweep import write_trials_csv
-from tests.conftest import TINY, cli, snapshot, write_recipe
+from tests.conftest import TINY, cli, cli_process, snapshot, write_recipe
 from tests.test_bad_input import assert_one_line_error
 from tests.test_viz import curve, fake_run
 
@@ -191,3 +193,21 @@ def test_json_rows_are_valid_json_for_non_finite_values(capsys):
     print_json_rows([{"name": "r", "step": "40", "loss": float("nan"), "metric": "-"}])
     assert json.loads(capsys.readouterr().out) == {"name": "r", "step": 40, "loss": None,
                                                    "metric": "-"}  # fmt: skip
+
+
+def test_version_names_memctl_and_torch():
+    result = cli("--version")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"memctl {memctl.__version__} (torch {torch.__version__})\n"
+    process = cli_process("--version")
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert out.startswith(f"memctl {memctl.__version__} ")
+
+
+def test_shell_completion_is_offered():
+    text = help_text()
+    assert "--install-completion" in text and "--show-completion" in text
+    result = cli("--show-completion", "bash")
+    assert result.exit_code == 0, result.output
+    assert "_COMPLETE=complete_bash" in result.stdout and "complete -o default -F" in result.stdout
