@@ -59,6 +59,12 @@ class Task:
     primary_metric: ClassVar[str] = "bit_errors"
     higher_is_better: ClassVar[bool] = False
     metric_names: ClassVar[tuple[str, ...]] = ("cost_bits", "bit_errors", "accuracy")
+    # Each metric's meaning and unit, short enough for a plot's axis label.
+    metric_descriptions: ClassVar[dict[str, str]] = {
+        "cost_bits": "cross-entropy, bits per sequence",
+        "bit_errors": "wrong bits per sequence",
+        "accuracy": "fraction of sequences all right",
+    }
 
     input_size: int
     output_size: int
