@@ -435,15 +435,31 @@ def plot(
         typer.Option(
             "--out",
             help="Figure file; its extension (.png, .pdf, .svg) sets the format "
-            "(default: <first run>/plots/<metric>.png)",
+            "(default: <first run>/plots/<metric>.png, eval_<metric>.png with --eval)",
         ),
     ] = None,
+    evaluations: Annotated[
+        bool,
+        typer.Option(
+            "--eval",
+            help="Plot eval.csv's metric against step instead, one line per evaluated level",
+        ),
+    ] = False,
+    smooth: Annotated[
+        int,
+        typer.Option(
+            "--smooth",
+            help="Moving average of each run's metric over this many logged rows (1: as logged)",
+        ),
+    ] = 1,
 ) -> None:
-    """Learning curves of runs in one figure; sweep groups as median and min-max band."""
+    """Learning curves of runs in one figure; sweep groups as median and min-max band.
+
+    The y axis names the metric's meaning and unit, as the run's task describes it."""
     with user_errors():
         from memctl.viz import plot_curves
 
-        written = plot_curves(runs, metric, x, out)
+        written = plot_curves(runs, metric, x, out, smooth, evaluations)
         console.print(str(written.path), soft_wrap=True)
 
 
