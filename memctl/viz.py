@@ -3,13 +3,15 @@
 
 matplotlib (the ``plot`` extra) is imported inside the functions that draw, and only its
 object-oriented API is used (``Figure``, no pyplot): no window, no global state, the Agg
-renderer. Every file is written atomically and reported as a ``Written`` (its path and
-the number of data panels, colour bars not counted).
+renderer. Every file is written atomically, in the format its extension names, and
+reported as a ``Written`` (its path and the number of data panels, colour bars not
+counted).
 
-Curves read ``metrics.csv`` with pandas. A run that is still being written may end in a
-torn line; only complete rows are plotted. Heatmaps come from a model's optional
-``trace`` (the contract in ``memctl/models/base.py``): one figure per quantity, titled
-with the papers' symbols (w^r, w^w, M, u, a, L, ||A(t)||_F).
+Curves read ``metrics.csv`` (or ``eval.csv``) with pandas; the y axis names the metric's
+meaning and unit from the task's ``metric_descriptions``. A run that is still being
+written may end in a torn line; only complete rows are plotted. Heatmaps come from a
+model's optional ``trace`` (the contract in ``memctl/models/base.py``): one figure per
+quantity, titled with the papers' symbols (w^r, w^w, M, u, a, L, ||A(t)||_F).
 """
 
 from __future__ import annotations
