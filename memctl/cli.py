@@ -203,24 +203,28 @@ JsonOption = Annotated[
 ]
 
 
-def _json_value(value: Any) -> Any:
-    """A cell as JSON: numbers written as text become numbers, NaN and infinities null."""
-    if isinstance(value, str):
+def _json_value(value: Any, numeric: bool) -> Any:
+    """A cell as JSON: a ``numeric`` column's text as a number (null if it is none, such as
+    ``-``), NaN and infinities as null."""
+    if numeric and isinstance(value, str):
         for kind in (int, float):
             try:
                 value = kind(value)
                 break
             except ValueError:
                 continue
+        else:
+            return None
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
 
-def print_json_rows(rows: list[dict[str, Any]]) -> None:
-    """One JSON object per line on stdout: what ``--json`` prints."""
+def print_json_rows(rows: list[dict[str, Any]], numeric: tuple[str, ...] = ()) -> None:
+    """One JSON object per line on stdout: what ``--json`` prints. Cells of the ``numeric``
+    columns, read as text from a CSV, are written as numbers."""
     for row in rows:
-        print(json.dumps({key: _json_value(value) for key, value in row.items()}))
+        print(json.dumps({key: _json_value(value, key in numeric) for key, value in row.items()}))
 
 
 def print_eval_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -407,7 +411,7 @@ def list_runs(
     with user_errors():
         rows = _run_summaries(runs_dir)
         if as_json:
-            print_json_rows(rows)
+            print_json_rows(rows, numeric=("step", "level", "loss"))
             return
         if not rows:
             console.print(f"no runs in {runs_dir}")

@@ -190,9 +190,10 @@ def test_eval_json_prints_one_object_per_level(tiny_recipe: Path, runs_dir: Path
 
 
 def test_json_rows_are_valid_json_for_non_finite_values(capsys):
-    print_json_rows([{"name": "r", "step": "40", "loss": float("nan"), "metric": "-"}])
-    assert json.loads(capsys.readouterr().out) == {"name": "r", "step": 40, "loss": None,
-                                                   "metric": "-"}  # fmt: skip
+    row = {"name": "1e3", "step": "40", "level": "-", "loss": float("nan"), "metric": "-"}
+    print_json_rows([row], numeric=("step", "level", "loss"))
+    assert json.loads(capsys.readouterr().out) == {"name": "1e3", "step": 40, "level": None,
+                                                   "loss": None, "metric": "-"}  # fmt: skip
 
 
 def test_version_names_memctl_and_torch():
