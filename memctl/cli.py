@@ -8,6 +8,8 @@ SIGINT 130.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -28,13 +30,64 @@ from rich.table import Table
 
 from memctl.errors import UserError
 
+
+def _help_like_click() -> None:
+    """Make typer's rich help read as click's: typer 0.29 prints a value type after every
+    flag (``--dry-run <bool>``), although a flag takes no value (its plain help leaves it
+    out), and writes a required argument in braces (``{recipe}``). Here flags show no type
+    and arguments read ``RECIPE``, ``[RUNS_DIR]``, ``RUNS...``."""
+    from typer.core import TyperArgument, TyperOption
+
+    value_type = getattr(TyperOption, "display_type_rich", None)
+    if value_type is not None:
+
+        def flag_has_no_type(self: TyperOption, ctx: Any) -> str | None:
+            return None if self.is_flag or self.count else value_type(self, ctx)
+
+        TyperOption.display_type_rich = flag_has_no_type  # type: ignore[method-assign]
+
+    def usage_pieces(self: TyperArgument, ctx: Any) -> list[str]:
+        name = self.metavar or self.name.upper()
+        name = name if self.required else f"[{name}]"
+        return [f"{name}..." if self.nargs != 1 else name]
+
+    TyperArgument.get_usage_pieces = usage_pieces  # type: ignore[method-assign]
+
+
+_help_like_click()
 app = typer.Typer(
     help="Train and evaluate differentiable-memory neural networks from YAML recipes.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 console = Console()
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        import torch
+
+        import memctl
+
+        print(f"memctl {memctl.__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print memctl's version and torch's, and exit.",
+        ),
+    ] = False,
+) -> None:
+    """The options of memctl itself, given before a command (the app's help describes it)."""
+
 
 SetOption = Annotated[
     list[str] | None,
@@ -153,6 +206,35 @@ class ConsoleReporter:
             self._plain_line(self.last_row)
 
 
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object per row, nothing else (for programs)")
+]
+
+
+def _json_value(value: Any, numeric: bool) -> Any:
+    """A cell as JSON: a ``numeric`` column's text as a number (null if it is none, such as
+    ``-``), NaN and infinities as null."""
+    if numeric and isinstance(value, str):
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def print_json_rows(rows: list[dict[str, Any]], numeric: tuple[str, ...] = ()) -> None:
+    """One JSON object per line on stdout: what ``--json`` prints. Cells of the ``numeric``
+    columns, read as text from a CSV, are written as numbers."""
+    for row in rows:
+        print(json.dumps({key: _json_value(value, key in numeric) for key, value in row.items()}))
+
+
 def print_eval_table(rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
     bookkeeping = ("step", "time", "checkpoint", "checkpoint_step", "eval_seed")
@@ -196,6 +278,17 @@ def train(
     name: Annotated[
         str | None, typer.Option("--name", help="Run name (default: the recipe's name)")
     ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            help="Train to this total step (same as --set train.steps=N; "
+            "resume --steps is N more steps)",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of the run (same as --set seed=S)")
+    ] = None,
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = None,
     tensorboard: TensorBoardOption = False,
@@ -210,6 +303,10 @@ def train(
         settings = list(overrides or []) + (["log.tensorboard=true"] if tensorboard else [])
         if name is not None:
             settings.append(f"name={name}")
+        if steps is not None:
+            settings.append(f"train.steps={steps}")
+        if seed is not None:
+            settings.append(f"seed={seed}")
         loaded = load_recipe(recipe, settings)
         reporter = ConsoleReporter(TASKS.get(loaded.task.type).cls.primary_metric)
 
@@ -285,29 +382,52 @@ def evaluate(
     ] = None,
     device: DeviceOption = None,
     force: ForceOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Evaluate a checkpoint on held-out batches; print a table and append to eval.csv."""
     with user_errors():
         from memctl.lifecycle import evaluate_run
 
         rows = evaluate_run(run, checkpoint, _parse_lengths(lengths), device, batches, force)
+        if as_json:
+            print_json_rows(rows)
+            return
         print_eval_table(
             rows, f"{run.name}: {checkpoint} checkpoint (step {rows[0]['checkpoint_step']})"
         )
 
 
+def _run_summaries(runs_dir: Path) -> list[dict[str, str]]:
+    """``memctl runs``'s rows: each run in ``runs_dir``, and each started trial of each sweep
+    there (a folder with trials.csv), named ``<sweep>/<trial>``."""
+    from memctl.rundir import RunDir
+
+    if not runs_dir.is_dir():
+        raise UserError(f"{runs_dir}: no such directory")
+    rows = []
+    for path in sorted(runs_dir.iterdir()):
+        if (path / "run.json").is_file():
+            rows.append(RunDir(path).summary())
+        elif (path / "trials.csv").is_file():
+            for trial in sorted(p for p in path.iterdir() if (p / "run.json").is_file()):
+                rows.append({**RunDir(trial).summary(), "name": f"{path.name}/{trial.name}"})
+    return rows
+
+
 @app.command("runs")
 def list_runs(
     runs_dir: Annotated[Path, typer.Argument(help="Folder of runs")] = Path("runs"),
+    as_json: JsonOption = False,
 ) -> None:
-    """List runs: name, model, task, status, step, level, last loss and metric."""
-    with user_errors():
-        from memctl.rundir import RunDir
+    """List runs: name, model, task, status, step, level, last loss and metric.
 
-        if not runs_dir.is_dir():
-            raise UserError(f"{runs_dir}: no such directory")
-        runs = [RunDir(p) for p in sorted(runs_dir.iterdir()) if (p / "run.json").is_file()]
-        rows = [run.summary() for run in runs]
+    Trials of a sweep in RUNS_DIR are listed as SWEEP/TRIAL once they have started (every
+    trial, started or not: memctl sweep status RUNS_DIR/SWEEP)."""
+    with user_errors():
+        rows = _run_summaries(runs_dir)
+        if as_json:
+            print_json_rows(rows, numeric=("step", "level", "loss"))
+            return
         if not rows:
             console.print(f"no runs in {runs_dir}")
             return
@@ -331,14 +451,34 @@ def plot(
     x: Annotated[str, typer.Option("--x", help="x axis: step, wall_s or samples")] = "step",
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="PNG file (default: <first run>/plots/<metric>.png)"),
+        typer.Option(
+            "--out",
+            help="Figure file; its extension (.png, .pdf, .svg) sets the format "
+            "(default: <first run>/plots/<metric>.png, eval_<metric>.png with --eval)",
+        ),
     ] = None,
+    evaluations: Annotated[
+        bool,
+        typer.Option(
+            "--eval",
+            help="Plot eval.csv's metric against step instead, one line per evaluated level",
+        ),
+    ] = False,
+    smooth: Annotated[
+        int,
+        typer.Option(
+            "--smooth",
+            help="Moving average of each run's metric over this many logged rows (1: as logged)",
+        ),
+    ] = 1,
 ) -> None:
-    """Learning curves of runs in one figure (PNG); sweep groups as median and min-max band."""
+    """Learning curves of runs in one figure; sweep groups as median and min-max band.
+
+    The y axis names the metric's meaning and unit, as the run's task describes it."""
     with user_errors():
         from memctl.viz import plot_curves
 
-        written = plot_curves(runs, metric, x, out)
+        written = plot_curves(runs, metric, x, out, smooth, evaluations)
         console.print(str(written.path), soft_wrap=True)
 
 
@@ -356,17 +496,20 @@ def inspect(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample's generator")] = 0,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Folder for the PNGs (default: <run>/inspect)")
+        Path | None, typer.Option("--out", help="Folder for the figures (default: <run>/inspect)")
     ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="File format: png, pdf or svg")] = "png",
     device: DeviceOption = None,
 ) -> None:
-    """Run a checkpoint on one sample; write heatmaps (PNG) of its inputs, outputs, and the
-    model's heads and memory over time."""
-    with user_errors():
-        from memctl.viz import plot_trace, trace_sample
+    """Heatmaps of one sample through a checkpoint: inputs, outputs, heads, memory.
 
+    One figure per quantity of the model's trace, over time."""
+    with user_errors():
+        from memctl.viz import check_format, plot_trace, trace_sample
+
+        check_format(fmt, "--format")
         trace = trace_sample(run, checkpoint, length, seed, device)
-        for written in plot_trace(trace, out if out is not None else run / "inspect"):
+        for written in plot_trace(trace, out if out is not None else run / "inspect", fmt):
             console.print(str(written.path), soft_wrap=True)
 
 

@@ -216,11 +216,44 @@ def read_yaml(path: Path) -> Any:
     return data
 
 
+def dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every key of a nested mapping as a dotted path, sections and leaves alike."""
+    keys = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        keys.append(dotted)
+        if isinstance(value, dict):
+            keys += dotted_keys(value, f"{dotted}.")
+    return keys
+
+
+def key_suggestion(data: dict[str, Any], path: list[str], depth: int) -> str:
+    """``"; did you mean X?"`` (or nothing) for a dotted key whose part ``path[depth]`` is
+    missing from ``data``: a sibling spelled alike, else the recipe key nearest to the
+    whole path, so that ``train.lr`` finds ``train.optimizer.lr`` in another section. A
+    key ending in the same name as the path is preferred to one merely spelled alike."""
+    node: Any = data
+    for part in path[:depth]:
+        node = node[part]
+    known = list(node) if isinstance(node, dict) else []
+    hint = difflib.get_close_matches(path[depth], known, n=1)
+    if not hint:
+        wanted = ".".join(path)
+        everywhere = dotted_keys(data)
+        same_leaf = [key for key in everywhere if key.rsplit(".", 1)[-1] == path[-1]]
+        hint = difflib.get_close_matches(wanted, same_leaf, n=1, cutoff=0) if same_leaf else []
+        hint = hint or difflib.get_close_matches(wanted, everywhere, n=1)
+    return f"; did you mean {hint[0]!r}?" if hint else ""
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``train.lr=1e-3`` -> (["train", "lr"], 0.001); the value is read as YAML."""
+    """``train.optimizer.lr=1e-3`` -> (["train", "optimizer", "lr"], 0.001); the value is
+    read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip() or not re.fullmatch(r"[A-Za-z0-9_.]+", key.strip()):
-        raise UserError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-3")
+        raise UserError(
+            f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.optimizer.lr=1e-3"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -236,10 +269,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
         node: Any = data
         for depth, part in enumerate(path):
             if not isinstance(node, dict) or part not in node:
-                known = list(node) if isinstance(node, dict) else []
-                hint = difflib.get_close_matches(part, known, n=1)
                 where = ".".join(path[: depth + 1])
-                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                suggestion = key_suggestion(data, path, depth)
                 raise UserError(f"--set {where}: no such key in {source}{suggestion}")
             if depth == len(path) - 1:
                 node[part] = value

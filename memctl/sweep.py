@@ -40,7 +40,6 @@ the i-th random draw, values sanitised so that a name cannot leave the sweep fol
 from __future__ import annotations
 
 import csv
-import difflib
 import functools
 import hashlib
 import io
@@ -74,6 +73,7 @@ from memctl.recipe import (
     Section,
     _validate,
     apply_overrides,
+    key_suggestion,
     parse_override,
     read_yaml,
     validate_recipe,
@@ -259,11 +259,10 @@ def override_text(key: str, value: Any) -> str:
 
 def _check_path(data: dict[str, Any], key: str, where: str) -> None:
     node: Any = data
-    for part in key.split("."):
+    path = key.split(".")
+    for depth, part in enumerate(path):
         if not isinstance(node, dict) or part not in node:
-            known = list(node) if isinstance(node, dict) else []
-            hint = difflib.get_close_matches(part, known, n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            suggestion = key_suggestion(data, path, depth)
             raise UserError(f"{where}: {key}: no such key in the recipe{suggestion}")
         node = node[part]
 

@@ -1,14 +1,17 @@
-"""Learning curves and memory heatmaps as PNG files, for ``memctl plot`` and ``inspect``.
+"""Learning curves and memory heatmaps as PNG, PDF or SVG files, for ``memctl plot`` and
+``inspect``.
 
 matplotlib (the ``plot`` extra) is imported inside the functions that draw, and only its
 object-oriented API is used (``Figure``, no pyplot): no window, no global state, the Agg
-renderer. Every file is written atomically and reported as a ``Written`` (its path and
-the number of data panels, colour bars not counted).
+renderer. Every file is written atomically, in the format its extension names, and
+reported as a ``Written`` (its path and the number of data panels, colour bars not
+counted).
 
-Curves read ``metrics.csv`` with pandas. A run that is still being written may end in a
-torn line; only complete rows are plotted. Heatmaps come from a model's optional
-``trace`` (the contract in ``memctl/models/base.py``): one figure per quantity, titled
-with the papers' symbols (w^r, w^w, M, u, a, L, ||A(t)||_F).
+Curves read ``metrics.csv`` (or ``eval.csv``) with pandas; the y axis names the metric's
+meaning and unit from the task's ``metric_descriptions``. A run that is still being
+written may end in a torn line; only complete rows are plotted. Heatmaps come from a
+model's optional ``trace`` (the contract in ``memctl/models/base.py``): one figure per
+quantity, titled with the papers' symbols (w^r, w^w, M, u, a, L, ||A(t)||_F).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ X_AXES = {"step": "training step", "wall_s": "wall-clock seconds", "samples": "t
 # A y axis whose positive values span more than this ratio is drawn on a log scale.
 LOG_SCALE_RATIO = 100.0
 DPI = 100
+# The file formats written; a file's name ends in one of them.
+FORMATS = ("png", "pdf", "svg")
 # Weightings over more slots than this are cropped to the slots some head used: an NTM
 # on copy touches ~20 of its 128 slots, and the rest would squash them into a few pixels.
 CROP_SLOTS_ABOVE = 32
@@ -54,7 +59,23 @@ def _figure_class() -> Any:
     return Figure
 
 
+def check_format(fmt: str, flag: str) -> str:
+    """``fmt`` lower-cased if it is one of FORMATS, else a UserError naming ``flag``."""
+    if fmt.lower() not in FORMATS:
+        raise UserError(f"{flag} {fmt!r}: expected one of {', '.join(FORMATS)}")
+    return fmt.lower()
+
+
+def format_of(path: Path) -> str:
+    """The format a file name asks for: its extension, one of FORMATS."""
+    if path.suffix.lower().lstrip(".") not in FORMATS:
+        raise UserError(f"--out {path}: expected a file name ending in .png, .pdf or .svg")
+    return path.suffix.lower().lstrip(".")
+
+
 def _save(figure: Any, path: Path) -> Written:
+    """Write ``figure`` atomically in the format ``path``'s extension names."""
+    fmt = format_of(path)
     panels = [axes for axes in figure.axes if axes.get_label() != "<colorbar>"]
     legend = tuple(
         text.get_text()
@@ -63,7 +84,7 @@ def _save(figure: Any, path: Path) -> Written:
         for text in axes.get_legend().get_texts()
     )
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
+    figure.savefig(buffer, format=fmt, dpi=DPI)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, buffer.getvalue())
@@ -75,9 +96,17 @@ def _save(figure: Any, path: Path) -> Written:
 # -- learning curves ------------------------------------------------------------------
 
 
+# When each log file gets its rows, for the error that a file has none yet.
+WRITTEN_EVERY = {
+    "metrics.csv": "one is written every train.log_every steps",
+    "eval.csv": "rows are written every train.eval_every steps, at the end, and by memctl eval",
+}
+
+
 def read_metrics(path: Path) -> pd.DataFrame:
-    """The complete rows of a metrics.csv; a torn last line (a run still writing) is left
-    out. A missing file or one without a complete row is a UserError naming it."""
+    """The complete rows of a metrics.csv or eval.csv; a torn last line (a run still
+    writing) is left out. A missing file or one without a complete row is a UserError
+    naming it."""
     if not path.is_file():
         raise UserError(f"{path}: no such file (has the run started?)")
     lines = path.read_text().splitlines(keepends=True)
@@ -86,7 +115,7 @@ def read_metrics(path: Path) -> pd.DataFrame:
     width = len(lines[0].split(","))
     rows = [line for line in lines[1:] if line.endswith("\n") and len(line.split(",")) == width]
     if not rows:
-        raise UserError(f"{path}: no logged rows yet (one is written every train.log_every steps)")
+        raise UserError(f"{path}: no logged rows yet ({WRITTEN_EVERY.get(path.name, '')})")
     try:
         return pd.read_csv(io.StringIO(lines[0] + "".join(rows)))
     except (ValueError, pd.errors.ParserError) as exc:
@@ -137,13 +166,13 @@ def _primary_metric(series: list[Series]) -> str:
     raise UserError(f"{series[0].runs[0]}: run.json names no metric; give --metric")
 
 
-def _load(series: list[Series], metric: str, x: str) -> list[Series]:
-    """Read every run's metrics; sweep trials that have logged nothing yet are skipped,
-    a run given on its own must have rows."""
+def _load(series: list[Series], metric: str, x: str, log: str) -> list[Series]:
+    """Read every run's ``log`` (metrics.csv or eval.csv); sweep trials that have logged
+    nothing yet are skipped, a run given on its own must have rows."""
     loaded = []
     for item in series:
         for run in item.runs:
-            path = run / "metrics.csv"
+            path = run / log
             try:
                 frame = read_metrics(path)
             except UserError:
@@ -174,49 +203,126 @@ def _aligned(frames: list[pd.DataFrame], column: str) -> pd.DataFrame:
     return pd.concat([f.set_index("step")[column] for f in frames], axis=1, keys=range(len(frames)))
 
 
-def plot_curves(paths: list[Path], metric: str | None, x: str, out: Path | None) -> Written:
+def metric_label(series: list[Series], metric: str) -> str:
+    """The y axis label: the metric and, where the first started run's task describes it,
+    its meaning and unit (``bit_errors (wrong bits per sequence)``)."""
+    import memctl.tasks  # noqa: F401  (registers the tasks)
+    from memctl.registry import TASKS
+
+    run = next(run for item in series for run in item.runs if (run / "run.json").is_file())
+    task = RunDir(run).read_info().get("task")
+    if isinstance(task, str) and task in TASKS:
+        description = TASKS.get(task).cls.metric_descriptions.get(metric)
+        if description:
+            return f"{metric} ({description})"
+    return metric
+
+
+def smoothed(frame: pd.DataFrame, column: str, rows: int) -> pd.DataFrame:
+    """``frame`` with ``column`` replaced by its moving average over the last ``rows``
+    rows (fewer at the start), so that a noisy curve shows its trend."""
+    if rows == 1:
+        return frame
+    return frame.assign(**{column: frame[column].rolling(rows, min_periods=1).mean()})
+
+
+@dataclass
+class Line:
+    """One drawn line: ``table`` holds the metric per step (index), one column per seed."""
+
+    label: str
+    table: pd.DataFrame
+    xs: Any
+    level: pd.Series | None = None
+
+
+def _training_lines(item: Series, metric: str, x: str, smooth: int) -> list[Line]:
+    table = _aligned([smoothed(f, metric, smooth) for f in item.frames], metric)
+    xs = table.index if x == "step" else _aligned(item.frames, x).median(axis=1)
+    level = _aligned(item.frames, "level").median(axis=1).round()
+    return [Line(item.label, table, xs.to_numpy(), level)]
+
+
+def _eval_lines(item: Series, metric: str, smooth: int) -> list[Line]:
+    """One line per evaluated level; a step evaluated twice (memctl eval after the run's
+    own evaluation) counts with its latest row."""
+    lines = []
+    for level in sorted(set().union(*(f["level"].unique() for f in item.frames))):
+        rows = [f[f["level"] == level].drop_duplicates("step", keep="last") for f in item.frames]
+        frames = [smoothed(f.sort_values("step"), metric, smooth) for f in rows if len(f)]
+        table = _aligned(frames, metric)
+        lines.append(Line(f"{item.label}, level {level}", table, table.index.to_numpy()))
+    return lines
+
+
+def plot_curves(
+    paths: list[Path],
+    metric: str | None,
+    x: str,
+    out: Path | None,
+    smooth: int = 1,
+    evaluations: bool = False,
+) -> Written:
     """One figure, one line per run or per sweep group (the median over its seeds with a
-    min-max band); dotted vertical lines where the curriculum level changes."""
+    min-max band); dotted vertical lines where the curriculum level changes. With
+    ``evaluations``, eval.csv's metric instead, one line per evaluated level. ``smooth``:
+    each run's metric as a moving average over that many logged rows."""
     if x not in X_AXES:
         raise UserError(f"--x {x!r}: expected one of {', '.join(X_AXES)}")
+    if evaluations and x != "step":
+        raise UserError(f"--x {x!r}: eval.csv is plotted against step only")
+    if smooth < 1:
+        raise UserError(f"--smooth {smooth}: expected a number of rows, at least 1")
+    if out is not None:
+        format_of(out)
     series = _runs_and_groups(paths)
     metric = metric or _primary_metric(series)
-    series = _load(series, metric, x)
+    series = _load(series, metric, x, "eval.csv" if evaluations else "metrics.csv")
+    lines = [
+        line
+        for item in series
+        for line in (
+            _eval_lines(item, metric, smooth)
+            if evaluations
+            else _training_lines(item, metric, x, smooth)
+        )
+    ]
     Figure = _figure_class()
     figure = Figure(figsize=(8, 4), layout="constrained")
     axes = figure.add_subplot()
-    colours = [f"C{i % 10}" for i in range(len(series))]
     values = []
     level_changes = False
-    for item, colour in zip(series, colours, strict=True):
-        table = _aligned(item.frames, metric)
-        median = table.median(axis=1)
-        xs = (median.index if x == "step" else _aligned(item.frames, x).median(axis=1)).to_numpy()
-        seeds = len(item.frames)
-        label = item.label if seeds == 1 else f"{item.label} (median of {seeds} seeds)"
-        axes.plot(xs, median, color=colour, label=label, linewidth=1.4)
+    for index, line in enumerate(lines):
+        colour = f"C{index % 10}"
+        median = line.table.median(axis=1)
+        seeds = line.table.shape[1]
+        label = line.label if seeds == 1 else f"{line.label} (median of {seeds} seeds)"
+        # One logged row is no line: it is drawn as a point.
+        marker = "o" if len(line.xs) == 1 else None
+        axes.plot(line.xs, median, color=colour, label=label, linewidth=1.4, marker=marker)
         values.append(median)
         if seeds > 1:
-            low, high = table.min(axis=1), table.max(axis=1)
-            axes.fill_between(xs, low, high, color=colour, alpha=0.2, linewidth=0)
+            low, high = line.table.min(axis=1), line.table.max(axis=1)
+            axes.fill_between(line.xs, low, high, color=colour, alpha=0.2, linewidth=0)
             values += [low, high]
-        level = _aligned(item.frames, "level").median(axis=1).round()
-        changed = (level.diff().fillna(0) != 0).to_numpy()
-        for position in xs[changed]:
-            axes.axvline(position, color=colour, linestyle=":", linewidth=1.0, alpha=0.8)
-            level_changes = True
+        if line.level is not None:
+            changed = (line.level.diff().fillna(0) != 0).to_numpy()
+            for position in line.xs[changed]:
+                axes.axvline(position, color=colour, linestyle=":", linewidth=1.0, alpha=0.8)
+                level_changes = True
     if wants_log_scale(pd.concat(values)):
         axes.set_yscale("log", nonpositive="mask")
     if level_changes:
         axes.plot([], [], color="grey", linestyle=":", label="curriculum level change")
     axes.set_xlabel(X_AXES[x])
-    axes.set_ylabel(metric)
-    axes.set_title(f"{metric} against {X_AXES[x]}")
+    axes.set_ylabel(metric_label(series, metric))
+    title = f"{'evaluation ' if evaluations else ''}{metric} against {X_AXES[x]}"
+    axes.set_title(title + (f", moving average of {smooth} rows" if smooth > 1 else ""))
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if out is None:
         name = metric if x == "step" else f"{metric}_{x}"
-        out = paths[0] / "plots" / f"{name}.png"
+        out = paths[0] / "plots" / f"{'eval_' if evaluations else ''}{name}.png"
     return _save(figure, out)
 
 
@@ -446,14 +552,16 @@ def _plot_quantity(Figure: Any, trace: SampleTrace, name: str) -> Any:
     raise ValueError(f"trace quantity {name!r}: unexpected shape {tuple(data.shape)}")
 
 
-def plot_trace(trace: SampleTrace, out_dir: Path) -> list[Written]:
-    """``io.png`` (input, target, output), one PNG per trace quantity, and ``heads.png``
-    (write and read weightings together, as the NTM paper's figures) when both exist."""
+def plot_trace(trace: SampleTrace, out_dir: Path, fmt: str = "png") -> list[Written]:
+    """``io.<fmt>`` (input, target, output), one file per trace quantity, and
+    ``heads.<fmt>`` (write and read weightings together, as the NTM paper's figures) when
+    both exist; ``fmt`` is one of FORMATS."""
+    fmt = check_format(fmt, "--format")
     Figure = _figure_class()
-    written = [_save(_plot_io(Figure, trace), out_dir / "io.png")]
+    written = [_save(_plot_io(Figure, trace), out_dir / f"io.{fmt}")]
     for name in trace.quantities:
-        written.append(_save(_plot_quantity(Figure, trace, name), out_dir / f"{name}.png"))
+        written.append(_save(_plot_quantity(Figure, trace, name), out_dir / f"{name}.{fmt}"))
     if {"read_weights", "write_weights"} <= trace.quantities.keys():
         figure = _plot_heads(Figure, trace, ("write_weights", "read_weights"))
-        written.append(_save(figure, out_dir / "heads.png"))
+        written.append(_save(figure, out_dir / f"heads.{fmt}"))
     return written

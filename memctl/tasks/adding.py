@@ -19,6 +19,8 @@ Layout of one sequence (``S`` = size), padded at the end to the batch's longest:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -65,6 +67,10 @@ class ScalarOutputTask(Task):
     primary_metric = "abs_error"
     higher_is_better = False
     metric_names = ("abs_error", "accuracy")
+    metric_descriptions: ClassVar[dict[str, str]] = {
+        "abs_error": "absolute error of the predicted number",
+        "accuracy": "fraction of sequences whose rounded prediction is right",
+    }
     output_size = 1
 
     def __init__(self, config: NumbersConfig) -> None:

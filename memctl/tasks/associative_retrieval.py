@@ -18,6 +18,7 @@ own seed (``eval.seed``), as the paper keeps separate test data.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,11 @@ class AssociativeRetrievalTask(Task):
     primary_metric = "error"
     higher_is_better = False
     metric_names = ("cost_bits", "error", "accuracy")
+    metric_descriptions: ClassVar[dict[str, str]] = {
+        "cost_bits": "cross-entropy of the answer, bits per sequence",
+        "error": "fraction of sequences answered wrong",
+        "accuracy": "fraction of sequences answered right",
+    }
 
     def __init__(self, config: AssociativeRetrievalConfig) -> None:
         super().__init__(config)

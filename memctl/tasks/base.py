@@ -61,6 +61,12 @@ class Task:
     metric_names: ClassVar[tuple[str, ...]] = ("cost_bits", "bit_errors", "accuracy")
     # The other metrics of which a higher value is better (fractions right).
     higher_is_better_metrics: ClassVar[frozenset[str]] = frozenset({"accuracy"})
+    # Each metric's meaning and unit, short enough for a plot's axis label.
+    metric_descriptions: ClassVar[dict[str, str]] = {
+        "cost_bits": "cross-entropy, bits per sequence",
+        "bit_errors": "wrong bits per sequence",
+        "accuracy": "fraction of sequences all right",
+    }
 
     input_size: int
     output_size: int

@@ -136,6 +136,11 @@ class MinTask(KeyValueTask):
 
     single_answer = True
     metric_names = ("squared_error", "bit_errors", "accuracy")
+    metric_descriptions: ClassVar[dict[str, str]] = {
+        "squared_error": "squared error of the value bits, summed per sequence",
+        "bit_errors": "wrong bits per sequence after rounding",
+        "accuracy": "fraction of sequences all right",
+    }
 
     def answer_items(self, keys, counts, generator):
         return stable_key_order(keys)[:1], None

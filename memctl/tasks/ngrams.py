@@ -24,6 +24,7 @@ floor under the model's ``cost_bits``.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,11 @@ class NGramsTask(Task):
     level_field = "length"
     primary_metric = "cost_bits"
     metric_names = ("cost_bits", "bayes_cost_bits", "excess_cost_bits")
+    metric_descriptions: ClassVar[dict[str, str]] = {
+        "cost_bits": "cross-entropy, bits per sequence",
+        "bayes_cost_bits": "Bayes-optimal predictor's cross-entropy, bits per sequence",
+        "excess_cost_bits": "cross-entropy above the Bayes-optimal, bits per sequence",
+    }
 
     input_size = 1
     output_size = 1
