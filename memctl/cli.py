@@ -359,7 +359,8 @@ def inspect(
 
 
 def _entry_table(entry: Any) -> Table:
-    """One model's or task's settings as a table, its summary above them."""
+    """One model's or task's settings as a table; below it the summary, and for a task its
+    curriculum parameter and metrics."""
     table = Table(title=f"{entry.name}  ({entry.class_path})", title_justify="left")
     for column in ("key", "type", "default", "bounds", "description"):
         table.add_column(column, overflow="fold")
