@@ -403,8 +403,7 @@ def list_tasks(
         str | None, typer.Argument(help="One task type, e.g. copy (default: every one)")
     ] = None,
 ) -> None:
-    """Registered tasks (recipe task.type) with their settings, curriculum parameter and
-    metrics."""
+    """Registered tasks (recipe task.type): settings, curriculum parameter, metrics."""
     with user_errors():
         _print_entries("task", name)
 
