@@ -153,3 +153,13 @@ def test_recipes_command_on_a_missing_or_empty_folder(tmp_path: Path):
     empty = cli("recipes", tmp_path)
     assert empty.exit_code == 0
     assert "no recipes in" in empty.output
+
+
+def test_recipes_command_defaults_to_the_recipes_folder(
+    monkeypatch: pytest.MonkeyPatch, wide_console: None
+):
+    monkeypatch.chdir(RECIPES.parent)
+    result = cli("recipes")
+    assert result.exit_code == 0, result.output
+    assert "recipes/ntm_copy.yaml" in result.output
+    assert "recipes/sweep_fw.yaml" in result.output
