@@ -11,13 +11,13 @@ SWEEP ?= recipes/sweep_copy.yaml
 EXECUTOR ?= local
 SWEEP_ARGS ?=
 
-.PHONY: install demo sweep test test-fast lint format clean
+.PHONY: install demo sweep test test-fast lint format docs clean
 
 $(BIN)/memctl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev,plot,tensorboard]"
+	$(BIN)/pip install --quiet -e ".[dev,plot,tensorboard,docs]"
 	touch $(BIN)/memctl
 
 install: $(BIN)/memctl
@@ -54,5 +54,9 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The docs site (mkdocs-material) into site/; --strict: a broken link or reference fails.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache site

@@ -513,6 +513,79 @@ def inspect(
             console.print(str(written.path), soft_wrap=True)
 
 
+# -- what there is: models, tasks, recipes ---------------------------------------------
+
+
+def _entry_table(entry: Any) -> Table:
+    """One model's or task's settings as a table; below it the summary, and for a task its
+    curriculum parameter and metrics."""
+    table = Table(title=f"{entry.name}  ({entry.class_path})", title_justify="left")
+    for column in ("key", "type", "default", "bounds", "description"):
+        table.add_column(column, overflow="fold")
+    for setting in entry.settings:
+        table.add_row(setting.key, setting.type, setting.default, setting.bounds,
+                      setting.description)  # fmt: skip
+    notes = [entry.summary]
+    if entry.level_field:
+        notes.append(f"curriculum parameter: {entry.level_field}")
+    if entry.metrics:
+        notes.append(f"metrics: {entry.metrics[0]} (main), {', '.join(entry.metrics[1:])}")
+    table.caption = "\n".join(notes)
+    table.caption_justify = "left"
+    return table
+
+
+def _print_entries(kind: str, name: str | None) -> None:
+    from memctl.catalog import registry_entries
+    from memctl.registry import MODELS, TASKS
+
+    registry = {"model": MODELS, "task": TASKS}[kind]
+    for entry in registry_entries(registry, name):
+        console.print(_entry_table(entry))
+
+
+@app.command("models")
+def list_models(
+    name: Annotated[
+        str | None, typer.Argument(help="One model type, e.g. dnc (default: every one)")
+    ] = None,
+) -> None:
+    """Registered models (recipe model.type) with their settings: type, default, bounds."""
+    with user_errors():
+        _print_entries("model", name)
+
+
+@app.command("tasks")
+def list_tasks(
+    name: Annotated[
+        str | None, typer.Argument(help="One task type, e.g. copy (default: every one)")
+    ] = None,
+) -> None:
+    """Registered tasks (recipe task.type): settings, curriculum parameter, metrics."""
+    with user_errors():
+        _print_entries("task", name)
+
+
+@app.command("recipes")
+def list_recipes(
+    directory: Annotated[Path, typer.Argument(help="Folder of recipe files")] = Path("recipes"),
+) -> None:
+    """Recipe and sweep files (*.yaml) of a folder, each with its first comment line."""
+    with user_errors():
+        from memctl.catalog import recipe_files
+
+        files = recipe_files(directory)
+        if not files:
+            console.print(f"no recipes in {directory}")
+            return
+        table = Table()
+        table.add_column("recipe", no_wrap=True)
+        table.add_column("what", overflow="fold")
+        for item in files:
+            table.add_row(str(item.path), item.summary)
+        console.print(table)
+
+
 def main() -> None:
     app()
 
