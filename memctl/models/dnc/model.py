@@ -178,7 +178,8 @@ class MemoryAccess(nn.Module):
 
 class DNCCore(nn.Module):
     """Controller layers, their memories and the output layer; ``forward(inputs [T, B, I],
-    state=None) -> (outputs [T, B, O], state)``."""
+    state=None) -> (outputs [T, B, O], state)``. ``backend``: the implementation asked
+    for (``DNCConfig.backend``; ``backend.plan`` decides what runs)."""
 
     def __init__(
         self,
