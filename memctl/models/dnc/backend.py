@@ -53,15 +53,14 @@ class Plan(NamedTuple):
     access: Access
 
     def describe(self) -> str:
+        """In a few words, for people (``DNCCore.describe_backend``)."""
         if self.loop == "native":
             return "native (C++ kernel, whole sequence)"
-        if self.loop == "compiled_sequence":
-            described = "compiled (torch.compile whole sequence)"
-        elif self.loop == "compiled_step":
-            described = "compiled (torch.compile step)"
-        else:
+        if self.loop == "eager":
             return _ACCESS_DESCRIPTIONS[self.access]
-        return described if self.access == "fused" else f"{described[:-1]}, reference maths)"
+        compiled = "step" if self.loop == "compiled_step" else "whole sequence"
+        maths = ", reference maths" if self.access == "reference" else ""
+        return f"compiled (torch.compile {compiled}{maths})"
 
 
 def native_obstacle(
