@@ -5,7 +5,7 @@ side in one run.
    32 x 16, 4 read heads, sigmoid cross-entropy, Adam 1e-3 fused for both, as ``memctl
    train`` steps): training steps per second of the peer and of memctl's drop-in
    ``DNC``, by ``mode``: ``eager``, what a user gets (the native CPU sequence,
-   ``memctl.models.native``; with ``train.compile: true`` too, since ``run`` keeps the
+   ``memctl.models.dnc.native``; with ``train.compile: true`` too, since ``run`` keeps the
    native sequence where it serves the model); ``torch``, the PyTorch path eager
    (``MEMCTL_NATIVE=0``); ``step``, the PyTorch path with ``compile_step()`` (each time
    step compiled); ``sequence``, with ``compile_sequence()`` (the whole 18-step loop as

@@ -58,9 +58,10 @@ class Registry:
 
 
 def import_submodules(package: ModuleType) -> None:
-    """Import every module of a package so that their registrations run."""
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{info.name}")
+    """Import every module of a package and of its subpackages (``models/dnc/``), so
+    that their registrations run wherever in the tree they are."""
+    for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+        importlib.import_module(info.name)
 
 
 MODELS = Registry("model")

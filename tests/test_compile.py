@@ -24,12 +24,21 @@ from tests.test_bad_input import assert_one_line_error
 from tests.test_dnc import TINY as DNC_TINY
 from tests.test_ntm import TINY as NTM_TINY
 
-MODELS = {"ntm": (NTM, NTMConfig, NTM_TINY), "dnc": (DNCModel, DNCConfig, DNC_TINY)}
+MODELS = {
+    "ntm": (NTM, NTMConfig, NTM_TINY),
+    "dnc": (DNCModel, DNCConfig, DNC_TINY),
+    "dnc_reference": (DNCModel, DNCConfig, {**DNC_TINY, "backend": "reference"}),
+}
 
 
 @pytest.mark.parametrize(
     ("kind", "compile_method"),
-    [("ntm", "compile_step"), ("dnc", "compile_step"), ("dnc", "compile_sequence")],
+    [
+        ("ntm", "compile_step"),
+        ("dnc", "compile_step"),
+        ("dnc", "compile_sequence"),
+        ("dnc_reference", "compile_step"),
+    ],
 )
 def test_compiled_step_gives_the_eager_losses_and_gradients(
     kind: str, compile_method: str, monkeypatch

@@ -1,7 +1,9 @@
-"""The DNC: its memory maths against float64 numpy references written with explicit loops
-over batch, head and slot (the Methods section's equations read literally), special
-cases (ties, a fully used memory, the link's diagonal), gradchecks of the maths and of a
-whole step, state handling, the trace, the compiled step and a learning smoke test."""
+"""The DNC: its reference memory maths (``addressing.py``) against float64 numpy
+references written with explicit loops over batch, head and slot (the Methods section's
+equations read literally), special cases (ties, a fully used memory, the link's
+diagonal), gradchecks of the maths and of a whole step, state handling, the trace and a
+learning smoke test. The fused implementation's tests are in ``test_dnc_fused.py``, the
+backend choice's in ``test_dnc_backend.py``."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch.utils._pytree as pytree
 from memctl.errors import UserError
 from memctl.models import addressing, detach_state
 from memctl.models.addressing import EPSILON
-from memctl.models.dnc import DNCConfig, DNCCore, DNCModel
+from memctl.models.dnc import DNCConfig, DNCModel
 from memctl.recipe import validate_recipe
 from memctl.tasks.copy import CopyConfig, CopyTask
 
@@ -126,8 +128,7 @@ def random_link(generator, batch, heads, slots):
     return link * (1 - torch.eye(slots, dtype=torch.float64))
 
 
-@pytest.fixture
-def inputs():
+def make_inputs() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -144,6 +145,11 @@ def inputs():
         "content": simplex(generator, BATCH, READS, SLOTS),
         "modes": simplex(generator, BATCH, READS, 2 * WRITES + 1),
     }
+
+
+@pytest.fixture
+def inputs():
+    return make_inputs()
 
 
 def close(actual: torch.Tensor, expected: np.ndarray) -> None:
@@ -215,6 +221,13 @@ def test_precedence_matches_loops(inputs):
 LINK_STEP = ("link", "write_weights", "precedence", "read_weights")
 
 
+def link_step(link, write_weights, precedence, read_weights):
+    """The reference link update and the reads through it (what ``fused.link_step`` is
+    one autograd node of)."""
+    link = addressing.link_update(link, write_weights, precedence)
+    return (link, *addressing.directional_weightings(link, read_weights))
+
+
 def heads_of(inputs, writes):
     """The inputs with only the first ``writes`` write heads."""
     heads = {"write_weights", "gates", "precedence", "link"}
@@ -225,7 +238,7 @@ def heads_of(inputs, writes):
 def test_link_step_matches_loops_and_keeps_the_diagonal_zero(inputs, writes):
     x = heads_of(inputs, writes)
     link = x["link"] + torch.eye(SLOTS, dtype=torch.float64)  # even from a nonzero one
-    updated, forward, backward = addressing.link_step(link, *(x[n] for n in LINK_STEP[1:]))
+    updated, forward, backward = link_step(link, *(x[n] for n in LINK_STEP[1:]))
     expected = np_link(link.numpy(), *numpy(x, "write_weights", "precedence"))
     close(updated, expected)
     assert (updated.diagonal(dim1=-2, dim2=-1) == 0).all()
@@ -243,7 +256,7 @@ def test_link_records_the_order_of_writes():
     for slot in (2, 0, 3):
         weights = torch.zeros(1, 1, slots, dtype=torch.float64)
         weights[0, 0, slot] = 1
-        link, forward, backward = addressing.link_step(link, weights, precedence, focus)
+        link, forward, backward = link_step(link, weights, precedence, focus)
         precedence = addressing.precedence_update(precedence, weights)
     expected = torch.zeros(slots, slots, dtype=torch.float64)
     expected[0, 2] = expected[3, 0] = 1  # 0 written after 2, 3 after 0
@@ -252,7 +265,7 @@ def test_link_records_the_order_of_writes():
 
 
 def test_read_weighting_matches_loops(inputs):
-    _, forward, backward = addressing.link_step(*(inputs[n] for n in LINK_STEP))
+    _, forward, backward = link_step(*(inputs[n] for n in LINK_STEP))
     content, modes = inputs["content"], inputs["modes"]
     expected = np_read_weighting(content.numpy(), forward.numpy(), backward.numpy(), modes.numpy())
     close(addressing.read_weighting(content, forward, backward, modes), expected)
@@ -265,7 +278,7 @@ def test_read_weighting_matches_loops(inputs):
         (addressing.allocation, ("usage",)),
         (addressing.write_allocation, ("usage", "gates")),
         (addressing.precedence_update, ("precedence", "write_weights")),
-        (addressing.link_step, LINK_STEP),
+        (link_step, LINK_STEP),
     ],
 )
 @pytest.mark.parametrize("writes", [1, WRITES])
@@ -274,47 +287,6 @@ def test_gradcheck(inputs, function, names, writes):
     x = heads_of(inputs, writes)
     args = tuple(x[n].clone().requires_grad_() for n in names)
     assert torch.autograd.gradcheck(function, args)
-
-
-def content_inputs(generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Memory with a zero row (norm sqrt(EPSILON)), keys, strengths with a zero."""
-    memory = torch.randn(BATCH, SLOTS, 4, dtype=torch.float64, generator=generator)
-    memory[0, 1] = 0
-    keys = torch.randn(BATCH, READS, 4, dtype=torch.float64, generator=generator)
-    strengths = 3 * torch.rand(BATCH, READS, dtype=torch.float64, generator=generator)
-    strengths[1, 0] = 0
-    return memory, keys, strengths
-
-
-def test_fused_content_weights_equal_content_weights():
-    memory, keys, strengths = content_inputs(torch.Generator().manual_seed(2))
-    fused = addressing.fused_content_weights(memory, keys, strengths)
-    torch.testing.assert_close(
-        fused, addressing.content_weights(memory, keys, strengths), rtol=1e-12, atol=1e-14
-    )
-
-
-@pytest.mark.parametrize("needs_grad", [(True, True, True), (False, True, False)])
-def test_fused_content_weights_gradcheck(needs_grad):
-    tensors = content_inputs(torch.Generator().manual_seed(3))
-    args = tuple(t.requires_grad_(n) for t, n in zip(tensors, needs_grad, strict=True))
-    assert torch.autograd.gradcheck(addressing.fused_content_weights, args)
-
-
-@pytest.mark.parametrize("outputs", [(0,), (1, 2), (0, 2)])
-@pytest.mark.parametrize("needs_grad", [(True,) * 4, (False, True, False, True)])
-def test_link_step_gradcheck_through_the_diagonal_and_unused_outputs(inputs, outputs, needs_grad):
-    # A link with a nonzero diagonal: the update zeroes it, so no gradient may pass there.
-    # Outputs left unused get no gradient (None, not zeros), and inputs without
-    # requires_grad are skipped: both are paths of the hand-written backward.
-    x = {**inputs, "link": inputs["link"] + torch.eye(SLOTS, dtype=torch.float64)}
-    args = tuple(x[n].clone().requires_grad_(g) for n, g in zip(LINK_STEP, needs_grad, strict=True))
-
-    def used(*args):
-        results = addressing.link_step(*args)
-        return tuple(results[i] for i in outputs)
-
-    assert torch.autograd.gradcheck(used, args)
 
 
 TINY = {"controller_size": 5, "memory_size": 4, "word_size": 3, "read_heads": 2}
@@ -366,86 +338,6 @@ def test_gradcheck_of_a_whole_step(overrides):
     # fast_mode checks random projections of the Jacobian: full Jacobians of a whole step
     # take minutes; every piece of the maths has its full gradcheck above.
     assert torch.autograd.gradcheck(step, args, fast_mode=True)
-
-
-def sequence_gradients(model: DNCModel, inputs: torch.Tensor, chunks: int):
-    """Outputs and gradients (parameters, inputs) of a loss on every output and the final
-    link, the inputs run in ``chunks`` calls carrying the state (not detached)."""
-    model.zero_grad()
-    inputs = inputs.clone().requires_grad_()
-    state, outputs = None, []
-    for part in inputs.chunk(chunks):
-        output, state = model(part, state)
-        outputs.append(output)
-    outputs = torch.cat(outputs)
-    (outputs.sin().sum() + state.access[0].link.square().sum()).backward()
-    return [outputs.detach(), inputs.grad] + [p.grad.clone() for p in model.parameters()]
-
-
-@pytest.mark.parametrize(
-    ("writes", "layers", "shared"), [(1, 1, True), (2, 1, True), (1, 2, True), (1, 2, False)]
-)
-@pytest.mark.parametrize("chunks", [1, 2])
-def test_link_workspace_and_recomputation_change_no_number(
-    monkeypatch, writes, layers, shared, chunks
-):
-    # Eager runs share buffers across a sequence's link steps and, for large memories,
-    # keep every k-th link matrix and recompute the rest backward. Forced on at this size
-    # (k = 3, 8 steps: a stretch cut short at the end), against steps that keep every
-    # matrix and allocate their own (the step function called without workspaces). Two
-    # layers sharing one memory make two link steps a time step in one workspace.
-    monkeypatch.setattr(addressing, "CHECKPOINT_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(addressing, "CHECKPOINT_EVERY", 3)
-    monkeypatch.setenv("MEMCTL_NATIVE", "0")  # the workspaces are the PyTorch path's
-    torch.manual_seed(0)
-    model = DNCCore(
-        3,
-        2,
-        hidden_size=5,
-        memory_size=4,
-        word_size=3,
-        read_heads=2,
-        write_heads=writes,
-        num_layers=layers,
-        share_memory=shared,
-    ).double()
-    inputs = torch.randn(8, 2, 3, dtype=torch.float64)
-    shared = sequence_gradients(model, inputs, chunks)
-    model._step = lambda projected, state: model.step(projected, state)
-    plain = sequence_gradients(model, inputs, chunks)
-    for a, b in zip(shared, plain, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    with torch.no_grad():  # evaluation: every link matrix into the alternating buffers
-        model._step = model.step
-        torch.testing.assert_close(model(inputs)[0], shared[0], rtol=1e-12, atol=1e-12)
-
-
-def test_link_workspace_starts_a_chain_from_a_buffer_it_will_overwrite():
-    # Steps without autograd write into the workspace's two alternating buffers; a step
-    # with autograd after them must keep its own copy of its input for the recomputation.
-    generator = torch.Generator().manual_seed(4)
-    steps = [
-        (simplex(generator, 2, 1, SLOTS, total=0.9), torch.rand(2, 1, SLOTS, dtype=torch.float64))
-        for _ in range(7)
-    ]
-    reads = simplex(generator, 2, READS, SLOTS)
-
-    def run(workspace):
-        link = torch.zeros(2, 1, SLOTS, SLOTS, dtype=torch.float64)
-        weights = [w.clone().requires_grad_() for w, _ in steps]
-        total = 0
-        for index, ((_, precedence), w) in enumerate(zip(steps, weights, strict=True)):
-            with torch.set_grad_enabled(index >= 2):
-                link, forward, backward = addressing.link_step(
-                    link, w, precedence, reads, workspace
-                )
-            total = total + forward.sin().sum() + backward.square().sum()
-        total.backward()
-        return [w.grad for w in weights[2:]]
-
-    shared = run(addressing.LinkWorkspace(checkpoint_every=3, min_elements=0))
-    for a, b in zip(shared, run(None), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_output_and_state_shapes():

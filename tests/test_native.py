@@ -1,4 +1,4 @@
-"""The DNC's native CPU kernels (``memctl.models.native``): the same numbers and gradients
+"""The DNC's native CPU kernels (``memctl.models.dnc.native``): the same numbers and gradients
 as the PyTorch path in float64, gradcheck, the whole models on both paths, and the
 fallback when the kernels cannot be built."""
 
@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from memctl.models import DNC, native
-from memctl.models.dnc import AccessState, MemoryAccess
+from memctl.models import DNC
+from memctl.models.dnc import AccessState, MemoryAccess, native
+from memctl.toolchain import cpp_compiler
 
-pytestmark = pytest.mark.skipif(native.cpp_compiler() is None, reason="no C++ compiler")
+pytestmark = pytest.mark.skipif(cpp_compiler() is None, reason="no C++ compiler")
 
 B, N, M, R = 3, 6, 5, 2
 
@@ -275,7 +276,7 @@ def python_with(env: dict[str, str], code: str) -> subprocess.CompletedProcess:
 
 
 RUN_A_DNC = (
-    "import torch; from memctl.models import DNC, native; "
+    "import torch; from memctl.models import DNC; from memctl.models.dnc import native; "
     "rnn = DNC(4, 8, nr_cells=4, cell_size=3, read_heads=1); "
     "out, _ = rnn(torch.rand(2, 3, 4)); out.sum().backward(); "
     "print(native.library())"
@@ -291,6 +292,11 @@ def test_without_a_working_compiler_the_dnc_says_so_and_runs(tmp_path: Path):
     assert failed.startswith("memctl: the DNC's native kernel is not available")
     assert "using the PyTorch path" in failed
     assert not list(tmp_path.rglob("*.so"))
+    # The failure is recorded: the next process neither builds nor says anything.
+    again = python_with({"CXX": "false", "MEMCTL_CACHE": str(tmp_path)}, RUN_A_DNC)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "False"
+    assert again.stderr == ""
 
 
 def test_parallel_processes_build_the_library_once(tmp_path: Path):

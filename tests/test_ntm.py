@@ -61,8 +61,10 @@ def np_ntm(model: NTM, inputs: np.ndarray) -> np.ndarray:
                 + p["input_projection.bias"]
                 + p["recurrent.0.weight"] @ np.concatenate([reads.reshape(-1), hidden])
             )
-            i, f, o = (sigmoid(gates[k * size : (k + 1) * size]) for k in range(3))
-            cell = f * cell + i * np.tanh(gates[3 * size :])
+            # torch.nn.LSTM's gate order: input, forget, candidate, output.
+            i, f, g, o = (gates[k * size : (k + 1) * size] for k in range(4))
+            i, f, o = sigmoid(i), sigmoid(f), sigmoid(o)
+            cell = f * cell + i * np.tanh(g)
             hidden = o * np.tanh(cell)
             params = np.clip(p["heads.weight"] @ hidden + p["heads.bias"], -clip, clip)
             at = 0

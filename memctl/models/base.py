@@ -23,6 +23,16 @@ second; the names and shapes are fixed so that every model's figures look alike:
     hidden            [T, B, H]     the recurrent hidden state h_t
 
 A model without ``trace`` is inspected through its inputs, targets and outputs only.
+
+A model MAY define ``describe_backend(batch_size: int) -> str``: which implementation
+``forward`` will run for a batch of that size on the model's current device and dtype,
+in a few words for people, e.g. "native (C++ kernel, whole sequence)", "native access
+(C++ kernel per step)", "fused (PyTorch, hand-written backwards)", "reference (PyTorch
+autograd)", "compiled (torch.compile step)". It is the same decision ``forward`` takes
+(not a second guess at it), and it may raise ``memctl.errors.UserError`` where the
+recipe asks for an implementation that cannot run there. The trainer calls it after
+moving the model to its device (and compiling it, with ``train.compile``), prints it and
+writes it to run.json. A model without it has one implementation.
 """
 
 from __future__ import annotations

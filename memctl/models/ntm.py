@@ -31,6 +31,7 @@ from torch import nn
 
 from memctl.models import addressing
 from memctl.models.base import ModelConfig
+from memctl.models.controllers import lstm_cell
 from memctl.registry import MODELS
 
 
@@ -86,17 +87,6 @@ class NTMState(NamedTuple):
 RANDOM_MEMORY_STD = 0.5
 # Logit of slot 0 in the initial head weightings (the other slots' logits are 0).
 INITIAL_FOCUS_LOGIT = 6.0
-
-
-def lstm_update(gates: torch.Tensor, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LSTM cell update from pre-activations ``gates`` ``[B, 4C]`` (input, forget and
-    output gates, then the candidate) and the previous cell ``[B, C]``:
-    ``c' = f c + i tanh(g)``, ``h' = o tanh(c')`` -> (h', c'), each ``[B, C]``."""
-    size = cell.shape[1]
-    sigmoid_part, candidate = gates.split([3 * size, size], 1)
-    input_gate, forget_gate, output_gate = torch.sigmoid(sigmoid_part).split(size, 1)
-    cell = torch.addcmul(forget_gate * cell, input_gate, torch.tanh(candidate))
-    return output_gate * torch.tanh(cell), cell
 
 
 @MODELS.register("ntm", NTMConfig)
@@ -169,7 +159,8 @@ class NTM(nn.Module):
         self, projected_inputs: torch.Tensor, state: NTMState
     ) -> tuple[torch.Tensor, NTMState]:
         """One time step. ``projected_inputs``: ``self.input_projection`` of this step's
-        inputs, ``[B, 4C]`` (LSTM) or ``[B, C]``. Returns (the controller's output
+        inputs, ``[B, 4C]`` (LSTM, gates in torch.nn.LSTM's order, see ``lstm_cell``) or
+        ``[B, C]``. Returns (the controller's output
         ``[B, C]``, the next state); the new read vectors are ``state.reads``."""
         batch, word = projected_inputs.shape[0], self.config.word_size
         heads, write_heads = state.weights.shape[1], self.config.write_heads
@@ -184,7 +175,7 @@ class NTM(nn.Module):
             else:
                 gates = recurrent(layer_input)
             if self.lstm:
-                below, cell = lstm_update(gates, previous_cells[layer])
+                below, cell = lstm_cell(gates, previous_cells[layer])
             else:
                 below, cell = torch.tanh(gates), previous_cells[layer]
             hiddens.append(below)

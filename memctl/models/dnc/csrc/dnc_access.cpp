@@ -1,5 +1,5 @@
 // The DNC on the CPU as native kernels, forward and backward, built and wrapped in
-// memctl/models/native.py:
+// memctl/models/dnc/native.py:
 // - dnc_access_forward / dnc_access_backward: one memory access with one write head, the
 //   maths of addressing.py step by step in the order of MemoryAccess.step, as loops over
 //   N slots on W batch elements at once, one in each lane of a vector (see Lanes and

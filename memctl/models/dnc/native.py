@@ -1,5 +1,5 @@
 """The DNC as native CPU kernels (``csrc/dnc_access.cpp``), built on first use with the
-machine's C++ compiler and loaded as ``torch.ops.memctl``.
+machine's C++ compiler and loaded as ``torch.ops.memctl``: the ``native`` backend.
 
 A DNC time step on small tensors is bound by the number of tensor ops, not by their
 arithmetic: on the PyTorch path the memory access alone is about four hundred small ops
@@ -8,48 +8,42 @@ one LSTM controller stack (controller, output clip, interface layer, memory acce
 one forward and one backward call, the time loop inside, each thread a block of the batch
 from the first step to the last; ``dnc_access`` does one step's memory access alone, for
 the other controllers. Both have one write head, run on the CPU, and compute
-``addressing.py``'s maths (tested against the PyTorch path in float64, and gradchecked).
+``addressing.py``'s maths (tested against it in float64, and gradchecked). When they
+serve a model is ``backend.py``'s decision.
 
-The library is compiled once per source, compile command, torch version and CPU into
-``$MEMCTL_CACHE`` (default ``~/.cache/memctl``), under a file lock so that parallel
-trials build it once, and written atomically. Where no compiler is found or the build
-fails, ``library()`` says why on stderr and returns False, and the DNC keeps its PyTorch
-path; ``MEMCTL_NATIVE=0`` chooses that path without trying.
+The library is compiled and cached by ``memctl.toolchain.shared_library`` (once per
+source, compile command, torch version and CPU, under a file lock). Where no compiler is
+found or the build fails, ``library()`` says why on stderr in one line and returns False,
+and the DNC keeps its PyTorch path; the failure is recorded in the cache, so later
+processes on the machine fall back without trying or printing. ``MEMCTL_NATIVE=0``
+chooses the PyTorch path without trying.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
-import hashlib
-import os
-import platform
-import subprocess
 import sys
-import sysconfig
-import tempfile
 from pathlib import Path
 
 import torch
 
-from memctl.toolchain import cpp_compiler
+from memctl.toolchain import BuildError, shared_library
 
 SOURCE = Path(__file__).parent / "csrc" / "dnc_access.cpp"
 
 # The native kernels keep every step's link matrices ([B, N, N]) for backward. Up to this
 # many numbers per step (4 MiB in float32: N <= 362 at batch 8, 181 at batch 32) that is
 # the faster choice; beyond it the PyTorch path, which keeps one in ten and recomputes the
-# rest (addressing.LinkWorkspace), saves memory where a step is long anyway.
+# rest (fused.LinkWorkspace), saves memory where a step is long anyway.
 MAX_LINK_ELEMENTS = 1 << 20
 
 
-def _command(output: Path) -> list[str]:
+def _command(compiler: str, output: Path) -> list[str]:
     # torch's headers, as torch.utils.cpp_extension.include_paths() gives them (importing
     # that module costs a fifth of a second, and this runs on every first use).
     torch_lib = Path(torch.__file__).parent / "lib"
     headers = Path(torch.__file__).parent / "include"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    compiler = cpp_compiler() or "c++"
     includes = [f"-I{headers}", f"-I{headers / 'torch' / 'csrc' / 'api' / 'include'}"]
     return [
         compiler,
@@ -72,55 +66,22 @@ def _command(output: Path) -> list[str]:
     ]
 
 
-def _cpu() -> bytes:
-    """What ``-march=native`` compiles for: the CPU's model and feature flags (Linux), so a
-    shared cache on a cluster of mixed nodes keeps one build per kind of CPU."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor().encode()
-    wanted = ("model name", "flags", "Features", "CPU part")
-    return "\n".join(sorted({line for line in lines if line.startswith(wanted)})).encode()
-
-
-def _cache_path() -> Path:
-    root = Path(os.environ.get("MEMCTL_CACHE") or Path.home() / ".cache" / "memctl")
-    key = hashlib.sha256(
-        SOURCE.read_bytes()
-        + " ".join(_command(Path("out"))).encode()
-        + torch.__version__.encode()
-        + sysconfig.get_config_var("SOABI").encode()
-        + _cpu()
-    ).hexdigest()[:16]
-    return root / "native" / key / "dnc_access.so"
-
-
-def _build(target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
-            return
-        print("memctl: building the DNC's native CPU kernel (once, 15-30 s)", file=sys.stderr)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            partial = Path(scratch) / target.name
-            result = subprocess.run(_command(partial), capture_output=True, text=True)
-            if result.returncode != 0:
-                lines = result.stderr.strip().splitlines()
-                errors = [line for line in lines if "error" in line] or lines[-1:]
-                raise RuntimeError(errors[0] if errors else f"exit {result.returncode}")
-            os.replace(partial, target)
-
-
 @functools.cache
 def library() -> bool:
-    """Whether ``torch.ops.memctl.dnc_access_*`` are loaded (building them if needed)."""
-    target = _cache_path()
+    """Whether ``torch.ops.memctl.dnc_access_*`` are loaded (building them if needed).
+    The first process to find them unavailable on a machine says so in one line."""
+    announce = "memctl: building the DNC's native CPU kernel (once, 15-30 s)"
     try:
-        if not target.exists():
-            _build(target)
-        torch.ops.load_library(str(target))
-    except (OSError, RuntimeError) as error:
+        torch.ops.load_library(str(shared_library(SOURCE, _command, announce)))
+    except BuildError as error:
+        if not error.cached:
+            print(
+                f"memctl: the DNC's native kernel is not available ({error}); using the "
+                f"PyTorch path (slower); not tried again until {error.marker} is removed",
+                file=sys.stderr,
+            )
+        return False
+    except OSError as error:
         print(
             f"memctl: the DNC's native kernel is not available ({error}); "
             "using the PyTorch path (slower)",
@@ -133,21 +94,6 @@ def library() -> bool:
 def _require() -> None:
     if not library():
         raise RuntimeError("memctl's native DNC kernels could not be built (see above)")
-
-
-def usable(link: torch.Tensor, write_heads: int) -> bool:
-    """Whether the native kernels can run a memory with this link matrix ``[B, 1, N, N]``:
-    one write head, float32 or float64 on the CPU, at most ``MAX_LINK_ELEMENTS`` link
-    numbers, not while ``torch.compile`` traces, and the library built."""
-    return (
-        os.environ.get("MEMCTL_NATIVE", "1") != "0"
-        and write_heads == 1
-        and link.device.type == "cpu"
-        and link.dtype in (torch.float32, torch.float64)
-        and link.numel() <= MAX_LINK_ELEMENTS
-        and not torch.compiler.is_compiling()
-        and library()
-    )
 
 
 class _Access(torch.autograd.Function):
