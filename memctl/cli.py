@@ -105,6 +105,9 @@ ForceOption = Annotated[
         "anything is built or written)",
     ),
 ]
+FromOption = Annotated[
+    str, typer.Option("--from", help="Checkpoint to continue from: last, best or step_N")
+]
 TensorBoardOption = Annotated[
     bool,
     typer.Option(
@@ -293,6 +296,10 @@ def train(
     device: DeviceOption = None,
     tensorboard: TensorBoardOption = False,
     force: ForceOption = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print what would run (as memctl show); create nothing"),
+    ] = False,
 ) -> None:
     """Train a recipe into RUNS_DIR/NAME. An existing run of that name is never overwritten."""
     with user_errors():
@@ -308,6 +315,9 @@ def train(
         if seed is not None:
             settings.append(f"seed={seed}")
         loaded = load_recipe(recipe, settings)
+        if dry_run:
+            _print_plan(loaded, device, recipe)
+            return
         reporter = ConsoleReporter(TASKS.get(loaded.task.type).cls.primary_metric)
 
         def start() -> tuple[Any, str, Path]:
@@ -329,8 +339,10 @@ def resume(
     device: DeviceOption = None,
     tensorboard: TensorBoardOption = False,
     force: ForceOption = False,
+    start_from: FromOption = "last",
 ) -> None:
-    """Continue a run from its last checkpoint, optionally under changed settings."""
+    """Continue a run from its last checkpoint (or --from another: what the run wrote
+    after it is cut first), optionally under changed settings."""
     with user_errors():
         from memctl.lifecycle import load_run, resume_run
         from memctl.registry import TASKS
@@ -340,8 +352,86 @@ def resume(
         settings = list(overrides or []) + (["log.tensorboard=true"] if tensorboard else [])
 
         def start() -> tuple[Any, str, Path]:
-            trainer, status = resume_run(run, settings, steps, device, reporter, force)
+            trainer, status = resume_run(run, settings, steps, device, reporter, force, start_from)
             return trainer, status, run
+
+        _run_training(start)
+
+
+def _print_plan(recipe: Any, device: str | None, source: Path) -> None:
+    import yaml
+
+    from memctl.lifecycle import plan
+
+    try:
+        found = plan(recipe, device)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    print(yaml.safe_dump(recipe.resolved(), sort_keys=False), end="")
+    table = Table(title=f"{recipe.name}: nothing created")
+    table.add_column("")
+    table.add_column("")
+    for key in ("parameters", "device", "backend", "memory", "available"):
+        value = found[key]
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    console.print(table)
+    if not found["fits"]:
+        console.print("it does not fit: train refuses it (or lower the sizes, or pass --force)")
+
+
+@app.command()
+def show(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file")],
+    overrides: SetOption = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Same as --set train.steps=N")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Same as --set seed=S")] = None,
+    device: DeviceOption = None,
+) -> None:
+    """The resolved recipe, the model's parameter count, the memory a training step needs
+    against what the device has, and which implementation will run; creates nothing."""
+    with user_errors():
+        from memctl.recipe import load_recipe
+
+        settings = list(overrides or [])
+        if steps is not None:
+            settings.append(f"train.steps={steps}")
+        if seed is not None:
+            settings.append(f"seed={seed}")
+        _print_plan(load_recipe(recipe, settings), device, recipe)
+
+
+@app.command()
+def fork(
+    run: Annotated[Path, typer.Argument(help="Run directory to start from")],
+    new_name: Annotated[str, typer.Argument(help="Name of the new run")],
+    start_from: FromOption = "last",
+    overrides: SetOption = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=1, help="Train this many more steps")
+    ] = None,
+    runs_dir: Annotated[
+        Path | None,
+        typer.Option("--runs-dir", help="Where the new run goes (default: beside RUN)"),
+    ] = None,
+    device: DeviceOption = None,
+    force: ForceOption = False,
+) -> None:
+    """A new run NEW_NAME from RUN's checkpoint (weights, optimizer, curriculum, random
+    streams and its rows up to that step) that trains on, optionally under changed
+    settings; RUN is not changed, and the new run's lineage names it."""
+    with user_errors():
+        from memctl.lifecycle import fork_run, load_run
+        from memctl.registry import TASKS
+
+        task_type = load_run(run).recipe.task.type
+        reporter = ConsoleReporter(TASKS.get(task_type).cls.primary_metric)
+
+        def start() -> tuple[Any, str, Path]:
+            return fork_run(
+                run, new_name, start_from, overrides, steps, runs_dir, device, reporter, force
+            )
 
         _run_training(start)
 

@@ -29,7 +29,7 @@ from memctl import checkpoint, preflight
 from memctl.errors import UserError
 from memctl.models.base import parameter_count
 from memctl.recipe import Recipe, apply_overrides, read_yaml, validate_recipe
-from memctl.rundir import RunDir, now, pid_alive
+from memctl.rundir import RunDir, atomic_write, now, pid_alive
 from memctl.trainer import Reporter, Trainer, TrainingError, resolve_device, summary_writer_class
 
 # Recipe fields that name or place a run: the directory is named after them, so a
@@ -192,6 +192,28 @@ def load_run(
     return LoadedRun(run, recipe, trainer, ckpt_path, label, state)
 
 
+def plan(recipe: Recipe, device: str | None = None) -> dict[str, Any]:
+    """What ``memctl train`` would do with ``recipe``, creating nothing: the model's
+    parameter count, the pre-flight estimate of a training step against what the device
+    has, and the implementation that would run (the model is built for that only when it
+    fits; the process's random streams are left alone)."""
+    place = resolve_device(device or recipe.device, "--device" if device else "device")
+    level = preflight.training_level(recipe)
+    found = preflight.estimate(recipe, recipe.train.batch_size, level, True)
+    free, kind = preflight.available(place)
+    fits = found.total <= free
+    with torch.random.fork_rng(devices=[]):
+        backend = Trainer(recipe, device).backend if fits else "not built: it does not fit"
+    return {
+        "parameters": found.parameter_count,
+        "device": str(place),
+        "memory": f"{preflight.describe(found)} at level {level}, batch {recipe.train.batch_size}",
+        "available": f"{preflight.size_text(free)} ({kind})",
+        "fits": fits,
+        "backend": backend,
+    }
+
+
 def _finish(trainer: Trainer, run: RunDir) -> str:
     """Run the loop to the recipe's step count and record how it ended."""
     try:
@@ -260,6 +282,29 @@ def _final_rows(run: RunDir, step: int) -> list[dict[str, Any]]:
     return chosen.to_dict("records")
 
 
+def _cut_after(run: RunDir, trainer: Trainer) -> list[str]:
+    """Make ``run`` end at the trainer's step: later metrics and eval rows, step
+    checkpoints and a later best.pt go (the trainer then forgets that best). Returns what
+    was cut, for the user."""
+    step, cut = trainer.step, []
+    for log in (trainer.metrics_log, trainer.eval_log):
+        before = log.path.read_bytes() if log.path.is_file() else b""
+        log.truncate_after(step)
+        if before and log.path.read_bytes() != before:
+            cut.append(f"{log.path.name} rows after step {step}")
+    later = [path for number, path in run.step_checkpoints() if number > step]
+    for path in later:
+        path.unlink()
+    if later:
+        cut.append(", ".join(path.name for path in later))
+    best = run.checkpoint_path("best")
+    if best.is_file() and int(checkpoint.load(best)["step"]) > step:
+        best.unlink()
+        trainer.best = None
+        cut.append("best.pt (a later step)")
+    return cut
+
+
 def resume_run(
     path: Path,
     overrides: list[str],
@@ -267,17 +312,19 @@ def resume_run(
     device: str | None = None,
     reporter: Reporter | None = None,
     force: bool = False,
+    which: str = "last",
 ) -> tuple[Trainer, str]:
-    """Continue a run from its last checkpoint. A run whose last checkpoint is at its
-    final step but which never recorded its end (killed during the final evaluation) is
-    finished: evaluated once, and its status set."""
+    """Continue a run from its last checkpoint, or from ``which`` (``best``, ``step_N``):
+    then what the run wrote after that step is cut first. A run whose last checkpoint is
+    at its final step but which never recorded its end (killed during the final
+    evaluation) is finished: evaluated once, and its status set."""
     run = RunDir.open(path)
     info = run.read_info()
     if run.status() == "running" and pid_alive(int(info.get("pid", -1))):
         raise UserError(f"{path}: still running (pid {info['pid']}); stop it before resuming")
     loaded = load_run(
         path,
-        "last",
+        which,
         device,
         overrides,
         more_steps=more_steps,
@@ -288,13 +335,16 @@ def resume_run(
     assert trainer is not None
     if recipe.log.tensorboard:
         summary_writer_class()
-    unfinished = run.status() != "finished" and trainer.step == recipe.train.steps
+    unfinished = (
+        which == "last" and run.status() != "finished" and trainer.step == recipe.train.steps
+    )
     if trainer.step >= recipe.train.steps and not unfinished:
         raise UserError(
-            f"{path}: already at step {trainer.step} of train.steps={recipe.train.steps}; "
-            f"use --steps N to train N more"
+            f"{path}: {loaded.label} is at step {trainer.step} of "
+            f"train.steps={recipe.train.steps}; use --steps N to train N more"
         )
     trainer.attach(run)
+    cut = _cut_after(run, trainer) if which != "last" else []
     trainer.metrics_log.truncate_after(trainer.step)
     trainer.eval_log.truncate_after(trainer.step)
     if trainer.tensorboard is not None:
@@ -305,12 +355,15 @@ def resume_run(
             "event": "resume",
             "time": now(),
             "step": trainer.step,
+            "from": loaded.label,
             "overrides": overrides + ([f"train.steps={recipe.train.steps}"] if more_steps else []),
             "argv": sys.argv,
         }
     )
     info.update(status="running", **machine_info(trainer), recipe_digest=recipe.digest())
     run.write_info(info)
+    if cut:
+        trainer.reporter.message(f"resuming from {loaded.label}: cut {'; '.join(cut)}")
     if unfinished:
         trainer.reporter.message(f"finishing {run.name} at step {trainer.step}")
         rows = _final_rows(run, trainer.step)
@@ -318,7 +371,80 @@ def resume_run(
         run.update_info(status="finished", step=trainer.step, level=trainer.curriculum.level)
         return trainer, "finished"
     trainer.reporter.message(f"resuming {run.name} at step {trainer.step}, {trainer.backend}")
+    if which != "last":
+        trainer.save_checkpoint()  # last.pt is now the step continued from
     return trainer, _finish(trainer, run)
+
+
+def fork_run(
+    path: Path,
+    name: str,
+    which: str = "last",
+    overrides: list[str] | None = None,
+    more_steps: int | None = None,
+    runs_dir: Path | None = None,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+    force: bool = False,
+) -> tuple[Trainer, str, Path]:
+    """A new run ``name`` that starts from checkpoint ``which`` of the run at ``path``
+    (weights, optimizer, curriculum, random streams, and its rows up to that step) and
+    trains on; the parent is not changed, and the new run's lineage names it."""
+    overrides = list(overrides or [])
+    loaded = load_run(
+        path,
+        which,
+        device,
+        overrides,
+        more_steps=more_steps,
+        settings={"name": name},
+        settings_source="the new name",
+        reporter=reporter,
+        check_memory=not force,
+    )
+    trainer, recipe, parent = loaded.trainer, loaded.recipe, loaded.run
+    assert trainer is not None
+    if trainer.step >= recipe.train.steps:
+        raise UserError(
+            f"{path}: {loaded.label} is at step {trainer.step} of "
+            f"train.steps={recipe.train.steps}; use --steps N to train N more"
+        )
+    runs_dir = parent.path.parent if runs_dir is None else runs_dir
+    run = RunDir.create(runs_dir, recipe.name)
+    for source, target in (
+        (parent.metrics_file, run.metrics_file),
+        (parent.eval_file, run.eval_file),
+    ):
+        if source.is_file():
+            atomic_write(target, source.read_bytes())
+    best = parent.checkpoint_path("best")
+    if best.is_file() and int(checkpoint.load(best)["step"]) <= trainer.step:
+        atomic_write(run.checkpoint_path("best"), best.read_bytes())
+    else:
+        trainer.best = None
+    run.write_recipe(recipe.resolved())
+    info = run_info(recipe, trainer, overrides)
+    info["lineage"] = [
+        {
+            "event": "fork",
+            "time": now(),
+            "step": trainer.step,
+            "parent": str(parent.path),
+            "from": loaded.label,
+            "overrides": overrides + ([f"train.steps={recipe.train.steps}"] if more_steps else []),
+            "argv": sys.argv,
+        }
+    ]
+    run.write_info(info)
+    trainer.attach(run)
+    trainer.metrics_log.truncate_after(trainer.step)
+    trainer.eval_log.truncate_after(trainer.step)
+    trainer.reporter.message(
+        f"{run.name}: forked from {parent.name} at {loaded.label} (step {trainer.step}), "
+        f"{trainer.backend}"
+    )
+    trainer.save_checkpoint()
+    return trainer, _finish(trainer, run), run.path
 
 
 def evaluate_run(

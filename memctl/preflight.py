@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from memctl.curriculum import Curriculum
 from memctl.errors import UserError
+from memctl.models.base import parameter_count
 from memctl.recipe import Recipe
 from memctl.registry import MODELS, TASKS
 from memctl.tasks.base import Task
@@ -77,6 +78,7 @@ class Estimate:
     per_step: int | None
     steps: int
     parameters: int
+    parameter_count: int
 
 
 def _steps(task: Task, level: int) -> int:
@@ -111,6 +113,7 @@ def estimate(recipe: Recipe, batch_size: int, level: int, training: bool) -> Est
     with torch.device("meta"):
         model = model_cls(recipe.model, task.input_size, task.output_size)
     parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    count = parameter_count(model)
     kept = parameters * (TRAINING_COPIES if training else 1)
     model.train(training)
     try:
@@ -119,9 +122,9 @@ def estimate(recipe: Recipe, batch_size: int, level: int, training: bool) -> Est
             for length in (2, 4)
         )
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return Estimate(kept, None, steps, parameters)
+        return Estimate(kept, None, steps, parameters, count)
     per_step = max(longer - short, 0) // 2
-    return Estimate(kept + short + per_step * max(steps - 2, 0), per_step, steps, parameters)
+    return Estimate(kept + short + per_step * max(steps - 2, 0), per_step, steps, parameters, count)
 
 
 def available(device: torch.device) -> tuple[int, str]:

@@ -111,7 +111,7 @@ def test_models_command_lists_every_model_with_its_fields(wide_console: None):
 def test_models_command_one_entry(wide_console: None):
     result = cli("models", "dnc")
     assert result.exit_code == 0, result.output
-    assert "memctl.models.dnc.DNCModel" in result.output
+    assert "memctl.models.dnc.model.DNCModel" in result.output
     assert "N, memory slots" in result.output
     assert "memctl.models.ntm" not in result.output
 
