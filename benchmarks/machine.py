@@ -7,18 +7,10 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+from memctl.lifecycle import cpu_name
 
-def cpu_name() -> str:
-    """The processor's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+__all__ = ["cpu_name", "time_steps"]
 
 
 def time_steps(step: Callable[[], object], steps: int, warmup: int) -> tuple[list[float], float]:

@@ -29,7 +29,7 @@ from memctl import checkpoint, preflight
 from memctl.errors import UserError
 from memctl.models.base import parameter_count
 from memctl.recipe import Recipe, apply_overrides, read_yaml, validate_recipe
-from memctl.rundir import RunDir, atomic_write, now, pid_alive
+from memctl.rundir import RunDir, atomic_write, format_size, now, pid_alive
 from memctl.trainer import Reporter, Trainer, TrainingError, resolve_device, summary_writer_class
 
 # Recipe fields that name or place a run: the directory is named after them, so a
@@ -208,7 +208,7 @@ def plan(recipe: Recipe, device: str | None = None) -> dict[str, Any]:
         "parameters": found.parameter_count,
         "device": str(place),
         "memory": f"{preflight.describe(found)} at level {level}, batch {recipe.train.batch_size}",
-        "available": f"{preflight.size_text(free)} ({kind})",
+        "available": f"{format_size(free)} ({kind})",
         "fits": fits,
         "backend": backend,
     }

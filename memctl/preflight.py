@@ -34,6 +34,7 @@ from memctl.errors import UserError
 from memctl.models.base import parameter_count
 from memctl.recipe import Recipe
 from memctl.registry import MODELS, TASKS
+from memctl.rundir import format_size
 from memctl.tasks.base import Task
 
 # Levels up to this are sampled to find their length; longer ones extrapolated.
@@ -141,20 +142,12 @@ def available(device: torch.device) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "available CPU RAM"
 
 
-def size_text(size: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.3g} {unit}"
-        size /= 1000
-    raise AssertionError
-
-
 def describe(found: Estimate) -> str:
     if found.per_step is None:
-        return f"about {size_text(found.total)} (parameters only)"
+        return f"about {format_size(found.total)} (parameters only)"
     return (
-        f"about {size_text(found.total)} "
-        f"({size_text(found.per_step)} a time step over {found.steps} steps)"
+        f"about {format_size(found.total)} "
+        f"({format_size(found.per_step)} a time step over {found.steps} steps)"
     )
 
 
@@ -178,7 +171,7 @@ def check(
     free, kind = available(device)
     if found.total > free:
         raise UserError(
-            f"{what} needs {describe(found)}; this machine has {size_text(free)} ({kind}); "
+            f"{what} needs {describe(found)}; this machine has {format_size(free)} ({kind}); "
             "lower it or pass --force"
         )
     return found

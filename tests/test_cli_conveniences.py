@@ -209,6 +209,7 @@ def test_version_names_memctl_and_torch():
 def test_shell_completion_is_offered():
     text = help_text()
     assert "--install-completion" in text and "--show-completion" in text
-    result = cli("--show-completion", "bash")
-    assert result.exit_code == 0, result.output
-    assert "_COMPLETE=complete_bash" in result.stdout and "complete -o default -F" in result.stdout
+    process = cli_process("--show-completion", "bash")
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "_COMPLETE=complete_bash" in out and "complete -o default -F" in out

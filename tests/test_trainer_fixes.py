@@ -21,19 +21,7 @@ from memctl.recipe import validate_recipe
 from memctl.rundir import CsvLog, RunDir, format_size
 from memctl.trainer import Trainer
 from tests.conftest import TINY, cli, cli_process, snapshot
-from tests.test_reliability import NanAt
-
-TIMING = ["wall_s", "steps_per_s"]
-
-
-def finish(process, timeout: float = 180) -> tuple[int, str, str]:
-    out, err = process.communicate(timeout=timeout)
-    return process.returncode, out, err
-
-
-def metrics_text(run: Path) -> list[str]:
-    frame = pd.read_csv(run / "metrics.csv", dtype=str).drop(columns=TIMING)
-    return frame.to_csv(index=False).splitlines()
+from tests.test_reliability import NanAt, finish, metrics_text
 
 
 def load(path: Path) -> dict:
