@@ -13,6 +13,7 @@ import contextlib
 import os
 import platform
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -221,6 +222,14 @@ def _finish(trainer: Trainer, run: RunDir) -> str:
     except TrainingError as exc:
         run.update_info(status="failed", error=str(exc), step=trainer.step)
         raise
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        with contextlib.suppress(UserError):
+            run.update_info(status="failed", error=f"out of memory at step {trainer.step + 1}")
+        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise UserError(
+            f"{run.path}: out of memory at step {trainer.step + 1} ({reason}); lower the "
+            "model or batch sizes"
+        ) from None
     except BaseException as exc:
         with contextlib.suppress(UserError):  # the runs folder may be what failed
             run.update_info(status="failed", error=f"{exc.__class__.__name__}: {exc}")
@@ -266,8 +275,14 @@ def start_run(
         f"{recipe.model.type} on {recipe.task.type}: "
         f"{parameter_count(trainer.model):,} parameters, device {trainer.device}, {backend}"
     )
-    trainer.save_checkpoint()  # step 0: the rollback target before the first checkpoint
-    return trainer, _finish(trainer, run)
+    try:
+        trainer.save_checkpoint()  # step 0: the rollback target before the first checkpoint
+        return trainer, _finish(trainer, run)
+    except BaseException:
+        if trainer.step == 0:
+            # Nothing was trained: leave no directory that blocks the name.
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
 
 
 def _final_rows(run: RunDir, step: int) -> list[dict[str, Any]]:

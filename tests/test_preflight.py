@@ -90,3 +90,28 @@ def test_eval_at_a_huge_length_is_refused(runs_dir: Path, trained: Path):
 def test_a_run_that_fits_trains_as_before(tiny_recipe: Path, runs_dir: Path):
     result = cli("train", tiny_recipe, "--runs-dir", runs_dir)
     assert result.exit_code == 0, result.output
+
+
+def test_a_run_that_fails_at_its_first_step_leaves_nothing(
+    tiny_recipe: Path, runs_dir: Path, monkeypatch
+):
+    from memctl.trainer import Trainer
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_step", out_of_memory)
+    result = cli("train", tiny_recipe, "--runs-dir", runs_dir)
+    assert_one_line_error(result, "out of memory at step 1", "80.00 GiB", "lower")
+    assert not any(runs_dir.iterdir())
+
+    def broken(self):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Trainer, "train_step", broken)
+    result = cli("train", tiny_recipe, "--runs-dir", runs_dir)
+    assert isinstance(result.exception, RuntimeError)
+    assert not any(runs_dir.iterdir())
+    # The name is free: the next try trains.
+    monkeypatch.undo()
+    assert cli("train", tiny_recipe, "--runs-dir", runs_dir).exit_code == 0
