@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 from memctl.errors import UserError
 from memctl.models import addressing, detach_state
 from memctl.models.addressing import EPSILON
-from memctl.models.dnc import DNCConfig, DNCModel
+from memctl.models.dnc import DNCConfig, DNCModel, fused
 from memctl.recipe import validate_recipe
 from memctl.tasks.copy import CopyConfig, CopyTask
 
@@ -234,11 +234,13 @@ def heads_of(inputs, writes):
     return {n: (v[:, :writes] if n in heads else v) for n, v in inputs.items()}
 
 
+@pytest.mark.parametrize("implementation", ["reference", "fused"])
 @pytest.mark.parametrize("writes", [1, WRITES])
-def test_link_step_matches_loops_and_keeps_the_diagonal_zero(inputs, writes):
+def test_link_step_matches_loops_and_keeps_the_diagonal_zero(inputs, writes, implementation):
+    step = link_step if implementation == "reference" else fused.link_step
     x = heads_of(inputs, writes)
     link = x["link"] + torch.eye(SLOTS, dtype=torch.float64)  # even from a nonzero one
-    updated, forward, backward = link_step(link, *(x[n] for n in LINK_STEP[1:]))
+    updated, forward, backward = step(link, *(x[n] for n in LINK_STEP[1:]))
     expected = np_link(link.numpy(), *numpy(x, "write_weights", "precedence"))
     close(updated, expected)
     assert (updated.diagonal(dim1=-2, dim2=-1) == 0).all()

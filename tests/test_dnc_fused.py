@@ -16,12 +16,8 @@ from tests.test_dnc import (
     READS,
     SLOTS,
     WRITES,
-    close,
     heads_of,
     make_inputs,
-    np_directional,
-    np_link,
-    numpy,
     simplex,
 )
 
@@ -29,19 +25,6 @@ from tests.test_dnc import (
 @pytest.fixture
 def inputs():
     return make_inputs()
-
-
-@pytest.mark.parametrize("writes", [1, WRITES])
-def test_link_step_matches_loops_and_keeps_the_diagonal_zero(inputs, writes):
-    x = heads_of(inputs, writes)
-    link = x["link"] + torch.eye(SLOTS, dtype=torch.float64)  # even from a nonzero one
-    updated, forward, backward = fused.link_step(link, *(x[n] for n in LINK_STEP[1:]))
-    expected = np_link(link.numpy(), *numpy(x, "write_weights", "precedence"))
-    close(updated, expected)
-    assert (updated.diagonal(dim1=-2, dim2=-1) == 0).all()
-    expected_forward, expected_backward = np_directional(expected, x["read_weights"].numpy())
-    close(forward, expected_forward)
-    close(backward, expected_backward)
 
 
 @pytest.mark.parametrize("writes", [1, WRITES])
