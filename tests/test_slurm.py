@@ -25,8 +25,8 @@ from memctl.sweep import make_executor, plan_sweep, read_trials_csv, run_sweep
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "slurm" / "slurm-local.sh"
 STATE_DIR = Path(os.environ.get("SLURM_LOCAL_DIR", "/var/tmp/memctl-slurm"))
-# Columns that measure the machine rather than the training.
-TIMING = ["wall_s", "steps_per_s"]
+# Columns that measure the machine or the clock rather than the training.
+TIMING = ["wall_s", "steps_per_s", "time"]
 DEADLINE_S = 600
 # Long enough (a few seconds a trial) that the preemption lands before a trial ends.
 TRIAL_STEPS = 2000
