@@ -131,7 +131,14 @@ def _resolve(source: str, where: str) -> tuple[Path, str | None]:
 
 
 def _last_line(exc: BaseException) -> str:
-    return traceback.format_exception_only(type(exc), exc)[-1].strip()
+    """The exception's last line, with its type (and a syntax error's line)."""
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    last = text.splitlines()[-1] if text else type(exc).__name__
+    if not last.startswith(type(exc).__name__):
+        last = f"{type(exc).__name__}: {last}"
+    if isinstance(exc, SyntaxError) and exc.lineno is not None:
+        last += f" (line {exc.lineno})"
+    return last
 
 
 def _module_name(path: Path) -> str:
