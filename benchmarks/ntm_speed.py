@@ -50,7 +50,7 @@ def batches(task: CopyTask, batch_size: int, lengths: str, seed: int):
             low = high = int(torch.randint(1, 21, (1,), generator=generator))
         else:
             low, high = (1 if lengths == "padded" else 20), 20
-        yield task.sample(batch_size, high, generator, low)
+        yield task.sample(batch_size, generator, max_level=high, min_level=low)
 
 
 def memctl_step(task: CopyTask, stream, compiled: bool) -> tuple[Callable[[], float], int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -85,8 +86,20 @@ def _options(
             help="Print memctl's version and torch's, and exit.",
         ),
     ] = False,
+    plugin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--plugin",
+            help="A Python file or importable module that registers tasks or models, imported "
+            "before the command (repeatable; also MEMCTL_PLUGINS, ':'-separated)",
+        ),
+    ] = None,
 ) -> None:
     """The options of memctl itself, given before a command (the app's help describes it)."""
+    with user_errors():
+        from memctl import plugins
+
+        plugins.load_named(plugin or [], os.environ.get(plugins.ENV_VAR))
 
 
 SetOption = Annotated[
@@ -392,8 +405,11 @@ def show(
     """The resolved recipe, the model's parameter count, the memory a training step needs
     against what the device has, and which implementation will run; creates nothing."""
     with user_errors():
+        from memctl import plugins
         from memctl.recipe import load_recipe
 
+        if (recipe.parent / "run.json").is_file():  # a run's recipe.yaml: its plugins
+            plugins.load_for_runs([recipe.parent])
         settings = list(overrides or [])
         if steps is not None:
             settings.append(f"train.steps={steps}")
@@ -566,8 +582,10 @@ def plot(
 
     The y axis names the metric's meaning and unit, as the run's task describes it."""
     with user_errors():
+        from memctl import plugins
         from memctl.viz import plot_curves
 
+        plugins.load_for_runs(runs)
         written = plot_curves(runs, metric, x, out, smooth, evaluations)
         console.print(str(written.path), soft_wrap=True)
 

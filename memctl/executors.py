@@ -36,11 +36,14 @@ POLL_S = 0.2
 
 @dataclass(frozen=True)
 class TrialLaunch:
-    """What an executor needs to run one trial: its resolved recipe and its sweep folder."""
+    """What an executor needs to run one trial: its resolved recipe, its sweep folder and
+    the ``--plugin`` options that a fresh trial's ``memctl train`` needs (a resumed one
+    loads its plugins from its run.json, checked)."""
 
     name: str
     recipe_file: Path
     sweep_dir: Path
+    plugins: tuple[str, ...] = ()
 
     @property
     def run_dir(self) -> Path:
@@ -83,7 +86,7 @@ def trial_arguments(trial: TrialLaunch) -> list[str] | None:
             return ["resume", str(run_dir)]
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    return ["train", str(trial.recipe_file), "--runs-dir", str(trial.sweep_dir)]
+    return [*trial.plugins, "train", str(trial.recipe_file), "--runs-dir", str(trial.sweep_dir)]
 
 
 def thread_environment(threads: int) -> dict[str, str]:

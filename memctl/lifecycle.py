@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 import memctl
-from memctl import checkpoint, preflight
+from memctl import checkpoint, plugins, preflight
 from memctl.errors import UserError
 from memctl.models.base import parameter_count
 from memctl.recipe import Recipe, apply_overrides, read_yaml, validate_recipe
@@ -102,6 +102,7 @@ def run_info(recipe: Recipe, trainer: Trainer, overrides: list[str]) -> dict[str
         },
         "git_commit": git_commit(),
         "recipe_digest": recipe.digest(),
+        "plugins": plugins.records(),
         "lineage": [
             {"event": "train", "time": now(), "step": 0, "overrides": overrides, "argv": sys.argv}
         ],
@@ -165,6 +166,7 @@ def load_run(
     training step would not fit the device, before the model is built."""
     overrides = list(overrides or [])
     run = RunDir.open(path)
+    plugins.load_recorded(run.read_info().get("plugins", []), str(run.run_file))
     recipe = validate_recipe(read_yaml(run.recipe_file), str(run.recipe_file))
     for text in overrides:
         key = text.partition("=")[0].strip()
@@ -375,7 +377,12 @@ def resume_run(
             "argv": sys.argv,
         }
     )
-    info.update(status="running", **machine_info(trainer), recipe_digest=recipe.digest())
+    info.update(
+        status="running",
+        **machine_info(trainer),
+        recipe_digest=recipe.digest(),
+        plugins=plugins.records(),
+    )
     run.write_info(info)
     if cut:
         trainer.reporter.message(f"resuming from {loaded.label}: cut {'; '.join(cut)}")

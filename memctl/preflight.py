@@ -84,7 +84,7 @@ class Estimate:
 
 def _steps(task: Task, level: int) -> int:
     generator = torch.Generator().manual_seed(0)
-    return task.sample(SAMPLED, level, generator, level).inputs.shape[0]
+    return task.sample(SAMPLED, generator, max_level=level, min_level=level).inputs.shape[0]
 
 
 def sequence_steps(task: Task, level: int) -> int:

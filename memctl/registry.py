@@ -1,7 +1,8 @@
 """Name -> (class, config schema) registries for models and tasks.
 
 Model and task modules register themselves with a decorator; the packages import every
-module in their folder, so adding a model is adding one file.
+module in their folder, so adding a model is adding one file. Plugins register through
+the same decorators (``memctl.register_task``, ``memctl.register_model``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ class Entry:
     config: type[BaseModel]
 
 
+class RegistrationClash(ValueError):
+    """A name registered twice: ``existing`` holds it, ``cls`` asked for it too."""
+
+    def __init__(self, kind: str, name: str, existing: type, cls: type) -> None:
+        self.kind, self.name, self.existing, self.cls = kind, name, existing, cls
+        super().__init__(
+            f"{kind} {name!r} registered twice: by {existing.__module__}.{existing.__qualname__} "
+            f"and by {cls.__module__}.{cls.__qualname__}"
+        )
+
+
 class Registry:
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -33,7 +45,7 @@ class Registry:
     def register(self, name: str, config: type[BaseModel]):
         def decorate(cls: type) -> type:
             if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} registered twice")
+                raise RegistrationClash(self.kind, name, self._entries[name].cls, cls)
             self._entries[name] = Entry(name, cls, config)
             return cls
 
@@ -49,8 +61,8 @@ class Registry:
             hint = difflib.get_close_matches(str(name), self.names(), n=1)
             did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise UserError(
-                f"{self.kind}.type: unknown {self.kind} {name!r}{did_you_mean}; "
-                f"known: {', '.join(self.names())}"
+                f"{self.kind}.type: {name!r} is not registered{did_you_mean} "
+                f"(known: {', '.join(self.names())}); if a plugin provides it, pass --plugin FILE"
             ) from None
 
     def __contains__(self, name: Any) -> bool:

@@ -58,6 +58,7 @@ import pandas as pd
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from memctl import plugins
 from memctl.errors import UserError
 from memctl.executors import (
     LocalExecutor,
@@ -211,8 +212,10 @@ class Plan:
 
     def launches(self) -> list[TrialLaunch]:
         recipes = self.sweep_dir / "recipes"
+        options = tuple(plugins.arguments())
         return [
-            TrialLaunch(t.name, recipes / f"{t.name}.yaml", self.sweep_dir) for t in self.trials
+            TrialLaunch(t.name, recipes / f"{t.name}.yaml", self.sweep_dir, options)
+            for t in self.trials
         ]
 
 

@@ -446,7 +446,9 @@ class Trainer:
         train = self.recipe.train
         level = self.curriculum.level
         low, high = self.curriculum.batch_levels(self.data_generator)
-        batch = self.task.sample(train.batch_size, high, self.data_generator, low).to(self.device)
+        batch = self.task.sample(
+            train.batch_size, self.data_generator, max_level=high, min_level=low
+        ).to(self.device)
         outputs, _ = self.model(batch.inputs)
         loss = self.task.loss(outputs, batch)
         total = loss
@@ -594,7 +596,9 @@ class Trainer:
                 generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + level)
                 sums: dict[str, float] = {}
                 for _ in range(spec.batches):
-                    batch = self.task.sample(batch_size, level, generator, level).to(self.device)
+                    batch = self.task.sample(
+                        batch_size, generator, max_level=level, min_level=level
+                    ).to(self.device)
                     outputs, _ = self.model(batch.inputs)
                     values = {
                         "loss": self.task.loss(outputs, batch),

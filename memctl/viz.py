@@ -363,7 +363,7 @@ def trace_sample(
     if level < task.min_level:
         raise UserError(f"--length {level}: below the task's minimum {task.min_level}")
     generator = torch.Generator().manual_seed(seed)
-    batch = task.sample(1, level, generator, level).to(trainer.device)
+    batch = task.sample(1, generator, max_level=level, min_level=level).to(trainer.device)
     model.eval()
     with torch.no_grad():
         trace = getattr(model, "trace", None)

@@ -35,7 +35,7 @@ def make_task(**kwargs) -> AssociativeRetrievalTask:
 def sample(batch_size: int, max_pairs: int, min_pairs: int, seed: int = 0):
     task = make_task(pairs=max_pairs)
     generator = torch.Generator().manual_seed(seed)
-    return task, task.sample(batch_size, max_pairs, generator, min_pairs)
+    return task, task.sample(batch_size, generator, max_level=max_pairs, min_level=min_pairs)
 
 
 def parse(text: str) -> tuple[dict[str, int], str]:

@@ -51,7 +51,9 @@ def test_compiled_step_gives_the_eager_losses_and_gradients(
     # link gradient is accumulated in place in a shared buffer), by up to 2e-5 on torch
     # 2.11, more than a float32 tolerance that still means something.
     model = model_class(config_class(**tiny), task.input_size, task.output_size).double()
-    batches = [task.sample(8, 5, torch.Generator().manual_seed(s), 1) for s in range(3)]
+    batches = [
+        task.sample(8, torch.Generator().manual_seed(s), max_level=5, min_level=1) for s in range(3)
+    ]
 
     def losses_and_gradients():
         losses = [task.loss(model(b.inputs.double())[0], b) for b in batches]

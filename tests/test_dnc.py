@@ -422,7 +422,7 @@ def test_copy_loss_falls_fast():
     model = DNCModel(config, task.input_size, task.output_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
-    test = task.sample(64, 4, torch.Generator().manual_seed(1), 1)
+    test = task.sample(64, torch.Generator().manual_seed(1), max_level=4, min_level=1)
 
     def test_loss() -> float:
         with torch.no_grad():
@@ -430,7 +430,7 @@ def test_copy_loss_falls_fast():
 
     before, start = test_loss(), time.monotonic()
     for _ in range(350):
-        batch = task.sample(32, 4, generator, 1)
+        batch = task.sample(32, generator, max_level=4, min_level=1)
         loss = task.loss(model(batch.inputs)[0], batch)
         optimizer.zero_grad()
         loss.backward()

@@ -29,20 +29,20 @@ def decode(batch, b):
 def test_inputs_are_numbers_then_the_end_symbol(task_class):
     config = (AddingConfig if task_class is AddingTask else ArgmaxConfig)(size=5, max_length=9)
     task = task_class(config)
-    batch = task.sample(16, 9, torch.Generator().manual_seed(0), 3)
+    batch = task.sample(16, torch.Generator().manual_seed(0), max_level=9, min_level=3)
     assert batch.inputs.shape[1:] == (16, 5) and batch.targets.shape[1:] == (16, 1)
     assert task.input_size == 5 and task.output_size == 1
     for b in range(16):
         numbers, end = decode(batch, b)
         assert 3 <= len(numbers) <= 9
         assert end == 4 and all(0 <= n <= 3 for n in numbers)
-    again = task.sample(16, 9, torch.Generator().manual_seed(0), 3)
+    again = task.sample(16, torch.Generator().manual_seed(0), max_level=9, min_level=3)
     assert all(torch.equal(x, y) for x, y in zip(batch, again, strict=True))
 
 
 def test_adding_target_is_the_sum_and_the_prediction_sums_every_step():
     task = AddingTask(AddingConfig(max_length=12))
-    batch = task.sample(32, 12, torch.Generator().manual_seed(1), 2)
+    batch = task.sample(32, torch.Generator().manual_seed(1), max_level=12, min_level=2)
     for b in range(32):
         numbers, _ = decode(batch, b)
         assert task.answer(batch)[b].item() == sum(numbers)
@@ -59,7 +59,7 @@ def test_adding_target_is_the_sum_and_the_prediction_sums_every_step():
 
 def test_argmax_target_is_the_last_position_of_the_largest_number():
     task = ArgmaxTask(ArgmaxConfig(size=3, max_length=8))  # numbers 0, 1: many ties
-    batch = task.sample(64, 8, torch.Generator().manual_seed(2), 2)
+    batch = task.sample(64, torch.Generator().manual_seed(2), max_level=8, min_level=2)
     for b in range(64):
         numbers, _ = decode(batch, b)
         largest = max(numbers)
@@ -83,6 +83,8 @@ def test_recipes_build(name):
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     task = TASKS.get(recipe.task.type).cls(recipe.task)
     model = MODELS.get(recipe.model.type).cls(recipe.model, task.input_size, task.output_size)
-    batch = task.sample(2, task.min_level, torch.Generator().manual_seed(0), task.min_level)
+    batch = task.sample(
+        2, torch.Generator().manual_seed(0), max_level=task.min_level, min_level=task.min_level
+    )
     outputs, _ = model(batch.inputs)
     assert torch.isfinite(task.loss(outputs, batch))

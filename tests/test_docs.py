@@ -93,5 +93,5 @@ def test_unknown_marker_or_name_stops_the_build():
     hook = _hook()
     with pytest.raises(ValueError, match=r"page\.md: unknown marker memctl:recipe-section"):
         hook.render("recipe-section", [], "page.md")
-    with pytest.raises(UserError, match="unknown model 'ntn'"):
+    with pytest.raises(UserError, match=r"model\.type: 'ntn' is not registered"):
         hook.render("models", ["ntn"], "page.md")

@@ -376,7 +376,7 @@ def test_fast_weights_learn_associative_retrieval_quickly():
     generator = torch.Generator().manual_seed(0)
     start, losses = time.monotonic(), []
     for _ in range(300):
-        batch = task.sample(64, 2, generator, 2)
+        batch = task.sample(64, generator, max_level=2, min_level=2)
         loss = task.loss(model(batch.inputs)[0], batch)
         optimizer.zero_grad()
         loss.backward()

@@ -205,7 +205,7 @@ def small_model(mode: str, controller: str = "none") -> HAM:
 def min_batch(n: int, batch: int = 2, seed: int = 0):
     entry = TASKS.get("min")
     task = entry.cls(entry.config(key_bits=2, value_bits=2, n=n, min_n=1))
-    return task, task.sample(batch, n, torch.Generator().manual_seed(seed), n)
+    return task, task.sample(batch, torch.Generator().manual_seed(seed), max_level=n, min_level=n)
 
 
 @pytest.mark.parametrize("controller", ["none", "lstm"])
@@ -264,7 +264,7 @@ def test_outputs_are_zero_on_data_steps_and_sequences_are_independent(mode):
 def test_state_continues_the_access_phase(controller):
     model = small_model("soft", controller)
     task = TASKS.get("sort").cls(TASKS.get("sort").config(key_bits=2, value_bits=2, n=4))
-    batch = task.sample(2, 4, torch.Generator().manual_seed(0), 4)
+    batch = task.sample(2, torch.Generator().manual_seed(0), max_level=4, min_level=4)
     inputs = batch.inputs.double()
     whole, _ = model(inputs)
     first, state = model(inputs[:6])
@@ -275,7 +275,7 @@ def test_state_continues_the_access_phase(controller):
 def test_hard_mode_trains_every_part_by_task_loss_plus_reinforce():
     model = small_model("hard", "lstm")
     task = TASKS.get("sort").cls(TASKS.get("sort").config(key_bits=2, value_bits=2, n=4))
-    batch = task.sample(5, 4, torch.Generator().manual_seed(0), 4)
+    batch = task.sample(5, torch.Generator().manual_seed(0), max_level=4, min_level=4)
     outputs, _ = model(batch.inputs.double())
     loss = task.loss(outputs, batch.to(torch.float64))
     sequence_losses = task.sequence_losses(outputs, batch).detach()
@@ -325,7 +325,7 @@ def test_raw_soft_ham_learns_min():
     generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(400):
-        batch = task.sample(50, 8, generator, 8)
+        batch = task.sample(50, generator, max_level=8, min_level=8)
         loss = task.loss(model(batch.inputs)[0], batch)
         optimizer.zero_grad()
         loss.backward()

@@ -37,7 +37,7 @@ def expected_answers(name: str, items: list[tuple[int, tuple]], query: int) -> l
 @pytest.mark.parametrize("name", ["min", "sort", "reverse", "search", "merge"])
 def test_targets_match_a_plain_python_answer(name):
     task = make(name)
-    batch = task.sample(64, 6, torch.Generator().manual_seed(3), 2)
+    batch = task.sample(64, torch.Generator().manual_seed(3), max_level=6, min_level=2)
     inputs, targets, mask = batch
     most = int((inputs[..., -2].sum(0)).max())
     width = KEY_BITS + VALUE_BITS
@@ -69,9 +69,9 @@ def test_targets_match_a_plain_python_answer(name):
 @pytest.mark.parametrize("name", ["min", "sort"])
 def test_sampling_is_deterministic_for_a_generator(name):
     task = make(name)
-    first = task.sample(8, 6, torch.Generator().manual_seed(5), 1)
-    again = task.sample(8, 6, torch.Generator().manual_seed(5), 1)
-    other = task.sample(8, 6, torch.Generator().manual_seed(6), 1)
+    first = task.sample(8, torch.Generator().manual_seed(5), max_level=6, min_level=1)
+    again = task.sample(8, torch.Generator().manual_seed(5), max_level=6, min_level=1)
+    other = task.sample(8, torch.Generator().manual_seed(6), max_level=6, min_level=1)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first.inputs, other.inputs)
 
@@ -79,7 +79,7 @@ def test_sampling_is_deterministic_for_a_generator(name):
 def test_level_sets_every_n_and_lengths_follow_it():
     task = make("sort", n=8, min_n=2)
     assert task.level_field == "n" and task.level == 8 and task.min_level == 2
-    batch = task.sample(16, 5, torch.Generator().manual_seed(0), 5)
+    batch = task.sample(16, torch.Generator().manual_seed(0), max_level=5, min_level=5)
     assert batch.inputs.shape[:2] == (10, 16)
     assert torch.equal(batch.inputs[:5, :, -2], torch.ones(5, 16))
     assert torch.equal(batch.mask.sum(0), torch.full((16,), 5.0))
@@ -87,7 +87,9 @@ def test_level_sets_every_n_and_lengths_follow_it():
 
 def test_min_ties_go_to_the_earlier_item():
     task = make("min", n=16)
-    inputs, targets, _ = task.sample(256, 16, torch.Generator().manual_seed(0), 16)
+    inputs, targets, _ = task.sample(
+        256, torch.Generator().manual_seed(0), max_level=16, min_level=16
+    )
     keys = sum(inputs[:16, :, i].long() << i for i in range(KEY_BITS))  # [16, B]
     first_min = (keys == keys.min(0).values).long().argmax(0)
     values = inputs[first_min, torch.arange(256), KEY_BITS : KEY_BITS + VALUE_BITS]
@@ -101,7 +103,7 @@ def test_config_rejects_min_n_above_n():
 
 def test_min_scores_squared_error_and_exact_match_after_rounding():
     task = make("min", n=4)
-    batch = task.sample(4, 4, torch.Generator().manual_seed(0), 4)
+    batch = task.sample(4, torch.Generator().manual_seed(0), max_level=4, min_level=4)
     assert task.primary_metric == "accuracy" and task.higher_is_better
     assert task.metric_names == ("squared_error", "bit_errors", "accuracy")
     outputs = batch.targets + 0.4 * (1 - 2 * batch.targets) * batch.mask.unsqueeze(-1)

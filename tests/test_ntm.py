@@ -224,7 +224,7 @@ def test_small_copy_recipe_learns():
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.train.optimizer.lr)
     generator = torch.Generator().manual_seed(recipe.seed)
     length = recipe.task.max_length
-    test = task.sample(64, length, torch.Generator().manual_seed(1), length)
+    test = task.sample(64, torch.Generator().manual_seed(1), max_level=length, min_level=length)
 
     def bit_errors() -> float:
         with torch.no_grad():
@@ -232,7 +232,7 @@ def test_small_copy_recipe_learns():
 
     before, start = bit_errors(), time.monotonic()
     for _ in range(SMOKE_STEPS):
-        batch = task.sample(recipe.train.batch_size, length, generator, 1)
+        batch = task.sample(recipe.train.batch_size, generator, max_level=length, min_level=1)
         loss = task.loss(model(batch.inputs)[0], batch)
         optimizer.zero_grad()
         loss.backward()

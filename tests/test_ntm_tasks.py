@@ -41,7 +41,7 @@ def scored_steps(mask: torch.Tensor, b: int) -> list[int]:
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_shapes_dtypes_and_determinism(name: str) -> None:
     task = TASKS[name]()
-    batch = task.sample(16, task.level, generator(3), task.min_level)
+    batch = task.sample(16, generator(3), max_level=task.level, min_level=task.min_level)
     steps, batch_size = batch.mask.shape
     assert batch_size == 16
     assert batch.inputs.shape == (steps, 16, task.input_size)
@@ -55,16 +55,16 @@ def test_shapes_dtypes_and_determinism(name: str) -> None:
         last = scored_steps(batch.mask, b)[-1]
         assert batch.inputs[last + 1 :, b].abs().sum() == 0
         assert batch.targets[last + 1 :, b].abs().sum() == 0
-    again = task.sample(16, task.level, generator(3), task.min_level)
+    again = task.sample(16, generator(3), max_level=task.level, min_level=task.min_level)
     assert all(torch.equal(a, b) for a, b in zip(batch, again, strict=True))
-    other = task.sample(16, task.level, generator(4), task.min_level)
+    other = task.sample(16, generator(4), max_level=task.level, min_level=task.min_level)
     assert not torch.equal(batch.inputs, other.inputs) or batch.inputs.shape != other.inputs.shape
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_metrics_are_listed_scalars(name: str) -> None:
     task = TASKS[name]()
-    batch = task.sample(8, task.level, generator(), task.min_level)
+    batch = task.sample(8, generator(), max_level=task.level, min_level=task.min_level)
     metrics = task.metrics(torch.zeros_like(batch.targets), batch)
     assert tuple(metrics) == task.metric_names
     assert task.primary_metric in metrics
@@ -79,7 +79,7 @@ def test_metrics_are_listed_scalars(name: str) -> None:
 
 def test_repeat_copy_target_is_the_input_repeated_then_the_end_marker() -> None:
     task = RepeatCopyTask(RepeatCopyConfig(width=5, max_length=6, max_repeats=4))
-    batch = task.sample(32, 6, generator(1), 1)
+    batch = task.sample(32, generator(1), max_level=6, min_level=1)
     width = 5
     mean, std = repeat_normalisation(1, 4)
     lengths, repeats = set(), set()
@@ -113,7 +113,7 @@ def test_repeat_channel_has_mean_zero_and_variance_one_over_the_training_range()
     assert task.repeat_mean == 5.5
     assert task.repeat_std == pytest.approx(math.sqrt(99 / 12))
     # And empirically, on what the network sees.
-    batch = task.sample(4000, 3, generator(2), 1)
+    batch = task.sample(4000, generator(2), max_level=3, min_level=1)
     seen = batch.inputs[:, :, task.width + 1].sum(0).double()
     assert seen.mean().item() == pytest.approx(0, abs=0.06)
     assert seen.var(unbiased=False).item() == pytest.approx(1, abs=0.06)
@@ -131,7 +131,7 @@ def test_repeat_copy_single_count_range_is_not_a_division_by_zero() -> None:
 def test_recall_target_is_the_item_after_the_query() -> None:
     config = AssociativeRecallConfig(width=3, item_length=2, max_items=5)
     task = AssociativeRecallTask(config)
-    batch = task.sample(64, 5, generator(5), 2)
+    batch = task.sample(64, generator(5), max_level=5, min_level=2)
     width, vectors = 3, 2
     counts, query_positions = set(), set()
     for b in range(64):
@@ -157,12 +157,12 @@ def test_recall_target_is_the_item_after_the_query() -> None:
 
 def test_recall_default_sizes_follow_the_paper() -> None:
     task = AssociativeRecallTask(AssociativeRecallConfig())
-    batch = task.sample(4, 6, generator(), 6)
+    batch = task.sample(4, generator(), max_level=6, min_level=6)
     assert (task.input_size, task.output_size) == (8, 6)
     # 6 items of delimiter + 3 vectors, query between 2 delimiters, 3 answer steps.
     assert batch.inputs.shape[0] == 6 * 4 + 5 + 3
     with pytest.raises(ValueError, match="at least 2"):
-        task.sample(4, 3, generator(), 1)
+        task.sample(4, generator(), max_level=3, min_level=1)
 
 
 # Priority sort
@@ -170,7 +170,7 @@ def test_recall_default_sizes_follow_the_paper() -> None:
 
 def test_sort_target_is_the_top_vectors_by_decreasing_priority() -> None:
     task = PrioritySortTask(PrioritySortConfig(width=4, max_items=20, min_items=5))
-    batch = task.sample(64, 20, generator(6), 5)
+    batch = task.sample(64, generator(6), max_level=20, min_level=5)
     width = 4
     for b in range(64):
         count = int(torch.nonzero(batch.inputs[:, b, width + 1]).flatten().item())
@@ -189,7 +189,7 @@ def test_sort_target_is_the_top_vectors_by_decreasing_priority() -> None:
 
 def test_priorities_are_uniform_on_minus_one_to_one() -> None:
     task = PrioritySortTask(PrioritySortConfig())
-    batch = task.sample(500, 20, generator(7), 20)
+    batch = task.sample(500, generator(7), max_level=20, min_level=20)
     priority = batch.inputs[:20, :, task.width].flatten()
     assert priority.min() >= -1 and priority.max() <= 1
     assert priority.mean().item() == pytest.approx(0, abs=0.03)
@@ -224,7 +224,7 @@ def bayes_reference(bits: np.ndarray, lengths: list[int], order: int) -> np.ndar
 @pytest.mark.parametrize("order", [2, 3, 6])
 def test_bayes_estimator_matches_an_explicit_loop_reference(order: int) -> None:
     task = NGramsTask(NGramsConfig(order=order, length=60, min_length=order + 2))
-    batch = task.sample(6, 60, generator(order), order + 2)
+    batch = task.sample(6, generator(order), max_level=60, min_level=order + 2)
     lengths = (batch.mask.sum(0) + order - 1).long().tolist()
     bits = torch.cat([batch.inputs[:1, :, 0], batch.targets[:, :, 0]]).double()
     reference = bayes_reference(bits.numpy(), lengths, order)
@@ -245,7 +245,7 @@ def test_bayes_estimator_matches_an_explicit_loop_reference(order: int) -> None:
 
 def test_ngram_layout_targets_are_the_next_bit() -> None:
     task = NGramsTask(NGramsConfig(length=50, min_length=10))
-    batch = task.sample(32, 50, generator(8), 10)
+    batch = task.sample(32, generator(8), max_level=50, min_level=10)
     lengths = []
     for b in range(32):
         steps = scored_steps(batch.mask, b)
@@ -271,7 +271,7 @@ def test_ngram_tables_are_beta_half_half() -> None:
 
 def test_ngram_bits_follow_their_table_and_the_bayes_cost_is_the_floor() -> None:
     task = NGramsTask(NGramsConfig())
-    batch = task.sample(64, 200, generator(10), 200)
+    batch = task.sample(64, generator(10), max_level=200, min_level=200)
     metrics = task.metrics(torch.zeros_like(batch.targets), batch)
     # Skewed per-context probabilities make the bits predictable well below 1 bit each;
     # i.i.d. fair bits would cost the Bayes estimator more than 1 bit each.
@@ -292,13 +292,13 @@ def test_ngram_floor_is_below_a_trained_lstm() -> None:
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     data = generator(11)
     for _ in range(100):
-        batch = task.sample(16, 100, data, 100)
+        batch = task.sample(16, data, max_level=100, min_level=100)
         loss = task.loss(model(batch.inputs)[0], batch)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     with torch.no_grad():
-        batch = task.sample(256, 100, generator(12), 100)
+        batch = task.sample(256, generator(12), max_level=100, min_level=100)
         metrics = task.metrics(model(batch.inputs)[0], batch)
     untrained = 95.0  # 95 scored predictions at p = 1/2
     assert metrics["cost_bits"] < 0.97 * untrained  # it learned something
@@ -319,7 +319,7 @@ def test_recipes_build_and_run_one_batch(name: str) -> None:
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / name)
     task = TASK_REGISTRY.get(recipe.task.type).cls(recipe.task)
     model = MODELS.get(recipe.model.type).cls(recipe.model, task.input_size, task.output_size)
-    batch = task.sample(2, task.min_level, generator(), task.min_level)
+    batch = task.sample(2, generator(), max_level=task.min_level, min_level=task.min_level)
     with torch.no_grad():
         outputs, _ = model(batch.inputs)
     assert outputs.shape == batch.targets.shape

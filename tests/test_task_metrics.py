@@ -13,7 +13,9 @@ from memctl.registry import TASKS
 def test_every_task_describes_every_metric_it_logs(name: str):
     entry = TASKS.get(name)
     task = entry.cls(entry.config())
-    batch = task.sample(2, task.level, torch.Generator().manual_seed(0), task.min_level)
+    batch = task.sample(
+        2, torch.Generator().manual_seed(0), max_level=task.level, min_level=task.min_level
+    )
     logged = task.metrics(torch.zeros_like(batch.targets), batch)
     assert list(logged) == list(task.metric_names)
     assert set(task.metric_descriptions) == set(task.metric_names)

@@ -106,7 +106,9 @@ def test_trace_matches_forward_and_contract(model_type: str):
     entry, task_entry = MODELS.get(model_type), TASKS.get(task_section["type"])
     task = task_entry.cls(task_entry.config.model_validate(task_section))
     model = entry.cls(entry.config.model_validate(model_section), task.input_size, task.output_size)
-    batch = task.sample(3, task.level, torch.Generator().manual_seed(0), task.level)
+    batch = task.sample(
+        3, torch.Generator().manual_seed(0), max_level=task.level, min_level=task.level
+    )
     model.eval()
     with torch.no_grad():
         expected, _ = model(batch.inputs)

@@ -82,7 +82,7 @@ class ScalarOutputTask(Task):
         return self.config.min_length
 
     def sample(
-        self, batch_size: int, max_level: int, generator: torch.Generator, min_level: int
+        self, batch_size: int, generator: torch.Generator, *, max_level: int, min_level: int
     ) -> Batch:
         lengths = draw_levels(batch_size, min_level, max_level, generator)
         longest = int(lengths.max())

@@ -52,7 +52,7 @@ class AssociativeRecallTask(Task):
         return self.config.min_items
 
     def sample(
-        self, batch_size: int, max_level: int, generator: torch.Generator, min_level: int
+        self, batch_size: int, generator: torch.Generator, *, max_level: int, min_level: int
     ) -> Batch:
         vectors, stride = self.item_length, self.item_length + 1
         if min_level < 2:

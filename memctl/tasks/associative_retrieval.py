@@ -74,7 +74,7 @@ class AssociativeRetrievalTask(Task):
         return self.config.min_pairs
 
     def sample(
-        self, batch_size: int, max_level: int, generator: torch.Generator, min_level: int
+        self, batch_size: int, generator: torch.Generator, *, max_level: int, min_level: int
     ) -> Batch:
         pairs = draw_levels(batch_size, min_level, max_level, generator)  # [B]
         most = int(pairs.max())

@@ -97,9 +97,12 @@ class Task:
         return torch.sigmoid(logits), r"output $\sigma(y_t)$"
 
     def sample(
-        self, batch_size: int, max_level: int, generator: torch.Generator, min_level: int
+        self, batch_size: int, generator: torch.Generator, *, max_level: int, min_level: int
     ) -> Batch:
-        """A batch whose sequences have levels drawn uniformly from [min_level, max_level]."""
+        """A batch whose sequences have levels drawn uniformly from [min_level, max_level].
+
+        The levels are keyword-only: this signature is the public contract that plugin
+        tasks implement, and two integers side by side are easy to swap."""
         raise NotImplementedError
 
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -88,7 +88,7 @@ class KeyValueTask(Task):
         raise NotImplementedError
 
     def sample(
-        self, batch_size: int, max_level: int, generator: torch.Generator, min_level: int
+        self, batch_size: int, generator: torch.Generator, *, max_level: int, min_level: int
     ) -> Batch:
         counts = draw_levels(batch_size, min_level, max_level, generator)  # [B]
         most = int(counts.max())

@@ -121,7 +121,7 @@ class NGramsTask(Task):
         return self.config.length if self.config.min_length is None else self.config.min_length
 
     def sample(
-        self, batch_size: int, max_level: int, generator: torch.Generator, min_level: int
+        self, batch_size: int, generator: torch.Generator, *, max_level: int, min_level: int
     ) -> Batch:
         context_bits = self.context_bits
         if min_level <= context_bits:

@@ -57,7 +57,7 @@ class PrioritySortTask(Task):
         return torch.floor(items * self.config.keep_fraction + 0.5).long().clamp_min(1)
 
     def sample(
-        self, batch_size: int, max_level: int, generator: torch.Generator, min_level: int
+        self, batch_size: int, generator: torch.Generator, *, max_level: int, min_level: int
     ) -> Batch:
         counts = draw_levels(batch_size, min_level, max_level, generator)
         outputs = self.output_count(counts)

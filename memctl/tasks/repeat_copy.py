@@ -77,7 +77,7 @@ class RepeatCopyTask(Task):
         return (repeats.float() - self.repeat_mean) / self.repeat_std
 
     def sample(
-        self, batch_size: int, max_level: int, generator: torch.Generator, min_level: int
+        self, batch_size: int, generator: torch.Generator, *, max_level: int, min_level: int
     ) -> Batch:
         config = self.config
         lengths = draw_levels(batch_size, min_level, max_level, generator)
