@@ -29,7 +29,7 @@ from memctl.recipe import Recipe
 from memctl.rundir import RunDir
 
 MLFLOW_HINT = "mlflow is not installed: pip install 'memctl[mlflow]'"
-# MLflow servers refuse longer parameter values (500 characters before MLflow 2.10).
+# The parameter value length every MLflow version accepts (newer ones allow more).
 PARAM_VALUE_LIMIT = 500
 # log_batch takes at most 100 parameters per call.
 PARAMS_PER_BATCH = 100
