@@ -13,7 +13,9 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from memctl.tracking import PARAM_VALUE_LIMIT, flatten_params
+from memctl.recipe import read_yaml, validate_recipe
+from memctl.rundir import RunDir
+from memctl.tracking import PARAM_VALUE_LIMIT, MlflowLog, flatten_params
 from tests.conftest import TINY, cli, cli_process, snapshot, write_recipe
 from tests.test_bad_input import assert_one_line_error
 from tests.test_reliability import finish, metrics_text
@@ -206,3 +208,32 @@ def test_mlflow_missing_is_one_line_and_creates_nothing(
     assert_one_line_error(result, "log.mlflow", "memctl[mlflow]")
     assert snapshot(runs_dir) == before
     assert client.get_experiment_by_name("tiny") is None
+
+
+def test_resume_from_an_earlier_checkpoint_logs_its_steps_again(
+    tiny_recipe: Path, runs_dir: Path, client: MlflowClient
+):
+    assert cli("train", tiny_recipe, "--runs-dir", runs_dir, "--mlflow").exit_code == 0
+    run = runs_dir / "tiny"
+    result = cli("resume", run, "--from", "step_30")
+    assert result.exit_code == 0, result.output
+    steps = [step for step, _ in history(client, mlflow_id(run), "loss")]
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 35, 40, 40]  # MLflow keeps the cut values
+    assert pd.read_csv(run / "metrics.csv")["step"].tolist() == [5, 10, 15, 20, 25, 30, 35, 40]
+
+
+def test_an_interrupted_run_is_killed_in_mlflow_and_resume_reopens_it(
+    tiny_recipe: Path, runs_dir: Path, client: MlflowClient
+):
+    assert (
+        cli("train", tiny_recipe, "--runs-dir", runs_dir, "--mlflow", "--steps", "20").exit_code
+        == 0
+    )
+    run = RunDir.open(runs_dir / "tiny")
+    recipe = validate_recipe(read_yaml(run.recipe_file), str(run.recipe_file))
+    MlflowLog(run, recipe).close("interrupted", run.checkpoint_path("last"))
+    assert client.get_run(mlflow_id(run.path)).info.status == "KILLED"
+    assert cli("resume", run.path, "--steps", "5").exit_code == 0
+    logged = client.get_run(mlflow_id(run.path))
+    assert logged.info.status == "FINISHED"
+    assert history(client, logged.info.run_id, "loss")[-1][0] == 25
