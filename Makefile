@@ -17,7 +17,7 @@ $(BIN)/memctl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev,plot,tensorboard,docs]"
+	$(BIN)/pip install --quiet -e ".[dev,plot,tensorboard,docs,mlflow]"
 	touch $(BIN)/memctl
 
 install: $(BIN)/memctl

@@ -129,6 +129,14 @@ TensorBoardOption = Annotated[
         "(same as --set log.tensorboard=true)",
     ),
 ]
+MlflowOption = Annotated[
+    bool,
+    typer.Option(
+        "--mlflow",
+        help="Also log to MLflow: MLFLOW_TRACKING_URI, default ./mlruns "
+        "(same as --set log.mlflow=true)",
+    ),
+]
 
 # Plain progress lines (no terminal) are printed at most this often.
 PLAIN_PROGRESS_SECONDS = 5.0
@@ -308,6 +316,7 @@ def train(
     runs_dir: RunsDirOption = Path("runs"),
     device: DeviceOption = None,
     tensorboard: TensorBoardOption = False,
+    mlflow: MlflowOption = False,
     force: ForceOption = False,
     dry_run: Annotated[
         bool,
@@ -321,6 +330,7 @@ def train(
         from memctl.registry import TASKS
 
         settings = list(overrides or []) + (["log.tensorboard=true"] if tensorboard else [])
+        settings += ["log.mlflow=true"] if mlflow else []
         if name is not None:
             settings.append(f"name={name}")
         if steps is not None:
@@ -351,6 +361,7 @@ def resume(
     overrides: SetOption = None,
     device: DeviceOption = None,
     tensorboard: TensorBoardOption = False,
+    mlflow: MlflowOption = False,
     force: ForceOption = False,
     start_from: FromOption = "last",
 ) -> None:
@@ -363,6 +374,7 @@ def resume(
         task_type = load_run(run).recipe.task.type
         reporter = ConsoleReporter(TASKS.get(task_type).cls.primary_metric)
         settings = list(overrides or []) + (["log.tensorboard=true"] if tensorboard else [])
+        settings += ["log.mlflow=true"] if mlflow else []
 
         def start() -> tuple[Any, str, Path]:
             trainer, status = resume_run(run, settings, steps, device, reporter, force, start_from)

@@ -31,6 +31,7 @@ from memctl.errors import UserError
 from memctl.models.base import parameter_count
 from memctl.recipe import Recipe, apply_overrides, read_yaml, validate_recipe
 from memctl.rundir import RunDir, atomic_write, format_size, now, pid_alive
+from memctl.tracking import mlflow_client_class
 from memctl.trainer import Reporter, Trainer, TrainingError, resolve_device, summary_writer_class
 
 # Recipe fields that name or place a run: the directory is named after them, so a
@@ -223,6 +224,7 @@ def _finish(trainer: Trainer, run: RunDir) -> str:
         status = trainer.train(trainer.recipe.train.steps)
     except TrainingError as exc:
         run.update_info(status="failed", error=str(exc), step=trainer.step)
+        _close_mlflow(trainer, run, "failed")
         raise
     except (MemoryError, torch.OutOfMemoryError) as exc:
         with contextlib.suppress(UserError):
@@ -235,6 +237,7 @@ def _finish(trainer: Trainer, run: RunDir) -> str:
     except BaseException as exc:
         with contextlib.suppress(UserError):  # the runs folder may be what failed
             run.update_info(status="failed", error=f"{exc.__class__.__name__}: {exc}")
+        _close_mlflow(trainer, run, "failed")
         raise
     run.update_info(
         status=status,
@@ -244,7 +247,13 @@ def _finish(trainer: Trainer, run: RunDir) -> str:
     )
     if trainer.tensorboard is not None:
         trainer.tensorboard.close()
+    _close_mlflow(trainer, run, status)
     return status
+
+
+def _close_mlflow(trainer: Trainer, run: RunDir, status: str) -> None:
+    if trainer.mlflow is not None:
+        trainer.mlflow.close(status, run.checkpoint_path("last"))
 
 
 def start_run(
@@ -265,6 +274,8 @@ def start_run(
         trainer = Trainer(recipe, device, reporter)
         if recipe.log.tensorboard:
             summary_writer_class()
+        if recipe.log.mlflow:
+            mlflow_client_class()
         backend = trainer.backend
     except UserError as exc:
         message = str(exc)
@@ -352,6 +363,8 @@ def resume_run(
     assert trainer is not None
     if recipe.log.tensorboard:
         summary_writer_class()
+    if recipe.log.mlflow:
+        mlflow_client_class()
     unfinished = (
         which == "last" and run.status() != "finished" and trainer.step == recipe.train.steps
     )
@@ -391,6 +404,7 @@ def resume_run(
         rows = _final_rows(run, trainer.step)
         trainer.final_eval = rows or trainer.evaluate_and_record("final")
         run.update_info(status="finished", step=trainer.step, level=trainer.curriculum.level)
+        _close_mlflow(trainer, run, "finished")
         return trainer, "finished"
     trainer.reporter.message(f"resuming {run.name} at step {trainer.step}, {trainer.backend}")
     if which != "last":
@@ -426,6 +440,8 @@ def fork_run(
     )
     trainer, recipe, parent = loaded.trainer, loaded.recipe, loaded.run
     assert trainer is not None
+    if recipe.log.mlflow:
+        mlflow_client_class()
     if trainer.step >= recipe.train.steps:
         raise UserError(
             f"{path}: {loaded.label} is at step {trainer.step} of "

@@ -113,6 +113,11 @@ class LogSection(Section):
         False,
         description="also write metrics.csv's and eval.csv's rows as TensorBoard scalars",
     )
+    mlflow: bool = Field(
+        False,
+        description="also log the recipe, metrics.csv's and eval.csv's rows and the final "
+        "checkpoint to MLflow (MLFLOW_TRACKING_URI, default ./mlruns)",
+    )
 
 
 class Recipe(Section):

@@ -25,6 +25,7 @@ from memctl.recipe import DEVICE_PATTERN, Recipe
 from memctl.registry import MODELS, TASKS
 from memctl.rundir import CsvLog, RunDir, now
 from memctl.toolchain import cpp_compiler
+from memctl.tracking import EVAL_BOOKKEEPING, MlflowLog
 
 STOP_SIGNALS = {signal.SIGTERM: 0, signal.SIGINT: 130}
 if hasattr(signal, "SIGUSR1"):  # SLURM's usual warning before a time limit
@@ -97,9 +98,9 @@ class TensorBoardLog:
         self._write([(f"train/{k}", v, row["step"]) for k, v in row.items() if k != "step"])
 
     def add_eval(self, rows: list[dict[str, Any]]) -> None:
-        skip = ("step", "time", "checkpoint", "checkpoint_step", "eval_seed", "level", "sequences")
         self._write([(f"eval/{k}/level_{row['level']}", v, row["step"])
-                     for row in rows for k, v in row.items() if k not in skip])  # fmt: skip
+                     for row in rows for k, v in row.items()
+                     if k not in EVAL_BOOKKEEPING])  # fmt: skip
 
     def truncate_after(self, step: int) -> None:
         self.close()
@@ -292,6 +293,7 @@ class Trainer:
         self.tensorboard = (
             TensorBoardLog(run.path / "tensorboard") if self.recipe.log.tensorboard else None
         )
+        self.mlflow = MlflowLog(run, self.recipe) if self.recipe.log.mlflow else None
 
     # -- checkpoints --------------------------------------------------------------
 
@@ -495,6 +497,8 @@ class Trainer:
         self.metrics_log.append([row])
         if self.tensorboard is not None:
             self.tensorboard.add_metrics(row)
+        if self.mlflow is not None:
+            self.mlflow.add_metrics(row)
         self._reset_interval()
         return row
 
@@ -632,6 +636,8 @@ class Trainer:
         self.eval_log.append(rows)
         if self.tensorboard is not None:
             self.tensorboard.add_eval(rows)
+        if self.mlflow is not None:
+            self.mlflow.add_eval(rows)
         level = self.curriculum.level
         current = next(r for r in rows if r["level"] == level)
         value = float(current[self.task.primary_metric])
