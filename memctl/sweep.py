@@ -452,8 +452,11 @@ def primary_metric(recipe_file: Path) -> str:
 @functools.lru_cache(maxsize=4096)
 def _primary_metric(recipe_file: Path, mtime_ns: int) -> str:
     # Polled for every trial every second: each recipe version is parsed once.
-    task_type = (yaml.safe_load(recipe_file.read_text()) or {}).get("task", {}).get("type")
-    return TASKS.get(task_type).cls.primary_metric if task_type in TASKS else ""
+    section = (yaml.safe_load(recipe_file.read_text()) or {}).get("task", {})
+    if section.get("type") not in TASKS:
+        return ""
+    entry = TASKS.get(section["type"])
+    return entry.cls.for_config(entry.config.model_validate(section)).primary_metric
 
 
 def sweep_status(sweep_dir: Path) -> list[dict[str, Any]]:
