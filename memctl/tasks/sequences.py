@@ -303,8 +303,9 @@ def load_sequences(path: str, loss: str) -> Sequences:
 
 @TASKS.register("sequences", SequencesConfig)
 class SequencesTask(Task):
-    """Sequences from the user's files, ``loss: bce`` (the class each config builds is
-    the one its loss selects: see ``for_config``)."""
+    """Sequences from the user's files. The metrics named here are those of ``loss: bce``;
+    ``mse`` and ``cross_entropy`` have their own, each loss being a subclass that
+    ``for_config`` selects."""
 
     level_field = "max_level"
     metric_descriptions: ClassVar[dict[str, str]] = {
