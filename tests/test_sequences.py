@@ -22,9 +22,11 @@ from memctl.registry import TASKS
 from memctl.sweep import primary_metric
 from memctl.tasks.sequences import SequencesConfig, load_sequences
 from memctl.trainer import Trainer
+from memctl.viz import Series, metric_label
 from tests.conftest import cli, cli_process, snapshot, write_recipe
 from tests.test_bad_input import assert_one_line_error
 from tests.test_reliability import finish, metrics_text
+from tests.test_task_metrics import check_metrics_described
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -353,6 +355,30 @@ def test_the_loss_picks_the_primary_metric_where_only_the_recipe_is_known(tmp_pa
         assert primary_metric(path) == metric
         config = SequencesConfig(train=str(tmp_path / "d.npz"), loss=loss)
         assert TASKS.get("sequences").cls.for_config(config).primary_metric == metric
+
+
+@pytest.mark.parametrize("loss", ["bce", "mse", "cross_entropy"])
+def test_each_loss_describes_every_metric_it_logs(tmp_path: Path, loss: str):
+    arrays = delayed_copy()
+    if loss == "cross_entropy":  # a class per step: the first bit
+        arrays["targets"] = arrays["targets"][..., 0].astype(np.int64)
+    np.savez(tmp_path / "d.npz", **arrays)
+    task = task_of(tmp_path / "d.npz", loss=loss)
+    assert type(task) is TASKS.get("sequences").cls.for_config(task.config)
+    check_metrics_described(task)
+
+
+def test_plots_label_the_metric_of_the_runs_loss(tmp_path: Path, runs_dir: Path):
+    np.savez(tmp_path / "d.npz", **delayed_copy())
+    data = recipe_data(tmp_path / "d.npz", loss="mse")
+    data["train"]["steps"] = 5
+    assert (
+        cli("train", write_recipe(tmp_path / "r.yaml", data), "--runs-dir", runs_dir).exit_code == 0
+    )
+    series = [Series("seq", [runs_dir / "seq"], from_sweep=False)]
+    assert (
+        metric_label(series, "squared_error") == "squared_error (squared error summed per sequence)"
+    )
 
 
 def _page_commands() -> list[str]:

@@ -308,12 +308,6 @@ class SequencesTask(Task):
     ``for_config`` selects."""
 
     level_field = "max_level"
-    metric_descriptions: ClassVar[dict[str, str]] = {
-        **Task.metric_descriptions,
-        "squared_error": "squared error summed per sequence",
-        "abs_error": "mean absolute error per scored value",
-        "error": "fraction of scored steps whose most likely class is wrong",
-    }
 
     def __new__(cls, config: SequencesConfig) -> SequencesTask:
         return super().__new__(cls.for_config(config))
@@ -403,6 +397,10 @@ class RealSequencesTask(SequencesTask):
     primary_metric = "squared_error"
     metric_names = ("squared_error", "abs_error")
     higher_is_better_metrics: ClassVar[frozenset[str]] = frozenset()
+    metric_descriptions: ClassVar[dict[str, str]] = {
+        "squared_error": "squared error summed per sequence",
+        "abs_error": "mean absolute error per scored value",
+    }
 
     def _squared(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Squared error of every scored value, ``[T, B, O]``."""
@@ -439,6 +437,11 @@ class ClassSequencesTask(SequencesTask):
 
     primary_metric = "error"
     metric_names = ("cost_bits", "error", "accuracy")
+    metric_descriptions: ClassVar[dict[str, str]] = {
+        "cost_bits": "cross-entropy, bits per sequence",
+        "error": "fraction of scored steps wrong",
+        "accuracy": "fraction of sequences all right",
+    }
 
     def _cross_entropy(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Cross-entropy in nats at every step, masked, ``[T, B]``."""
