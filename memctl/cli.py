@@ -341,7 +341,8 @@ def train(
         if dry_run:
             _print_plan(loaded, device, recipe)
             return
-        reporter = ConsoleReporter(TASKS.get(loaded.task.type).cls.primary_metric)
+        task_class = TASKS.get(loaded.task.type).cls.for_config(loaded.task)
+        reporter = ConsoleReporter(task_class.primary_metric)
 
         def start() -> tuple[Any, str, Path]:
             trainer, status = start_run(
@@ -371,8 +372,8 @@ def resume(
         from memctl.lifecycle import load_run, resume_run
         from memctl.registry import TASKS
 
-        task_type = load_run(run).recipe.task.type
-        reporter = ConsoleReporter(TASKS.get(task_type).cls.primary_metric)
+        task = load_run(run).recipe.task
+        reporter = ConsoleReporter(TASKS.get(task.type).cls.for_config(task).primary_metric)
         settings = list(overrides or []) + (["log.tensorboard=true"] if tensorboard else [])
         settings += ["log.mlflow=true"] if mlflow else []
 
@@ -453,8 +454,8 @@ def fork(
         from memctl.lifecycle import fork_run, load_run
         from memctl.registry import TASKS
 
-        task_type = load_run(run).recipe.task.type
-        reporter = ConsoleReporter(TASKS.get(task_type).cls.primary_metric)
+        task = load_run(run).recipe.task
+        reporter = ConsoleReporter(TASKS.get(task.type).cls.for_config(task).primary_metric)
 
         def start() -> tuple[Any, str, Path]:
             return fork_run(

@@ -78,3 +78,13 @@ def import_submodules(package: ModuleType) -> None:
 
 MODELS = Registry("model")
 TASKS = Registry("task")
+
+
+def task_class(section: Any) -> type | None:
+    """The class whose loss and metrics a recipe's ``task`` section (plain data, as in a
+    run's recipe.yaml) has: ``Task.for_config`` of its registered type, or None when the
+    section names no registered task."""
+    if not isinstance(section, dict) or section.get("type") not in TASKS:
+        return None
+    entry = TASKS.get(section["type"])
+    return entry.cls.for_config(entry.config.model_validate(section))

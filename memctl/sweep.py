@@ -79,7 +79,7 @@ from memctl.recipe import (
     read_yaml,
     validate_recipe,
 )
-from memctl.registry import TASKS
+from memctl.registry import TASKS, task_class
 from memctl.rundir import RunDir, atomic_write
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
@@ -455,8 +455,8 @@ def primary_metric(recipe_file: Path) -> str:
 @functools.lru_cache(maxsize=4096)
 def _primary_metric(recipe_file: Path, mtime_ns: int) -> str:
     # Polled for every trial every second: each recipe version is parsed once.
-    task_type = (yaml.safe_load(recipe_file.read_text()) or {}).get("task", {}).get("type")
-    return TASKS.get(task_type).cls.primary_metric if task_type in TASKS else ""
+    found = task_class((yaml.safe_load(recipe_file.read_text()) or {}).get("task"))
+    return found.primary_metric if found is not None else ""
 
 
 def sweep_status(sweep_dir: Path) -> list[dict[str, Any]]:

@@ -600,9 +600,7 @@ class Trainer:
                 generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + level)
                 sums: dict[str, float] = {}
                 for _ in range(spec.batches):
-                    batch = self.task.sample(
-                        batch_size, generator, max_level=level, min_level=level
-                    ).to(self.device)
+                    batch = self.task.sample_eval(batch_size, level, generator).to(self.device)
                     outputs, _ = self.model(batch.inputs)
                     values = {
                         "loss": self.task.loss(outputs, batch),

@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+import yaml
 
 from memctl.errors import UserError
 from memctl.rundir import RunDir, atomic_write
@@ -207,15 +208,14 @@ def metric_label(series: list[Series], metric: str) -> str:
     """The y axis label: the metric and, where the first started run's task describes it,
     its meaning and unit (``bit_errors (wrong bits per sequence)``)."""
     import memctl.tasks  # noqa: F401  (registers the tasks)
-    from memctl.registry import TASKS
+    from memctl.registry import task_class
 
     run = next(run for item in series for run in item.runs if (run / "run.json").is_file())
-    task = RunDir(run).read_info().get("task")
-    if isinstance(task, str) and task in TASKS:
-        description = TASKS.get(task).cls.metric_descriptions.get(metric)
-        if description:
-            return f"{metric} ({description})"
-    return metric
+    recipe = RunDir(run).recipe_file
+    section = (yaml.safe_load(recipe.read_text()) or {}).get("task") if recipe.is_file() else None
+    found = task_class(section)
+    description = found.metric_descriptions.get(metric) if found is not None else None
+    return f"{metric} ({description})" if description else metric
 
 
 def smoothed(frame: pd.DataFrame, column: str, rows: int) -> pd.DataFrame:

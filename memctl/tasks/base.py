@@ -85,6 +85,14 @@ class Task:
         return 1
 
     @classmethod
+    def for_config(cls, config: TaskConfig) -> type[Task]:
+        """The class whose loss and metrics a task built from ``config`` has: this one, or,
+        where the metrics follow a setting (``sequences``' loss), the subclass it selects.
+        Code that knows a recipe but builds no task (progress lines, sweep tables) asks
+        this rather than the registered class."""
+        return cls
+
+    @classmethod
     def metric_higher_is_better(cls, metric: str) -> bool:
         """Whether a higher value of one of the task's metrics is better."""
         if metric == cls.primary_metric:
@@ -104,6 +112,12 @@ class Task:
         The levels are keyword-only: this signature is the public contract that plugin
         tasks implement, and two integers side by side are easy to swap."""
         raise NotImplementedError
+
+    def sample_eval(self, batch_size: int, level: int, generator: torch.Generator) -> Batch:
+        """A held-out batch at ``level`` for evaluation. A generated task has no held-out
+        set: its batches come from the eval seed's generator; a task on files reads its
+        eval file here."""
+        return self.sample(batch_size, generator, max_level=level, min_level=level)
 
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Mean sigmoid cross-entropy per scored bit (what the optimiser sees)."""
