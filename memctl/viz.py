@@ -213,6 +213,8 @@ def metric_label(series: list[Series], metric: str) -> str:
     run = next(run for item in series for run in item.runs if (run / "run.json").is_file())
     recipe = RunDir(run).recipe_file
     section = (yaml.safe_load(recipe.read_text()) or {}).get("task") if recipe.is_file() else None
+    if section is None:  # no task in a recipe: the type run.json names, at its defaults
+        section = {"type": RunDir(run).read_info().get("task")}
     found = task_class(section)
     description = found.metric_descriptions.get(metric) if found is not None else None
     return f"{metric} ({description})" if description else metric
