@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -209,7 +212,15 @@ def test_version_names_memctl_and_torch():
 def test_shell_completion_is_offered():
     text = help_text()
     assert "--install-completion" in text and "--show-completion" in text
-    process = cli_process("--show-completion", "bash")
+    # A clean environment: what the user's shell gives, not what earlier tests left.
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"), "SHELL": "/bin/bash"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memctl", "--show-completion", "bash"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     assert "_COMPLETE=complete_bash" in out and "complete -o default -F" in out
