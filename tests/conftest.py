@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -70,3 +71,11 @@ def cli_process(*args: str, **kwargs) -> subprocess.Popen:
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under root and its bytes: to assert nothing was created or changed."""
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def import_file(path: Path, name: str):
+    """The module in the file at ``path`` (a script or hook outside the package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

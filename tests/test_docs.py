@@ -3,7 +3,6 @@ fails the suite), and its recipe reference is generated from the schemas."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 from memctl import catalog
 from memctl.errors import UserError
 from memctl.registry import MODELS, TASKS
+from tests.conftest import import_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,12 +23,7 @@ for module in ("mkdocs", "material", "mkdocstrings_handlers.python"):
 
 
 def _hook():
-    spec = importlib.util.spec_from_file_location(
-        "catalog_tables", ROOT / "docs/hooks/catalog_tables.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file(ROOT / "docs/hooks/catalog_tables.py", "catalog_tables")
 
 
 def _build(root: Path, site: Path) -> subprocess.CompletedProcess:

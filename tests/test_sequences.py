@@ -3,7 +3,6 @@ from the run's generator (exact resume), with curricula over each sequence's lev
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 import shutil
@@ -23,21 +22,16 @@ from memctl.sweep import primary_metric
 from memctl.tasks.sequences import SequencesConfig, load_sequences
 from memctl.trainer import Trainer
 from memctl.viz import Series, metric_label
-from tests.conftest import cli, cli_process, snapshot, write_recipe
+from tests.conftest import cli, import_file, snapshot, write_recipe
 from tests.test_bad_input import assert_one_line_error
-from tests.test_reliability import finish, metrics_text
+from tests.test_reliability import assert_split_run_matches_straight
 from tests.test_task_metrics import check_metrics_described
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _example_module():
-    spec = importlib.util.spec_from_file_location(
-        "make_sequences", ROOT / "examples/make_sequences.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file(ROOT / "examples/make_sequences.py", "make_sequences")
 
 
 EXAMPLE = _example_module()
@@ -265,19 +259,7 @@ def test_exact_resume_in_a_new_process(tmp_path: Path, runs_dir: Path):
     np.savez(tmp_path / "eval.npz", **delayed_copy(32, 1))
     data = recipe_data(tmp_path / "train.npz", eval=str(tmp_path / "eval.npz"))
     recipe = write_recipe(tmp_path / "r.yaml", data)
-    code, _, err = finish(
-        cli_process("train", recipe, "--runs-dir", runs_dir, "--name", "straight")
-    )
-    assert code == 0, err
-    code, _, err = finish(
-        cli_process("train", recipe, "--runs-dir", runs_dir, "--name", "split", "--steps", "20")
-    )
-    assert code == 0, err
-    code, _, err = finish(cli_process("resume", runs_dir / "split", "--steps", "20"))
-    assert code == 0, err
-    straight, split = metrics_text(runs_dir / "straight"), metrics_text(runs_dir / "split")
-    assert len(straight) == 1 + 40 // 5
-    assert split == straight
+    assert_split_run_matches_straight(recipe, runs_dir)
     # The step curriculum over the files' level crossed the resume point.
     assert (
         pd.read_csv(runs_dir / "split" / "metrics.csv")["level"].tolist()
