@@ -116,9 +116,7 @@ def test_pops_return_what_the_structure_holds(name, settings):
 
 def test_priority_ties_go_to_the_earliest_push():
     task = make("priority_queue", n=6, key_bits=1, value_bits=4, push_probability=0.9)
-    inputs, targets, _ = task.sample(
-        32, torch.Generator().manual_seed(2), max_level=6, min_level=6
-    )
+    inputs, targets, _ = task.sample(32, torch.Generator().manual_seed(2), max_level=6, min_level=6)
     for b in range(32):
         answers, pops, _ = replay("priority_queue", task, inputs[:, b])  # heap order breaks ties
         assert [tuple(targets[t, b].tolist()) for t in pops] == answers
