@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class HardTree:
@@ -105,6 +106,7 @@ class _Open(torch.autograd.Function):
         return tree.new_empty(0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_token):
         if grad_token is None:
             return None, None
@@ -120,6 +122,7 @@ class _Read(torch.autograd.Function):
         return tape.values[tape.batch, rows], token.new_empty(0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_values, grad_token):
         tape = ctx.tape
         if grad_token is None:
@@ -140,6 +143,7 @@ class _Write(torch.autograd.Function):
         return token.new_empty(0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_token):
         if grad_token is None:  # nothing after this write reached the loss
             return None, None, None, None
@@ -157,6 +161,7 @@ class _Finish(torch.autograd.Function):
         return tape.values.clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_tree):
         if grad_tree is None:
             return None, None
