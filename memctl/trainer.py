@@ -571,8 +571,11 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------
 
     def eval_levels(self, extra: list[int] | None = None) -> list[int]:
-        lengths = self.recipe.eval.lengths if extra is None else extra
-        return sorted({self.curriculum.level, *lengths})
+        """The curriculum's level and ``extra``; by default ``eval.lengths`` and the
+        levels of the recipe's references, so that every reference is evaluated."""
+        if extra is None:
+            extra = [*self.recipe.eval.lengths, *(r.at.level for r in self.recipe.reference)]
+        return sorted({self.curriculum.level, *extra})
 
     @torch.no_grad()
     def evaluate(
