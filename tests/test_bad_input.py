@@ -10,7 +10,6 @@ import torch
 
 from tests.conftest import TINY, cli, snapshot, write_recipe
 
-
 # A valid reference for TINY (copy): bit errors under 0.5 at length 4.
 REFERENCE = {"source": "a test", "metric": "bit_errors", "value": 0.5, "at": {"level": 4}}
 
