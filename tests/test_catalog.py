@@ -51,10 +51,13 @@ def test_every_recipe_section_and_field_appears():
         "reference.at",
     ]
     assert {s.key for s in sections[""].settings} == {"name", "seed", "device"}
+    reference = {s.key for s in sections["reference"].settings}
+    assert reference == {"reference.source", "reference.metric", "reference.value",
+                         "reference.lower_is_better", "reference.note"}  # fmt: skip
     for key in ("curriculum", "eval", "log", "train.optimizer", "train.clip", "train.lr_decay",
-                "reference", "reference.at"):  # fmt: skip
+                "reference.at"):  # fmt: skip
         schema = Recipe.model_fields[key.split(".")[0]].annotation
-        if key.startswith("reference"):  # a list of sections: its entries' schema
+        if key == "reference.at":  # in a list of sections: its entries' schema
             schema = typing.get_args(schema)[0]
         for part in key.split(".")[1:]:
             schema = schema.model_fields[part].annotation
