@@ -107,28 +107,34 @@ class Report:
     notes: list[str]
 
 
-def run_paths(paths: list[Path]) -> list[Path]:
-    """Run directories from the command line: a sweep folder (trials.csv) gives its
-    started trials in trials.csv's order; a run directory is itself."""
-    found: list[Path] = []
-    for path in paths:
-        path = Path(path)
+def collect_runs(paths: list[Path]) -> list[RunResult]:
+    """The runs named on the command line: a sweep folder (trials.csv) gives every trial in
+    trials.csv's order, one that never started (or failed before its first step) from its
+    stored recipe, without figures; a run directory is itself."""
+    plugins.load_for_runs(Path(path) for path in paths if Path(path).is_dir())
+    runs: list[RunResult] = []
+    for path in map(Path, paths):
         if (path / "trials.csv").is_file():
             from memctl.sweep import read_trials_csv
 
-            trials = [path / row["trial"] for row in read_trials_csv(path)]
-            found += [trial for trial in trials if (trial / "run.json").is_file()]
+            for row in read_trials_csv(path):
+                if (path / row["trial"] / "run.json").is_file():
+                    runs.append(read_run(path / row["trial"]))
+                    continue
+                stored = path / "recipes" / f"{row['trial']}.yaml"
+                recipe = validate_recipe(read_yaml(stored), str(stored))
+                runs.append(RunResult(row["trial"], recipe, row["status"] or "pending", {}))
         elif (path / "run.json").is_file():
-            found.append(path)
+            runs.append(read_run(path))
         elif path.is_dir():
             raise UserError(
                 f"{path}: not a memctl run or sweep folder (no run.json, no trials.csv)"
             )
         else:
             raise UserError(f"{path}: no such run directory or sweep folder")
-    if not found:
-        raise UserError(f"{', '.join(map(str, paths))}: no started runs")
-    return found
+    if not runs:
+        raise UserError(f"{', '.join(map(str, paths))}: no trials")
+    return runs
 
 
 def read_run(path: Path) -> RunResult:
@@ -226,16 +232,14 @@ def machine_line(info: dict[str, Any]) -> str:
 
 def build_report(paths: list[Path]) -> Report:
     """The report over the runs at ``paths`` (sweep folders or run directories)."""
-    found = run_paths(paths)
-    plugins.load_for_runs(found)
-    runs = [read_run(path) for path in found]
+    runs = collect_runs(paths)
     groups: dict[str, list[RunResult]] = {}
     for run in runs:
         groups.setdefault(_group_key(run.recipe), []).append(run)
     records = []
     for members in groups.values():
         records += _rows_of_group(group_label([run.name for run in members]), members)
-    machines = Counter(machine_line(run.info) for run in runs)
+    machines = Counter(machine_line(run.info) for run in runs if run.info)
     notes = [f"{run.name}: {run.status}, no final evaluation" for run in runs if not run.rows]
     return Report(
         pd.DataFrame.from_records(records, columns=COLUMNS),

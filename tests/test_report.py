@@ -15,7 +15,7 @@ import yaml
 
 import memctl.cli
 from memctl.recipe import ReferenceSection, validate_recipe
-from memctl.sweep import make_executor, plan_sweep, run_sweep
+from memctl.sweep import make_executor, plan_sweep, read_trials_csv, run_sweep, write_trials_csv
 from tests.conftest import TINY, cli, snapshot, write_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -180,6 +180,20 @@ def test_report_on_a_tiny_sweep_matches_the_runs_eval_csv(tmp_path: Path, wide_c
     assert people.exit_code == 0, people.output
     assert "reference of small at level 8: made up, not met" in people.output
     assert "machine: torch" in people.output
+
+    # A trial that never started (or failed before its first step) is a seed not met.
+    stored = yaml.safe_load(
+        (plan.sweep_dir / "recipes" / f"{plan.trials[0].name}.yaml").read_text()
+    )
+    write_recipe(plan.sweep_dir / "recipes" / "small-seed=2.yaml",
+                 stored | {"name": "small-seed=2", "seed": 2})  # fmt: skip
+    trials = read_trials_csv(plan.sweep_dir)
+    write_trials_csv(plan.sweep_dir, [*trials, {**trials[0], "trial": "small-seed=2",
+                                                "status": "failed", "seed": "2"}])  # fmt: skip
+    table = pd.read_csv(io.StringIO(cli("report", plan.sweep_dir, "--csv").stdout))
+    assert list(table["runs"]) == [3, 3] and list(table["evaluated"]) == [2, 2]
+    assert list(table["met"]) == [2, 0] and set(table["seeds"]) == {"0,1,2"}
+    assert "small-seed=2: failed, no final evaluation" in cli("report", plan.sweep_dir).output
 
 
 def test_report_groups_plain_runs_by_recipe_and_counts_an_unfinished_seed(
