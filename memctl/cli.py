@@ -397,6 +397,7 @@ def _print_plan(recipe: Any, device: str | None, source: Path) -> None:
     import yaml
 
     from memctl.lifecycle import plan
+    from memctl.report import reference_text
 
     try:
         found = plan(recipe, device)
@@ -412,8 +413,6 @@ def _print_plan(recipe: Any, device: str | None, source: Path) -> None:
     console.print(table)
     if not found["fits"]:
         console.print("it does not fit: train refuses it (or lower the sizes, or pass --force)")
-    from memctl.report import reference_text
-
     for reference in recipe.reference:
         console.print(reference_text(reference), soft_wrap=True, highlight=False)
 
