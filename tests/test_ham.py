@@ -248,6 +248,27 @@ def test_data_steps_are_leaves_and_padding_is_the_empty_leaf():
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_min_leaves_gives_empty_leaves_beyond_the_data_steps(mode):
+    torch.manual_seed(0)
+    config = HAMConfig(
+        mode=mode, tree_size=WIDTH, controller_size=SIGNAL, mlp_hidden=HIDDEN, min_leaves=5
+    )
+    model = HAM(config, input_size=6, output_size=2).double()
+    _, batch = min_batch(n=3)
+    state = model.initial_state(batch.inputs[:3].double())
+    assert state.tree.shape == (2, 15, WIDTH)  # at least 5 leaves -> 8
+    embedded = model.embed(batch.inputs[:3, :, :4].double().transpose(0, 1))
+    assert_close(state.tree[:, 7:10], embedded)
+    assert_close(state.tree[:, 10:], model.empty_leaf.expand(2, 5, -1))
+    assert model.initial_state(batch.inputs[:0].double()).tree.shape == (2, 15, WIDTH)
+    stack = TASKS.get("stack")
+    task = stack.cls(stack.config(value_bits=4, n=6))
+    pushes = task.sample(2, torch.Generator().manual_seed(0), max_level=6, min_level=6)
+    outputs, state = model(pushes.inputs.double())
+    assert outputs.shape == (12, 2, 2) and state.tree.shape[1] >= 15
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_outputs_are_zero_on_data_steps_and_sequences_are_independent(mode):
     model = small_model(mode).eval()
     _, batch = min_batch(n=4, batch=3)

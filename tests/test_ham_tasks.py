@@ -59,7 +59,8 @@ def test_targets_match_a_plain_python_answer(name):
         assert [tuple(targets[t, b].tolist()) for t in go] == answers
         assert targets[:, b][mask[:, b] == 0].abs().sum() == 0
         if name == "search":
-            assert query in [key for key, _ in items]
+            keys = [key for key, _ in items]
+            assert query in keys and keys == sorted(keys)
         if name == "merge":
             keys = [key for key, _ in items]
             half = (n + 1) // 2

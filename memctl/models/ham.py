@@ -12,8 +12,8 @@ The memory is a complete binary tree of ``d``-wide vectors kept as a heap ``[B, 
 
 A sequence is read in two phases, as in the paper. Its data steps (input channel
 ``is_data``, the second-last) become the leaves, in order, and JOIN builds the tree;
-``N`` is the number of data steps rounded up to a power of two, and the extra leaves
-(and those of padded, shorter sequences) hold a learned EMPTY vector. From the first go
+``N`` is the number of data steps (at least ``min_leaves``) rounded up to a power of two,
+and the extra leaves (and those of padded, shorter sequences) hold a learned EMPTY vector. From the first go
 step on (input channel ``is_go``, the last) every step is one memory access:
 
     s_t = controller(x_t, r_{t-1})   the signal: ``none`` = a linear map of x_t (a
@@ -67,6 +67,12 @@ class HAMConfig(ModelConfig):
     tree_size: int = Field(20, ge=1, description="width of every tree node")
     controller_size: int = Field(20, ge=1, description="width of the controller signal")
     mlp_hidden: int = Field(20, ge=1, description="hidden units of EMBED/JOIN/SEARCH/WRITE")
+    min_leaves: int = Field(
+        1,
+        ge=1,
+        description="leaves the tree has at least (rounded up to a power of two), EMPTY "
+        "where no data step fills them: room for what later accesses write (stack, queue)",
+    )
     entropy_bonus: float = Field(0.01, ge=0, description="hard: weight of the path entropy")
     baseline_weight: float = Field(1.0, ge=0, description="hard: weight of the baseline fit")
     backend: Literal["path", "reference"] = Field(
@@ -256,7 +262,8 @@ class HAM(nn.Module):
     def initial_state(self, data: torch.Tensor) -> HAMState:
         """Tree of the data steps ``[T_data, B, I]`` and a zero controller."""
         steps, batch, _ = data.shape
-        leaves = self.empty_leaf.expand(batch, 1 << max(steps - 1, 0).bit_length(), -1)
+        count = max(steps, self.config.min_leaves)
+        leaves = self.empty_leaf.expand(batch, 1 << (count - 1).bit_length(), -1)
         if steps:
             is_data = data[..., -2].transpose(0, 1).unsqueeze(-1) > 0  # [B, T_data, 1]
             embedded = torch.where(

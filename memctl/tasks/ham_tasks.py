@@ -6,8 +6,9 @@ Every task shows ``n`` items, each a random key of ``key_bits`` bits and a rando
 ``min``      the value of the item with the smallest key (1 answer; the seed's task)
 ``sort``     the values in the order of increasing keys (n answers)
 ``reverse``  the values in reverse order (n answers)
-``search``   the value of the item whose key is the query (1 answer; the query is the
-             key of a random item, shown on the go step)
+``search``   the items come sorted by key (the paper's binary search); the value of the
+             first item whose key is the query (1 answer; the query is the key of a
+             random item, shown on the go step)
 ``merge``    the first ceil(n/2) items and the last floor(n/2) items are each sorted by
              key; the values of the merged, sorted list (n answers)
 
@@ -202,6 +203,10 @@ class SearchConfig(KeyValueConfig):
 @TASKS.register("search", SearchConfig)
 class SearchTask(KeyValueTask):
     single_answer = True
+
+    def arrange_keys(self, keys, counts):
+        # Sorted keys make the task binary search; padding (2**key_bits) stays last.
+        return torch.sort(keys, dim=0).values
 
     def answer_items(self, keys, counts, generator):
         batch_size = keys.shape[1]
