@@ -13,8 +13,9 @@ The memory is a complete binary tree of ``d``-wide vectors kept as a heap ``[B, 
 A sequence is read in two phases, as in the paper. Its data steps (input channel
 ``is_data``, the second-last) become the leaves, in order, and JOIN builds the tree;
 ``N`` is the number of data steps (at least ``min_leaves``) rounded up to a power of two,
-and the extra leaves (and those of padded, shorter sequences) hold a learned EMPTY vector. From the first go
-step on (input channel ``is_go``, the last) every step is one memory access:
+and the extra leaves (and those of padded, shorter sequences) hold a learned EMPTY
+vector. From the first go step on (input channel ``is_go``, the last) every step is one
+memory access:
 
     s_t = controller(x_t, r_{t-1})   the signal: ``none`` = a linear map of x_t (a
                                      constant for min, the seed's raw HAM); ``lstm`` =
