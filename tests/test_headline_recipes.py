@@ -34,6 +34,7 @@ SMALL_VARIANTS = [
     ),
     ("fw_assoc", ["curriculum.type=fixed", "task.pairs=2", "train.batch_size=64"], 400, 1.8),
     ("ntm_associative_recall_small", ["task.max_items=3"], 400, 2),
+    ("ham_stack", ["curriculum.max=3", "model.min_leaves=4"], 300, 3),
 ]
 
 
