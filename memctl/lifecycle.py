@@ -74,12 +74,16 @@ def cpu_name() -> str:
 
 
 def machine_info(trainer: Trainer) -> dict[str, Any]:
-    """Where a run (or a segment of it) trains: device, implementation, host, threads."""
+    """Where a run (or a segment of it) trains: device, implementation, host, the cores
+    this process may use, threads."""
     return {
         "device": str(trainer.device),
         "backend": trainer.backend,
         "host": socket.gethostname(),
         "cpu": cpu_name(),
+        "cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "threads": torch.get_num_threads(),
         "pid": os.getpid(),
     }

@@ -222,11 +222,13 @@ def _rows_of_group(label: str, runs: list[RunResult]) -> list[dict[str, Any]]:
 
 
 def machine_line(info: dict[str, Any]) -> str:
-    """``torch 2.13.0, 2 threads, AMD EPYC 7B13, cpu`` from a run.json."""
+    """``torch 2.13.0, 2 threads, AMD EPYC 7B13 (2 cores), cpu`` from a run.json (the core
+    count where the run recorded it)."""
     torch_version = info.get("versions", {}).get("torch", "?")
     threads = info.get("threads", "?")
     unit = "thread" if threads == 1 else "threads"
-    where = f"{info.get('cpu', '?')}, {info.get('device', '?')}"
+    cores = f" ({info['cores']} cores)" if "cores" in info else ""
+    where = f"{info.get('cpu', '?')}{cores}, {info.get('device', '?')}"
     return f"torch {torch_version}, {threads} {unit}, {where}"
 
 

@@ -4,6 +4,7 @@ resume's refusals and its finishing of a run stopped before it recorded its end.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -40,6 +41,7 @@ def test_run_json_names_backend_threads_and_cpu(tiny_recipe: Path, runs_dir: Pat
     info = json.loads((runs_dir / "tiny" / "run.json").read_text())
     assert info["backend"] == "reference (PyTorch autograd)"
     assert info["threads"] == torch.get_num_threads() and info["cpu"]
+    assert info["cores"] == len(os.sched_getaffinity(0))
     assert "reference (PyTorch autograd)" in result.stdout
 
 

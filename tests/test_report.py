@@ -172,6 +172,7 @@ def test_report_on_a_tiny_sweep_matches_the_runs_eval_csv(tmp_path: Path, wide_c
     info = json.loads((runs[0] / "run.json").read_text())
     machine = f"- machine: torch {info['versions']['torch']}, {info['threads']} thread"
     assert lines[2].startswith(machine) and lines[2].endswith(": 2 runs")
+    assert f"{info['cpu']} ({info['cores']} cores), cpu" in lines[2]
     assert lines[4].startswith("| recipe | level | metric | median | min | max | met |")
     assert lines[6].startswith("| small | 4 | bit_errors |") and "| 2/2 | < 100 |" in lines[6]
     assert "| 0/2 | >= 0.999 | made up, not met | 0,1 | 20 |" in lines[7]
