@@ -1,0 +1,1 @@
+"""Sparse-access memories (SAM, SDNC) and their nearest-neighbour search."""

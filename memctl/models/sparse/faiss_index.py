@@ -1,0 +1,296 @@
+"""The approximate nearest-neighbour search of the sparse memories: faiss, one index per
+batch element.
+
+Rae et al. 2016, "Scaling Memory-Augmented Neural Networks with Sparse Reads and Writes"
+(arXiv 1610.09027), section 3.5: the K rows a head reads are the K nearest its key, found
+in an approximate index that is updated for the rows written each step and rebuilt
+from scratch periodically. Here the index is faiss's inverted file (``IndexIVFFlat``)
+under the inner product of unit rows, so its ranking is the cosine similarity of
+``addressing.cosine_similarity`` (rows are scaled by the same ``inverse_norms``, with
+its epsilon). The caller rescores the candidates exactly on the live memory and takes
+the top k, so the index only has to bring the right slots among its candidates.
+
+What each part of the candidates covers, for batch element b and head h:
+
+- ``k`` slots from the faiss index, which holds every row written since the last
+  rebuild at its current value (``update_vectors``, O(rows written) a step through the
+  index's hash-table map from slot to entry): approximate, through ``nprobe`` of
+  ``nlist`` inverted lists;
+- the exact top ``k`` of the rows written since the last rebuild, kept here as a
+  buffer of at most ``rebuild_every * J`` unit rows (J rows written a step), so nothing
+  just written is missed, whichever inverted list it went to;
+- ``k`` slots never written since ``reset``: they are zero and score exactly 0, so
+  any k of them stand for all of them (found by a cursor that passes each slot once,
+  O(1) a step amortised).
+
+Every ``rebuild_every`` steps the index is rebuilt from its own rows: the inverted
+lists' centroids are trained again (spherical k-means on a sample pooled over the
+batch, shared by the batch's indices) and every row is assigned again, so the lists
+follow the memory as it fills up and changes. The buffer of recent rows empties.
+
+faiss is imported on first use, so ``import memctl`` does not import it. faiss and torch
+each bring an OpenMP runtime; the ``memctl`` command sets ``OMP_WAIT_POLICY=PASSIVE``
+so that they do not spin against each other (see docs/benchmarks.md).
+
+Shapes: ``B`` batch, ``N`` slots, ``M`` word size, ``H`` heads, ``J`` rows written a
+step, ``C`` candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from memctl.models.addressing import inverse_norms
+
+# Inverted lists per row in the index: nlist = 4 sqrt(n), and at least 39 training rows
+# per list (faiss's own minimum for k-means), so a small index is one list, searched
+# exhaustively.
+LISTS_PER_SQRT_ROW = 4
+MIN_ROWS_PER_LIST = 39
+# Lists searched per query: at least 64, and 1/16 of them on large indices. On random
+# unit rows of 32 numbers this gives recall@4 of about 0.9 at 2^20 rows
+# (benchmarks/sparse_index.json); fewer lists are faster and miss more.
+MIN_PROBES = 64
+PROBE_FRACTION = 1 / 16
+# k-means sample per list and iterations of each rebuild's training.
+TRAIN_ROWS_PER_LIST = 16
+TRAIN_ITERATIONS = 10
+
+# Written rows from which `model.index: auto` chooses faiss over the exact search:
+# where, on a full memory of random unit rows (word 32, batch 8), the faiss index's query
+# plus its rebuild amortised over 1,000 steps beats torch.topk over every written row
+# (benchmarks/sparse_index.json).
+FAISS_MIN_ROWS = 2**17
+
+
+class SlotIndex(Protocol):
+    """The search interface of the sparse memories (exact and faiss)."""
+
+    def reset(self, batch_size: int, num_slots: int, word_size: int) -> None: ...
+
+    def update(self, rows: Tensor, values: Tensor) -> None:
+        """rows ``[B, J]`` long: the slots written this step; values ``[B, J, M]``: their
+        new contents."""
+
+    def candidates(self, keys: Tensor, k: int) -> Tensor:
+        """keys ``[B, H, M]`` -> long ``[B, H, C]``, C >= k: slots the caller rescores
+        exactly (cosine similarity) on the live memory and takes the top k of."""
+
+
+def unit_rows(values: Tensor) -> np.ndarray:
+    """Rows scaled as ``addressing.cosine_similarity`` scales them, as float32 numpy.
+
+    values: ``[..., M]`` -> ``[..., M]``
+    """
+    values = values.detach()
+    unit = values * inverse_norms(values).unsqueeze(-1)
+    return np.ascontiguousarray(unit.to("cpu", torch.float32).numpy())
+
+
+def list_count(rows: int) -> int:
+    """Inverted lists for an index of ``rows`` rows (1 below 78 rows)."""
+    return max(1, min(round(LISTS_PER_SQRT_ROW * math.sqrt(rows)), rows // MIN_ROWS_PER_LIST))
+
+
+def probe_count(lists: int) -> int:
+    """Inverted lists searched per query in an index of ``lists`` lists."""
+    return min(lists, max(MIN_PROBES, math.ceil(lists * PROBE_FRACTION)))
+
+
+class FaissIndex:
+    """One faiss inverted-file index per batch element, updated for the rows written each
+    step and rebuilt every ``rebuild_every`` steps (see the module docstring).
+
+    Candidates are distinct slots within each ``[b, h]``; ``C = min(N, 3 k)``.
+    """
+
+    def __init__(self, rebuild_every: int = 1000) -> None:
+        if rebuild_every < 1:
+            raise ValueError(f"rebuild_every must be >= 1, got {rebuild_every}")
+        self.rebuild_every = rebuild_every
+
+    def reset(self, batch_size: int, num_slots: int, word_size: int) -> None:
+        self.batch_size, self.num_slots, self.word_size = batch_size, num_slots, word_size
+        self.indices: list[Any] = [None] * batch_size
+        self.written = np.zeros((batch_size, num_slots), dtype=bool)
+        # Every slot below the cursor is written or in the pool of unwritten slots.
+        self.cursor = np.zeros(batch_size, dtype=np.int64)
+        self.pool: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * batch_size
+        # Rows written since the last rebuild: buffer position of each slot (-1: none).
+        self.recent_position = np.full((batch_size, num_slots), -1, dtype=np.int32)
+        self.recent_slots: np.ndarray | None = None
+        self.recent_rows: np.ndarray | None = None
+        self.recent_count = np.zeros(batch_size, dtype=np.int64)
+        self.steps = 0
+
+    def update(self, rows: Tensor, values: Tensor) -> None:
+        slots = rows.detach().to("cpu", torch.int64).numpy()
+        unit = unit_rows(values)
+        if (
+            self.recent_rows is None
+            or self.recent_rows.shape[1] < self.rebuild_every * (slots.shape[1])
+        ):
+            self._grow_recent(self.rebuild_every * slots.shape[1])
+        for b in range(self.batch_size):
+            # The last of repeated slots is the row's new value.
+            order = np.arange(slots.shape[1])[::-1]
+            batch_slots, first = np.unique(slots[b, order], return_index=True)
+            batch_rows = unit[b, order[first]]
+            self._remember(b, batch_slots, batch_rows)
+            index = self.indices[b]
+            if index is not None:
+                known = self.written[b, batch_slots]
+                if known.any():
+                    index.update_vectors(batch_slots[known], batch_rows[known])
+                if not known.all():
+                    index.add_with_ids(batch_rows[~known], batch_slots[~known])
+            self.written[b, batch_slots] = True
+        self.steps += 1
+        if self.steps % self.rebuild_every == 0:
+            self.rebuild()
+
+    def candidates(self, keys: Tensor, k: int) -> Tensor:
+        batch, heads, _ = keys.shape
+        width = min(self.num_slots, 3 * k)
+        unit_keys = unit_rows(keys)
+        recent = self._recent_top(unit_keys, k)
+        out = np.empty((batch, heads, width), dtype=np.int64)
+        for b in range(batch):
+            parts = [recent[b], np.broadcast_to(self._unwritten(b, k), (heads, k))]
+            if self.indices[b] is not None:
+                parts.append(self.indices[b].search(unit_keys[b], k)[1])
+            found = np.concatenate(parts, axis=1)
+            for h in range(heads):
+                out[b, h] = self._distinct(found[h], width)
+        return torch.from_numpy(out).to(keys.device)
+
+    def rebuild(self) -> None:
+        """Build every element's index again from the rows it holds (their current
+        values), with newly trained lists; the buffer of recent rows empties."""
+        import faiss
+
+        slots = [np.flatnonzero(self.written[b]) for b in range(self.batch_size)]
+        rows = [self._rows(b, s) for b, s in enumerate(slots)]
+        lists = list_count(max(len(s) for s in slots))
+        template = faiss.IndexIVFFlat(
+            faiss.IndexFlatIP(self.word_size), self.word_size, lists, faiss.METRIC_INNER_PRODUCT
+        )
+        template.cp.spherical = True
+        template.cp.niter = TRAIN_ITERATIONS
+        template.cp.min_points_per_centroid = 1
+        template.cp.max_points_per_centroid = TRAIN_ROWS_PER_LIST
+        template.cp.seed = self.steps
+        template.cp.verbose = False
+        per_element = max(1, lists * TRAIN_ROWS_PER_LIST // self.batch_size)
+        sample = np.concatenate([r[:per_element] for r in rows])
+        template.train(sample)
+        template.nprobe = probe_count(lists)
+        for b in range(self.batch_size):
+            index = faiss.clone_index(template)
+            index.set_direct_map_type(faiss.DirectMap.Hashtable)
+            if len(slots[b]):
+                index.add_with_ids(rows[b], slots[b])
+            self.indices[b] = index
+        self.recent_position[self.recent_position >= 0] = -1
+        self.recent_count[:] = 0
+
+    def _rows(self, b: int, slots: np.ndarray) -> np.ndarray:
+        """The current unit rows of written slots: from the recent buffer where they were
+        written since the last rebuild, else from the index."""
+        rows = np.empty((len(slots), self.word_size), dtype=np.float32)
+        position = self.recent_position[b, slots]
+        recent = position >= 0
+        if recent.any():
+            rows[recent] = self.recent_rows[b, position[recent]]
+        if not recent.all():
+            rows[~recent] = self.indices[b].reconstruct_batch(slots[~recent])
+        return rows
+
+    def _grow_recent(self, capacity: int) -> None:
+        rows = np.zeros((self.batch_size, capacity, self.word_size), dtype=np.float32)
+        slots = np.zeros((self.batch_size, capacity), dtype=np.int64)
+        if self.recent_rows is not None:
+            old = self.recent_rows.shape[1]
+            rows[:, :old], slots[:, :old] = self.recent_rows, self.recent_slots
+        self.recent_rows, self.recent_slots = rows, slots
+
+    def _remember(self, b: int, slots: np.ndarray, rows: np.ndarray) -> None:
+        position = self.recent_position[b, slots]
+        new = position < 0
+        count = self.recent_count[b]
+        fresh = np.arange(count, count + new.sum())
+        position[new] = fresh
+        self.recent_position[b, slots[new]] = fresh
+        self.recent_slots[b, fresh] = slots[new]
+        self.recent_rows[b, position] = rows
+        self.recent_count[b] = count + new.sum()
+
+    def _recent_top(self, unit_keys: np.ndarray, k: int) -> np.ndarray:
+        """The exact top k (or all) of the rows written since the last rebuild, ``[B, H,
+        k]``, -1 where an element has fewer."""
+        batch, heads, _ = unit_keys.shape
+        count = int(self.recent_count.max()) if self.recent_rows is not None else 0
+        if count == 0:
+            return np.full((batch, heads, k), -1, dtype=np.int64)
+        rows = torch.from_numpy(self.recent_rows[:, :count])
+        scores = torch.bmm(torch.from_numpy(unit_keys), rows.transpose(1, 2))
+        filled = torch.arange(count) < torch.from_numpy(self.recent_count).unsqueeze(1)
+        scores = scores.masked_fill(~filled.unsqueeze(1), -math.inf)
+        top = torch.topk(scores, min(k, count), dim=-1)
+        position = top.indices.numpy()
+        slots = np.take_along_axis(self.recent_slots[:, None, :count], position, axis=2)
+        slots[np.isneginf(top.values.numpy())] = -1
+        if slots.shape[2] < k:
+            pad = np.full((batch, heads, k - slots.shape[2]), -1, dtype=np.int64)
+            slots = np.concatenate([slots, pad], axis=2)
+        return slots
+
+    def _unwritten(self, b: int, k: int) -> np.ndarray:
+        """Up to k slots never written since reset (the pool, topped up from the cursor)."""
+        pool = self.pool[b]
+        pool = pool[~self.written[b, pool]]
+        cursor = self.cursor[b]
+        while len(pool) < k and cursor < self.num_slots:
+            window = self.written[b, cursor : cursor + 4 * k]
+            free = cursor + np.flatnonzero(~window)[: k - len(pool)]
+            pool = np.concatenate([pool, free])
+            cursor = free[-1] + 1 if len(pool) == k else cursor + len(window)
+        self.pool[b], self.cursor[b] = pool, cursor
+        return np.pad(pool, (0, k - len(pool)), constant_values=-1)
+
+    def _distinct(self, found: np.ndarray, width: int) -> np.ndarray:
+        """``width`` distinct slots: those found (the -1s dropped), then any others (the
+        caller rescores every candidate, so a spare costs time, never a wrong read)."""
+        found = np.unique(found[found >= 0])
+        if len(found) == width:
+            return found
+        spare = np.setdiff1d(np.arange(min(self.num_slots, 2 * width)), found)
+        return np.concatenate([found, spare[: width - len(found)]])
+
+
+def choose_index(
+    kind: str,
+    memory_size: int,
+    written_rows: int,
+    exact: Callable[[], SlotIndex],
+    rebuild_every: int = 1000,
+) -> SlotIndex:
+    """The search for ``model.index``: ``exact`` (``exact()``, the caller's exact index),
+    ``faiss`` (``FaissIndex``), or ``auto``: faiss when the memory can hold
+    ``FAISS_MIN_ROWS`` written rows or more, else exact.
+
+    written_rows: the most rows an episode can write (T steps times the rows written a
+    step, where the caller knows it), so that a large memory a short episode only
+    touches in part stays exact.
+    """
+    if kind not in ("auto", "exact", "faiss"):
+        raise ValueError(f"index must be auto, exact or faiss, got {kind!r}")
+    if kind == "auto":
+        kind = "faiss" if min(memory_size, written_rows) >= FAISS_MIN_ROWS else "exact"
+    return FaissIndex(rebuild_every) if kind == "faiss" else exact()

@@ -1,0 +1,168 @@
+"""The faiss search of the sparse memories: its candidates, rescored exactly, against a
+brute-force top-k over the live memory."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from memctl.models.addressing import cosine_similarity
+from memctl.models.sparse.faiss_index import (
+    FAISS_MIN_ROWS,
+    FaissIndex,
+    choose_index,
+    list_count,
+    probe_count,
+)
+
+
+def rescored_top(memory, keys, candidates, k):
+    """The caller's side: cosine similarity on the candidates' live rows, top k."""
+    batch, heads, width = candidates.shape
+    rows = memory[torch.arange(batch)[:, None], candidates.reshape(batch, -1)]
+    rows = rows.reshape(batch, heads, width, -1)
+    scores = torch.stack(
+        [
+            torch.stack(
+                [
+                    cosine_similarity(rows[b, h][None], keys[b, h][None, None])[0, 0]
+                    for h in range(heads)
+                ]
+            )
+            for b in range(batch)
+        ]
+    )
+    top = scores.topk(k, dim=-1)
+    return top.values, candidates.gather(-1, top.indices)
+
+
+def brute_top(memory, keys, k):
+    return cosine_similarity(memory, keys).topk(k, dim=-1)
+
+
+def write(index, memory, rows, values):
+    memory[torch.arange(memory.shape[0])[:, None], rows] = values
+    index.update(rows, values)
+
+
+def test_rescored_candidates_equal_brute_force_on_small_memory():
+    generator = torch.Generator().manual_seed(0)
+    batch, slots, word, heads, k = 3, 200, 8, 2, 4
+    memory = torch.zeros(batch, slots, word, dtype=torch.float64)
+    index = FaissIndex(rebuild_every=5)
+    index.reset(batch, slots, word)
+    for step in range(40):
+        rows = torch.randint(0, slots, (batch, 3), generator=generator)
+        write(index, memory, rows, torch.randn(batch, 3, word, generator=generator).double())
+        keys = torch.randn(batch, heads, word, generator=generator, dtype=torch.float64)
+        candidates = index.candidates(keys, k)
+        assert candidates.shape == (batch, heads, 3 * k)
+        assert all(len(set(c.tolist())) == 3 * k for c in candidates.reshape(-1, 3 * k))
+        values, chosen = rescored_top(memory, keys, candidates, k)
+        expected = brute_top(memory, keys, k)
+        # Unwritten rows all score 0, so compare scores, and slots where they are nonzero.
+        torch.testing.assert_close(values, expected.values, rtol=0, atol=1e-12)
+        nonzero = expected.values != 0
+        assert torch.equal(chosen[nonzero], expected.indices[nonzero]), step
+    assert index.indices[0] is not None  # the rebuilt faiss index served the later steps
+
+
+def test_unwritten_rows_beat_rows_against_the_key():
+    """Rows never written are zero and score 0, above every row opposite the key."""
+    generator = torch.Generator().manual_seed(3)
+    slots, word, k = 50, 8, 4
+    direction = torch.nn.functional.normalize(torch.randn(word, generator=generator), dim=0)
+    rows = direction + 0.1 * torch.randn(24, word, generator=generator, dtype=torch.float64)
+    memory = torch.zeros(1, slots, word, dtype=torch.float64)
+    index = FaissIndex(rebuild_every=3)
+    index.reset(1, slots, word)
+    for step in range(4):  # before and after a rebuild
+        write(
+            index,
+            memory,
+            torch.arange(6 * step, 6 * step + 6)[None],
+            rows[None, 6 * step : 6 * step + 6],
+        )
+    keys = -direction.double().expand(1, 1, word)
+    values, chosen = rescored_top(memory, keys, index.candidates(keys, k), k)
+    assert torch.equal(values, torch.zeros(1, 1, k, dtype=torch.float64))
+    assert chosen.min() >= 24
+
+
+def test_fewer_slots_than_candidates():
+    index = FaissIndex(rebuild_every=1)
+    index.reset(1, 5, 4)
+    index.update(torch.tensor([[0, 3]]), torch.randn(1, 2, 4))
+    candidates = index.candidates(torch.randn(1, 2, 4), 4)
+    assert candidates.shape == (1, 2, 5)
+    assert sorted(candidates[0, 0].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_recall_on_random_unit_rows():
+    generator = torch.Generator().manual_seed(1)
+    batch, slots, word, k = 2, 20_000, 32, 4
+    memory = torch.nn.functional.normalize(
+        torch.randn(batch, slots, word, generator=generator), dim=-1
+    )
+    index = FaissIndex(rebuild_every=10)
+    index.reset(batch, slots, word)
+    for rows in torch.arange(slots).reshape(10, -1):
+        index.update(rows.expand(batch, -1), memory[:, rows])
+    assert index.recent_count.max() == 0  # all served by the rebuilt faiss index
+    assert probe_count(list_count(slots)) < list_count(slots)  # and not exhaustively
+    keys = torch.randn(batch, 64, word, generator=generator)
+    _, chosen = rescored_top(memory.double(), keys.double(), index.candidates(keys, k), k)
+    expected = brute_top(memory, keys, k).indices
+    pairs = zip(chosen.reshape(-1, k).tolist(), expected.reshape(-1, k).tolist(), strict=True)
+    hits = sum(len(set(a) & set(e)) for a, e in pairs)
+    assert hits / expected.numel() >= 0.8
+
+
+def test_updates_after_rebuild_are_seen():
+    generator = torch.Generator().manual_seed(2)
+    batch, slots, word = 2, 5_000, 16
+    memory = torch.randn(batch, slots, word, generator=generator)
+    index = FaissIndex(rebuild_every=2)
+    index.reset(batch, slots, word)
+    index.update(torch.arange(slots).expand(batch, -1), memory)
+    index.update(torch.arange(slots).expand(batch, -1), memory)  # the rebuild
+    rows = torch.randint(0, slots, (batch, 50), generator=generator)
+    old = memory[torch.arange(batch)[:, None], rows]
+    new = torch.randn(batch, 50, word, generator=generator)
+    write(index, memory, rows, new)
+    # The faiss index holds the new values (the buffer of recent rows does too).
+    for b in range(batch):
+        stored = index.indices[b].reconstruct_batch(rows[b].numpy())
+        torch.testing.assert_close(
+            torch.from_numpy(stored), torch.nn.functional.normalize(new[b], dim=-1)
+        )
+    for _ in range(2):  # before and after the next rebuild
+        _, chosen = rescored_top(memory, new, index.candidates(new, 1), 1)
+        assert torch.equal(chosen[..., 0], rows)
+        _, chosen = rescored_top(memory, old, index.candidates(old, 1), 1)
+        assert not torch.equal(chosen[..., 0], rows)  # old contents are gone
+        index.update(rows[:, :1], new[:, :1])
+    assert index.recent_count.max() == 1
+
+
+def test_choose_index():
+    def exact():
+        return "exact"
+
+    assert choose_index("exact", 2**20, 2**20, exact) == "exact"
+    assert isinstance(choose_index("faiss", 64, 64, exact), FaissIndex)
+    assert choose_index("auto", FAISS_MIN_ROWS - 1, 10**9, exact) == "exact"
+    assert choose_index("auto", 2**20, FAISS_MIN_ROWS - 1, exact) == "exact"
+    chosen = choose_index("auto", 2**20, 10**9, exact, rebuild_every=7)
+    assert isinstance(chosen, FaissIndex) and chosen.rebuild_every == 7
+    with pytest.raises(ValueError, match="auto, exact or faiss"):
+        choose_index("flann", 64, 64, exact)
+
+
+def test_importing_memctl_does_not_import_faiss():
+    code = (
+        "import sys, memctl, memctl.cli, memctl.models, memctl.models.sparse.faiss_index\n"
+        "assert 'faiss' not in sys.modules, 'faiss imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
