@@ -17,8 +17,8 @@ What each part of the candidates covers, for batch element b and head h:
   index's hash-table map from slot to entry): approximate, through ``nprobe`` of
   ``nlist`` inverted lists;
 - the exact top ``k`` of the rows written since the last rebuild, kept here as a
-  buffer of at most ``rebuild_every * J`` unit rows (J rows written a step), so nothing
-  just written is missed, whichever inverted list it went to;
+  buffer of at most ``rebuild_every * J`` unit rows (J distinct rows written a step),
+  so nothing just written is missed, whichever inverted list it went to;
 - ``k`` slots never written since ``reset``: they are zero and score exactly 0, so
   any k of them stand for all of them (found by a cursor that passes each slot once,
   O(1) a step amortised).
@@ -107,7 +107,8 @@ class FaissIndex:
     """One faiss inverted-file index per batch element, updated for the rows written each
     step and rebuilt every ``rebuild_every`` steps (see the module docstring).
 
-    Candidates are distinct slots within each ``[b, h]``; ``C = min(N, 3 k)``.
+    Candidates are distinct slots within each ``[b, h]``: ``C = 3 k``, or all N slots
+    where N <= 3 k.
     """
 
     def __init__(self, rebuild_every: int = 1000) -> None:
@@ -132,11 +133,6 @@ class FaissIndex:
     def update(self, rows: Tensor, values: Tensor) -> None:
         slots = rows.detach().to("cpu", torch.int64).numpy()
         unit = unit_rows(values)
-        if (
-            self.recent_rows is None
-            or self.recent_rows.shape[1] < self.rebuild_every * (slots.shape[1])
-        ):
-            self._grow_recent(self.rebuild_every * slots.shape[1])
         for b in range(self.batch_size):
             # The last of repeated slots is the row's new value.
             order = np.arange(slots.shape[1])[::-1]
@@ -157,18 +153,19 @@ class FaissIndex:
 
     def candidates(self, keys: Tensor, k: int) -> Tensor:
         batch, heads, _ = keys.shape
-        width = min(self.num_slots, 3 * k)
+        if self.num_slots <= 3 * k:
+            return torch.arange(self.num_slots, device=keys.device).expand(batch, heads, -1)
         unit_keys = unit_rows(keys)
-        recent = self._recent_top(unit_keys, k)
-        out = np.empty((batch, heads, width), dtype=np.int64)
-        for b in range(batch):
-            parts = [recent[b], np.broadcast_to(self._unwritten(b, k), (heads, k))]
-            if self.indices[b] is not None:
-                parts.append(self.indices[b].search(unit_keys[b], k)[1])
-            found = np.concatenate(parts, axis=1)
-            for h in range(heads):
-                out[b, h] = self._distinct(found[h], width)
-        return torch.from_numpy(out).to(keys.device)
+        parts = [self._recent_top(unit_keys, k)]
+        unwritten = np.stack([self._unwritten(b, k) for b in range(batch)])
+        parts.append(unwritten[:, None].repeat(heads, 1))
+        if self.indices[0] is None:
+            parts.append(np.full((batch, heads, k), -1, dtype=np.int64))
+        else:
+            parts.append(
+                np.stack([self.indices[b].search(unit_keys[b], k)[1] for b in range(batch)])
+            )
+        return torch.from_numpy(self._distinct(np.concatenate(parts, axis=2))).to(keys.device)
 
     def rebuild(self) -> None:
         """Build every element's index again from the rows it holds (their current
@@ -199,6 +196,7 @@ class FaissIndex:
             self.indices[b] = index
         self.recent_position[self.recent_position >= 0] = -1
         self.recent_count[:] = 0
+        self.recent_rows = self.recent_slots = None
 
     def _rows(self, b: int, slots: np.ndarray) -> np.ndarray:
         """The current unit rows of written slots: from the recent buffer where they were
@@ -212,7 +210,12 @@ class FaissIndex:
             rows[~recent] = self.indices[b].reconstruct_batch(slots[~recent])
         return rows
 
-    def _grow_recent(self, capacity: int) -> None:
+    def _grow_recent(self, needed: int) -> None:
+        """Room for ``needed`` recent rows in every element's buffer (at most N)."""
+        capacity = 0 if self.recent_rows is None else self.recent_rows.shape[1]
+        if needed <= capacity:
+            return
+        capacity = min(self.num_slots, max(needed, 2 * capacity))
         rows = np.zeros((self.batch_size, capacity, self.word_size), dtype=np.float32)
         slots = np.zeros((self.batch_size, capacity), dtype=np.int64)
         if self.recent_rows is not None:
@@ -224,6 +227,7 @@ class FaissIndex:
         position = self.recent_position[b, slots]
         new = position < 0
         count = self.recent_count[b]
+        self._grow_recent(count + new.sum())
         fresh = np.arange(count, count + new.sum())
         position[new] = fresh
         self.recent_position[b, slots[new]] = fresh
@@ -264,14 +268,18 @@ class FaissIndex:
         self.pool[b], self.cursor[b] = pool, cursor
         return np.pad(pool, (0, k - len(pool)), constant_values=-1)
 
-    def _distinct(self, found: np.ndarray, width: int) -> np.ndarray:
-        """``width`` distinct slots: those found (the -1s dropped), then any others (the
-        caller rescores every candidate, so a spare costs time, never a wrong read)."""
-        found = np.unique(found[found >= 0])
-        if len(found) == width:
-            return found
-        spare = np.setdiff1d(np.arange(min(self.num_slots, 2 * width)), found)
-        return np.concatenate([found, spare[: width - len(found)]])
+    def _distinct(self, found: np.ndarray) -> np.ndarray:
+        """The slots found ``[B, H, C]``, each -1 and each repeat within a ``[b, h]``
+        replaced by another slot (the caller rescores every candidate, so a spare costs
+        time, never a wrong read)."""
+        found = np.sort(found, axis=-1)
+        spare = found[..., 1:] == found[..., :-1]
+        spare = np.concatenate([found[..., :1] < 0, spare | (found[..., 1:] < 0)], axis=-1)
+        fillers = np.arange(min(self.num_slots, 2 * found.shape[-1]))
+        free = ~(fillers[:, None] == found[..., None, :]).any(-1)
+        free_first = fillers[np.argsort(~free, axis=-1, kind="stable")]
+        rank = np.maximum(np.cumsum(spare, axis=-1) - 1, 0)
+        return np.where(spare, np.take_along_axis(free_first, rank, axis=-1), found)
 
 
 def choose_index(
