@@ -89,6 +89,14 @@ class TrainSection(Section):
         False,
         description="torch.compile the model's per-time-step cell (models with compile_step)",
     )
+    tbptt: int | None = Field(
+        None,
+        gt=0,
+        description="truncated backpropagation through time: the batch runs in chunks of "
+        "this many time steps, each starting from the previous one's state (detached), with "
+        "one backward per chunk and one optimizer step per batch; null: the whole sequence. "
+        "For tasks scored along the sequence, not only at its end",
+    )
 
 
 class CurriculumSection(Section):

@@ -21,9 +21,11 @@ import torch
 from memctl import checkpoint
 from memctl.curriculum import Curriculum, Trigger
 from memctl.errors import StorageError, UserError
+from memctl.models.base import detach_state
 from memctl.recipe import DEVICE_PATTERN, Recipe
 from memctl.registry import MODELS, TASKS
 from memctl.rundir import CsvLog, RunDir, now
+from memctl.tasks.base import Batch
 from memctl.toolchain import cpp_compiler
 from memctl.tracking import EVAL_BOOKKEEPING, MlflowLog
 
@@ -172,6 +174,17 @@ class Trainer:
                     "found ($CXX, g++, c++ or clang++); install one or set train.compile: false"
                 )
             compile_step()
+        if recipe.train.tbptt is not None:
+            if not self.task.scored_along_sequence:
+                raise UserError(
+                    f"train.tbptt: task {recipe.task.type!r} scores only the end of each "
+                    "sequence, which a chunk before the last never sees; set train.tbptt: null"
+                )
+            if hasattr(self.model, "auxiliary_loss"):
+                raise UserError(
+                    f"train.tbptt: model {recipe.model.type!r} trains partly by REINFORCE "
+                    "over whole sequences; set train.tbptt: null"
+                )
         self.optimizer = self._make_optimizer()
         self.curriculum = Curriculum(recipe.curriculum, self.task)
         self.columns = [
@@ -451,14 +464,18 @@ class Trainer:
         batch = self.task.sample(
             train.batch_size, self.data_generator, max_level=high, min_level=low
         ).to(self.device)
-        outputs, _ = self.model(batch.inputs)
-        loss = self.task.loss(outputs, batch)
-        total = loss
-        auxiliary = getattr(self.model, "auxiliary_loss", None)
-        if auxiliary is not None:
-            total = loss + auxiliary(self.task.sequence_losses(outputs, batch).detach())
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        if train.tbptt is None:
+            outputs, _ = self.model(batch.inputs)
+            loss = self.task.loss(outputs, batch)
+            total = loss
+            auxiliary = getattr(self.model, "auxiliary_loss", None)
+            if auxiliary is not None:
+                total = loss + auxiliary(self.task.sequence_losses(outputs, batch).detach())
+            total.backward()
+        else:
+            outputs, loss = self._truncated_backward(batch, train.tbptt)
+            total = loss
         max_norm = train.clip.norm if train.clip.norm is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):
@@ -475,6 +492,26 @@ class Trainer:
         self.level_used = level
         self.curriculum.after_step(self.step)
         return True
+
+    def _truncated_backward(self, batch: Batch, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Truncated backpropagation through time: forward and backward chunk by chunk of
+        ``chunk`` time steps, each from the previous chunk's state detached, accumulating
+        the gradients; (every chunk's outputs, detached, and the batch's loss).
+
+        The task's loss is a mean over the scored steps, so a chunk's loss weighted by its
+        share of them sums to the batch's loss; with one chunk the weight is exactly 1
+        and the gradient is the untruncated one."""
+        scored = batch.mask.sum().clamp_min(1)
+        state, outputs, loss = None, [], batch.mask.new_zeros(())
+        for start in range(0, batch.inputs.shape[0], chunk):
+            piece = Batch(*(part[start : start + chunk] for part in batch))
+            piece_outputs, state = self.model(piece.inputs, state)
+            piece_loss = self.task.loss(piece_outputs, piece) * (piece.mask.sum() / scored)
+            piece_loss.backward()
+            state = detach_state(state)
+            outputs.append(piece_outputs.detach())
+            loss = loss + piece_loss.detach()
+        return torch.cat(outputs), loss
 
     def _log_row(self) -> dict[str, Any]:
         self._bank_time()

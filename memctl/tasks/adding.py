@@ -64,6 +64,8 @@ class ScalarOutputTask(Task):
     symbol; subclasses define ``targets``."""
 
     level_field = "max_length"
+    # The prediction sums the outputs of every step: one number scored at the end.
+    scored_along_sequence = False
     primary_metric = "abs_error"
     higher_is_better = False
     metric_names = ("abs_error", "accuracy")

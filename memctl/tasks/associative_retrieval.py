@@ -55,6 +55,7 @@ def decode(inputs: torch.Tensor) -> list[str]:
 @TASKS.register("associative_retrieval", AssociativeRetrievalConfig)
 class AssociativeRetrievalTask(Task):
     level_field = "pairs"
+    scored_along_sequence = False
     primary_metric = "error"
     higher_is_better = False
     metric_names = ("cost_bits", "error", "accuracy")

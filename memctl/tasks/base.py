@@ -68,6 +68,12 @@ class Task:
         "accuracy": "fraction of sequences all right",
     }
 
+    # Whether outputs are scored along the sequence with a loss that is a mean over the
+    # scored steps, so that `train.tbptt` can train the task chunk by chunk (each chunk's
+    # loss weighted by its share of the scored steps). False for a task that scores only
+    # the end of a sequence: a chunk before the last would get no gradient.
+    scored_along_sequence: ClassVar[bool] = True
+
     input_size: int
     output_size: int
 

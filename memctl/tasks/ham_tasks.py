@@ -136,6 +136,7 @@ class MinTask(KeyValueTask):
     outputs are real numbers, not logits) and exact match after rounding."""
 
     single_answer = True
+    scored_along_sequence = False
     metric_names = ("squared_error", "bit_errors", "accuracy")
     metric_descriptions: ClassVar[dict[str, str]] = {
         "squared_error": "squared error of the value bits, summed per sequence",
@@ -203,6 +204,7 @@ class SearchConfig(KeyValueConfig):
 @TASKS.register("search", SearchConfig)
 class SearchTask(KeyValueTask):
     single_answer = True
+    scored_along_sequence = False
 
     def arrange_keys(self, keys, counts):
         # Sorted keys make the task binary search; padding (2**key_bits) stays last.
