@@ -814,6 +814,12 @@ def list_recipes(
 
 
 def main() -> None:
+    # The sparse memories search with faiss, which brings its own OpenMP runtime beside
+    # torch's; with the default (spinning) wait policy each runtime's idle threads hold
+    # the cores the other needs. OpenMP reads the policy when it starts, so it is set
+    # here, before anything imports torch (this module imports torch only inside
+    # commands). A user's own setting stands.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 
