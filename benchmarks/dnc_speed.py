@@ -29,6 +29,10 @@ step ends with ``torch.cuda.synchronize()``, and case 2's memory is the peak of
 
     OMP_NUM_THREADS=2 python benchmarks/dnc_speed.py --peer --threads 2 \
         --out benchmarks/dnc_speed.json
+
+``--wait-policies PASSIVE,default`` measures memctl's cases under each OpenMP wait policy
+in alternating order, each case in its own process as above (what the ``memctl`` command
+sets against what a plain ``python`` gets).
 """
 
 from __future__ import annotations
@@ -156,6 +160,11 @@ def worker(spec: dict) -> None:
 def run_case(python: str, spec: dict, timeout: float) -> dict:
     """One case in a fresh process; a failure (memory limit, timeout) is a result too."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    policy = spec.get("omp_wait_policy")
+    if policy == "default":
+        env.pop("OMP_WAIT_POLICY", None)
+    elif policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
     if spec.get("mode") in ("torch", "step", "sequence"):
         env["MEMCTL_NATIVE"] = "0"
     command = [python, __file__, "--worker", json.dumps(spec)]
@@ -186,6 +195,34 @@ def copy_summary(results: list[dict]) -> dict:
         }
     if peer:
         summary["peer"] = {"median_step_ms": round(statistics.median(peer.values()), 2)}
+    return summary
+
+
+def wait_policy_summary(results: list[dict]) -> dict:
+    """``--wait-policies``: per case, each policy's median step time (copy) or seconds
+    (forward + backward) over the rounds, and the median of each round's ratio of the
+    first policy's time to the second's."""
+    timed = [r for r in results if "omp_wait_policy" in r and "error" not in r]
+    policies = list(dict.fromkeys(r["omp_wait_policy"] for r in timed))
+    summary = {}
+    for case in sorted({(r["case"], r.get("mode"), r.get("slots")) for r in timed}, key=str):
+        rows = [r for r in timed if (r["case"], r.get("mode"), r.get("slots")) == case]
+        field = "median_step_ms" if case[0] == "copy" else "seconds"
+        by_round = {}
+        for r in rows:
+            by_round.setdefault(r["round"], {})[r["omp_wait_policy"]] = r[field]
+        name = f"copy {case[1]}" if case[0] == "copy" else f"forward_backward N={case[2]}"
+        entry = {
+            policy: round(
+                statistics.median(r[field] for r in rows if r["omp_wait_policy"] == policy), 3
+            )
+            for policy in policies
+        }
+        ratios = [t[policies[0]] / t[policies[1]] for t in by_round.values() if len(t) == 2]
+        entry[f"{policies[0]}/{policies[1]}"] = [round(x, 3) for x in ratios]
+        if ratios:
+            entry["median_ratio"] = round(statistics.median(ratios), 3)
+        summary[name] = entry
     return summary
 
 
@@ -220,6 +257,12 @@ def main() -> None:
     parser.add_argument("--memory-limit-gib", type=float, default=12.0)
     parser.add_argument("--out", type=Path, default=None, help="save results as JSON")
     parser.add_argument("--note", default="", help="saved with the results")
+    parser.add_argument(
+        "--wait-policies",
+        default=None,
+        help="e.g. PASSIVE,default: run memctl's cases (copy and forward + backward) under "
+        "each OMP_WAIT_POLICY in turn every round ('default': unset); no peer, no compiling",
+    )
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
@@ -238,6 +281,25 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         results.append(row)
 
+    if args.wait_policies:
+        wait_policy_rounds(args, record)
+        results_summary = wait_policy_summary(results)
+        report = {
+            "benchmark": "dnc_speed_wait_policy",
+            "wait_policy_summary": results_summary,
+            "machine": {
+                **describe_machine(args.threads),
+                "device": args.device,
+                "load_average_at_start": load_before,
+                "load_average_at_end": os.getloadavg(),
+            },
+            "note": args.note,
+            "results": results,
+        }
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(results_summary))
+        return
     modes = ["eager", "torch"] + ([] if args.no_compile else ["step"])
     modes += [] if args.no_compile or args.no_sequence else ["sequence"]
     copy_cases = [("peer", "eager")] if "peer" in pythons else []
@@ -278,6 +340,23 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["copy_summary"]))
+
+
+def wait_policy_rounds(args: argparse.Namespace, record) -> None:
+    """Every round: memctl's eager copy case, then its forward + backward at each of
+    ``--slots``, each under every policy of ``--wait-policies`` in turn."""
+    policies = args.wait_policies.split(",")
+    for round_number in range(args.repeat):
+        for policy in policies if round_number % 2 == 0 else policies[::-1]:
+            spec = {"case": "copy", "implementation": "memctl", "mode": "eager"}
+            spec.update(steps=args.steps, round=round_number, omp_wait_policy=policy)
+            record(sys.executable, spec, 1800)
+        for slots in (int(n) for n in args.slots.split(",")):
+            for policy in policies if round_number % 2 == 0 else policies[::-1]:
+                spec = {"case": "forward_backward", "implementation": "memctl", "slots": slots}
+                spec.update(steps=args.time_steps, memory_limit_gib=args.memory_limit_gib)
+                spec.update(round=round_number, omp_wait_policy=policy)
+                record(sys.executable, spec, 900)
 
 
 if __name__ == "__main__":
