@@ -53,10 +53,11 @@ from memctl.models.addressing import inverse_norms
 # exhaustively.
 LISTS_PER_SQRT_ROW = 4
 MIN_ROWS_PER_LIST = 39
-# Lists searched per query: at least 64, and 1/16 of them on large indices. On random
-# unit rows of 32 numbers this gives recall@4 of about 0.9 at 2^20 rows
-# (benchmarks/sparse_index.json); fewer lists are faster and miss more.
-MIN_PROBES = 64
+# Lists searched per query: at least 256, and 1/16 of them on large indices. On random
+# unit rows of 32 numbers (the hard case: no clusters) this gives recall@4 of about 0.9
+# from 2^13 rows to 2^20 (benchmarks/sparse_index.json); fewer lists are faster and miss
+# more.
+MIN_PROBES = 256
 PROBE_FRACTION = 1 / 16
 # k-means sample per list and iterations of each rebuild's training.
 TRAIN_ROWS_PER_LIST = 16
