@@ -90,6 +90,17 @@ def test_unwritten_rows_beat_rows_against_the_key():
     assert chosen.min() >= 24
 
 
+def test_rebuild_trains_when_one_element_holds_most_rows():
+    batch, slots, word = 40, 3_000, 8
+    rows = torch.zeros(batch, slots, dtype=torch.long)
+    rows[0] = torch.arange(slots)
+    index = FaissIndex(rebuild_every=1)
+    index.reset(batch, slots, word)
+    index.update(rows, torch.randn(batch, slots, word))
+    assert index.indices[0].nlist == list_count(slots) > 1
+    assert [index.indices[b].ntotal for b in (0, 1)] == [slots, 1]
+
+
 def test_fewer_slots_than_candidates():
     index = FaissIndex(rebuild_every=1)
     index.reset(1, 5, 4)

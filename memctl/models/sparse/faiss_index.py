@@ -185,8 +185,9 @@ class FaissIndex:
         template.cp.max_points_per_centroid = TRAIN_ROWS_PER_LIST
         template.cp.seed = self.steps
         template.cp.verbose = False
-        per_element = max(1, lists * TRAIN_ROWS_PER_LIST // self.batch_size)
-        sample = np.concatenate([r[:per_element] for r in rows])
+        # Every stride-th row of every element: at least lists * TRAIN_ROWS_PER_LIST rows.
+        stride = max(1, sum(map(len, rows)) // (lists * TRAIN_ROWS_PER_LIST))
+        sample = np.concatenate([r[::stride] for r in rows])
         template.train(sample)
         template.nprobe = probe_count(lists)
         for b in range(self.batch_size):
