@@ -101,6 +101,14 @@ def test_rebuild_trains_when_one_element_holds_most_rows():
     assert [index.indices[b].ntotal for b in (0, 1)] == [slots, 1]
 
 
+def test_rebuild_before_any_write_builds_nothing():
+    index = FaissIndex(rebuild_every=1)
+    index.reset(2, 100, 4)
+    index.rebuild()
+    assert index.indices == [None, None]
+    assert index.candidates(torch.randn(2, 1, 4), 4).shape == (2, 1, 12)
+
+
 def test_fewer_slots_than_candidates():
     index = FaissIndex(rebuild_every=1)
     index.reset(1, 5, 4)

@@ -174,6 +174,8 @@ class FaissIndex:
         import faiss
 
         slots = [np.flatnonzero(self.written[b]) for b in range(self.batch_size)]
+        if not any(map(len, slots)):
+            return  # nothing written yet: nothing to index
         rows = [self._rows(b, s) for b, s in enumerate(slots)]
         lists = list_count(max(len(s) for s in slots))
         template = faiss.IndexIVFFlat(
