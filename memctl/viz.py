@@ -562,6 +562,8 @@ def plot_trace(trace: SampleTrace, out_dir: Path, fmt: str = "png") -> list[Writ
     Figure = _figure_class()
     written = [_save(_plot_io(Figure, trace), out_dir / f"io.{fmt}")]
     for name in trace.quantities:
+        if name == "slots":  # which slots the others' rows are, not a figure of its own
+            continue
         written.append(_save(_plot_quantity(Figure, trace, name), out_dir / f"{name}.{fmt}"))
     if {"read_weights", "write_weights"} <= trace.quantities.keys():
         figure = _plot_heads(Figure, trace, ("write_weights", "read_weights"))

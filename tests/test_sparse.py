@@ -21,7 +21,6 @@ from memctl.errors import UserError
 from memctl.models import addressing, detach_state
 from memctl.models.addressing import EPSILON
 from memctl.models.sparse.access import MemoryMovedOn
-from memctl.models.sparse.index import ExactIndex
 from memctl.models.sparse.sam import (
     SAMConfig,
     SAMCore,
@@ -168,9 +167,9 @@ def test_least_recently_used_matches_the_loop_reference():
                 total = sum(weights[b, j].item() for j in range(count) if rows[b, j] == i)
                 if total > DELTA:
                     last[b, i] = step
-        assert usage.usage(torch.arange(slots).expand(batch, slots)).tolist() == (
-            step - last
-        ).tolist()
+        assert (
+            usage.usage(torch.arange(slots).expand(batch, slots)).tolist() == (step - last).tolist()
+        )
 
 
 def test_reset_clears_only_what_was_touched():
@@ -283,9 +282,7 @@ def naive_steps(access: SparseAccess, initial, interfaces):
     everything = torch.arange(initial.shape[1]).expand(batch, -1)
     access.index.update(everything, initial.detach())
     rows, weights = state.read_rows, state.read_weights
-    access.memory.peek = lambda at: memory.detach().gather(
-        1, at.unsqueeze(2).expand(-1, -1, WORD)
-    )
+    access.memory.peek = lambda at: memory.detach().gather(1, at.unsqueeze(2).expand(-1, -1, WORD))
     outputs = []
     for interface in interfaces:
         linear, oneplus, gates = access.interface(interface).split(access.sizes, 1)
@@ -394,15 +391,18 @@ def test_chunks_carry_the_memory_through_backward():
 
 def test_config_errors_name_the_field(monkeypatch):
     task = {"type": "copy", "width": 4}
-    with pytest.raises(UserError, match="model: .*sparse_reads \\(9\\) must be at most"):
-        validate_recipe({"model": {"type": "sam", "memory_size": 8, "sparse_reads": 9}, "task": task}, "r.yaml")
-    recipe = validate_recipe({"model": {"type": "sam", "index": "faiss"}, "task": task}, "r.yaml")
+    small = {"type": "sam", "memory_size": 8, "sparse_reads": 9}
+    with pytest.raises(UserError, match=r"model: .*sparse_reads \(9\) must be at most"):
+        validate_recipe({"model": small, "task": task}, "r.yaml")
+    recipe = validate_recipe(
+        {"name": "r", "model": {"type": "sam", "index": "faiss"}, "task": task}, "r.yaml"
+    )
     real = importlib.util.find_spec
     missing = "memctl.models.sparse.faiss_index"
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a)
     )
-    with pytest.raises(UserError, match="model.index: faiss"):
+    with pytest.raises(UserError, match=r"model\.index: faiss"):
         SAMModel(recipe.model, 5, 4)
 
 
@@ -428,18 +428,19 @@ def test_trace_covers_the_touched_slots_only():
 
 @pytest.mark.slow
 def test_sam_learns_a_small_copy():
+    """Copy of up to 3 vectors of 4 bits with 16 slots: the loss falls more than 5x in
+    600 steps (about 30 s on one thread)."""
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     config = SAMConfig(
-        memory_size=16, word_size=8, read_heads=1, sparse_reads=4, controller_size=32
+        memory_size=16, word_size=8, read_heads=1, sparse_reads=2, controller_size=64
     )
-    task = CopyTask(CopyConfig(width=4, min_length=1, max_length=4))
+    task = CopyTask(CopyConfig(width=4, min_length=1, max_length=3))
     model = SAMModel(config, task.input_size, task.output_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     losses, start = [], time.monotonic()
     for _ in range(600):
-        batch = task.sample(16, generator, max_level=4, min_level=1)
+        batch = task.sample(16, generator, max_level=3, min_level=1)
         logits, _ = model(batch.inputs)
         loss = task.loss(logits, batch)
         optimizer.zero_grad()

@@ -203,9 +203,7 @@ class _Assign(torch.autograd.Function):
         ctx.segment, ctx.operation = memory._operation()
         same = rows.unsqueeze(2) == rows.unsqueeze(1)  # [B, J, J]
         ctx.first = ~same.tril(-1).any(-1, keepdim=True)  # [B, J, 1]
-        memory._rows(memory.buffer).index_copy_(
-            0, ctx.flat, values.reshape(-1, memory.word_size)
-        )
+        memory._rows(memory.buffer).index_copy_(0, ctx.flat, values.reshape(-1, memory.word_size))
         memory._assigned.append(ctx.flat)
         memory.version += 1
         return torch.zeros_like(token)

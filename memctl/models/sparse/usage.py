@@ -74,7 +74,9 @@ class LeastRecentlyUsed:
         slots, offsets = self.num_slots, torch.arange(self.window, device=last.device)
         while True:
             candidates = pointer.unsqueeze(1) + offsets
-            fresh = (candidates < slots) & (last.gather(1, candidates.clamp(max=slots - 1)) == NEVER)
+            fresh = (candidates < slots) & (
+                last.gather(1, candidates.clamp(max=slots - 1)) == NEVER
+            )
             found = fresh.any(1)
             searching = ~found & (pointer + self.window < slots)
             if not bool(searching.any()):
