@@ -49,7 +49,12 @@ from typing import Any
 import numpy as np
 import torch
 
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_NUMPY_DTYPES = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.int64: np.int64,
+    torch.bool: np.bool_,
+}
 
 
 class MemoryMovedOn(RuntimeError):

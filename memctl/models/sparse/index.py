@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from memctl.errors import UserError
+from memctl.models.sparse.access import zeros
 
 
 class SlotIndex(Protocol):
@@ -75,7 +76,7 @@ class ExactIndex:
     def _allocate(self, device: torch.device) -> None:
         if self.written is None or self.written.device != device:
             batch, slots = self._shape
-            self.written = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+            self.written = zeros((batch, slots), device, torch.bool)
             self._log = torch.zeros(batch, 1025, dtype=torch.long, device=device)
             self._counts = torch.zeros(batch, dtype=torch.long, device=device)
             self._pointer = torch.zeros(batch, dtype=torch.long, device=device)

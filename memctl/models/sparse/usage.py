@@ -10,7 +10,8 @@ accessed just before the episode (``t + 1`` for steps numbered from 0). The leas
 recently used slot ``argmax_i U_t(i)`` (ties: the lowest slot index) is where SAM erases
 and writes next. Its search touches no O(N) tensor a step:
 
-- ``last_access`` ``[B, N]``: the step of each slot's last access (``NEVER`` = -1).
+- ``stamps`` ``[B, N]``: one more than the step of each slot's last access, 0 for never
+  (so the tensor starts as lazily zeroed pages, ``access.zeros``).
 - While some slot was never accessed, the least recently used is the lowest such slot: a
   pointer that only moves forward past accessed slots (all slots below it are accessed).
 - After that, an access queue: every step appends its accessed slots, in ascending slot
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from memctl.models.sparse.access import zeros
+
 # delta: an access counts when a slot's read and write weights of a step sum above this
 # (pytorch-dnc's 0.005): weights below it are numerical leftovers of a softmax over K.
 DELTA = 0.005
@@ -39,7 +42,7 @@ class LeastRecentlyUsed:
 
     def __init__(self, num_slots: int, window: int = 64) -> None:
         self.num_slots, self.window = num_slots, window
-        self.last_access: torch.Tensor | None = None  # [B, N] long
+        self.stamps: torch.Tensor | None = None  # [B, N] long, last access + 1
         self.time = 0
         self._pointer: torch.Tensor | None = None  # [B]
         self._head: torch.Tensor | None = None  # [B]
@@ -50,33 +53,36 @@ class LeastRecentlyUsed:
     def reset(self, batch_size: int, device: torch.device) -> None:
         """A new episode: nothing accessed (O(slots accessed) once allocated)."""
         shape = (batch_size, self.num_slots)
-        last = self.last_access
-        if last is None or last.shape != shape or last.device != device:
-            self.last_access = torch.full(shape, NEVER, dtype=torch.long, device=device)
+        stamps = self.stamps
+        if stamps is None or stamps.shape != shape or stamps.device != device:
+            self.stamps = zeros(shape, device, torch.long)
             self._queue = torch.full((batch_size, 1024), NEVER, dtype=torch.int32, device=device)
         elif self._length:
             entries = self._queue[:, : self._length].long()
-            accessed = entries >= 0
-            last.scatter_(1, torch.where(accessed, entries, 0), NEVER)
+            stamps.scatter_(1, entries.clamp(min=0), 0)
         self._pointer = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._head = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.time, self._length, self._block = 0, 0, 0
 
+    @property
+    def last_access(self) -> torch.Tensor:
+        """The step of each slot's last access ``[B, N]`` (``NEVER``: none), an O(N) copy."""
+        assert self.stamps is not None
+        return self.stamps - 1
+
     def usage(self, rows: torch.Tensor) -> torch.Tensor:
         """``U(i)`` after the last step, for ``rows`` ``[B, J]`` -> long ``[B, J]``."""
-        assert self.last_access is not None
-        return self.time - 1 - self.last_access.gather(1, rows)
+        assert self.stamps is not None
+        return self.time - self.stamps.gather(1, rows)
 
     def least_recent(self) -> torch.Tensor:
         """The least recently used slot of each batch element ``[B]`` (ties: lowest index)."""
-        last, pointer = self.last_access, self._pointer
-        assert last is not None and pointer is not None
-        slots, offsets = self.num_slots, torch.arange(self.window, device=last.device)
+        stamps, pointer = self.stamps, self._pointer
+        assert stamps is not None and pointer is not None
+        slots, offsets = self.num_slots, torch.arange(self.window, device=stamps.device)
         while True:
             candidates = pointer.unsqueeze(1) + offsets
-            fresh = (candidates < slots) & (
-                last.gather(1, candidates.clamp(max=slots - 1)) == NEVER
-            )
+            fresh = (candidates < slots) & (stamps.gather(1, candidates.clamp(max=slots - 1)) == 0)
             found = fresh.any(1)
             searching = ~found & (pointer + self.window < slots)
             if not bool(searching.any()):
@@ -90,9 +96,9 @@ class LeastRecentlyUsed:
 
     def _queue_head(self, exhausted: torch.Tensor) -> torch.Tensor:
         """The first current queue entry of each batch element in ``exhausted`` ``[B]``."""
-        last, head, queue = self.last_access, self._head, self._queue
-        assert last is not None and head is not None and queue is not None
-        offsets = torch.arange(self.window, device=last.device)
+        stamps, head, queue = self.stamps, self._head, self._queue
+        assert stamps is not None and head is not None and queue is not None
+        offsets = torch.arange(self.window, device=stamps.device)
         block = self._length // max(self._block, 1)
         while True:
             positions = head.unsqueeze(1) + offsets
@@ -100,7 +106,7 @@ class LeastRecentlyUsed:
             entries = queue.gather(1, positions.clamp(max=queue.shape[1] - 1)).long()
             steps = torch.div(positions, block, rounding_mode="floor")
             current = inside & (entries >= 0)
-            current &= last.gather(1, entries.clamp(min=0)) == steps
+            current &= stamps.gather(1, entries.clamp(min=0)) == steps + 1
             found = current.any(1)
             searching = exhausted & ~found & (head + self.window < self._length)
             if not bool(searching.any()):
@@ -114,8 +120,8 @@ class LeastRecentlyUsed:
         """Record a step's accesses: ``rows`` ``[B, L]`` (may repeat) with their read or
         write ``weights`` ``[B, L]``; a slot is accessed when its weights sum above DELTA.
         Returns that per entry, bool ``[B, L]``."""
-        last, queue = self.last_access, self._queue
-        assert last is not None and queue is not None
+        stamps, queue = self.stamps, self._queue
+        assert stamps is not None and queue is not None
         if self._block and rows.shape[1] != self._length // self._block:
             raise ValueError("LeastRecentlyUsed.update: the same number of rows every step")
         same = (rows.unsqueeze(2) == rows.unsqueeze(1)).to(weights.dtype)
@@ -132,7 +138,7 @@ class LeastRecentlyUsed:
         queue[:, self._length : self._length + count] = entries
         self._length += count
         self._block += 1
-        stamped = torch.where(accessed, self.time, last.gather(1, rows))
-        last.scatter_(1, rows, stamped)
+        stamped = torch.where(accessed, self.time + 1, stamps.gather(1, rows))
+        stamps.scatter_(1, rows, stamped)
         self.time += 1
         return accessed
