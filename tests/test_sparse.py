@@ -360,6 +360,19 @@ def test_nothing_saved_for_backward_has_n_rows():
     assert model.memories[0].interface.weight.grad.abs().sum() > 0
 
 
+def test_a_second_backward_pass_starts_from_a_clean_gradient_buffer():
+    """Rows read before they are written leave their gradient in the buffer at the end of
+    a pass; the next pass through the same graph must not see it."""
+    model = SAMCore(3, 2, memory_size=30, word_size=4, read_heads=2, sparse_reads=3).double()
+    outputs, _ = model(torch.randn(8, 2, 3, dtype=torch.float64))
+    loss = (outputs**2).sum()
+    parameters = list(model.parameters())
+    first = torch.autograd.grad(loss, parameters, retain_graph=True)
+    second = torch.autograd.grad(loss, parameters)
+    for one, two in zip(first, second, strict=True):
+        torch.testing.assert_close(one, two, rtol=0, atol=0)
+
+
 def test_backward_after_the_memory_moved_on_is_an_error():
     model = SAMCore(3, 2, memory_size=50, word_size=4, read_heads=1, sparse_reads=2)
     inputs = torch.randn(5, 2, 3)
