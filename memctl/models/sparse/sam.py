@@ -21,7 +21,9 @@ The output layer sees the controller output and the read vectors, as the DNC's. 
 rows live in ``access.SparseMemory`` (in place, gradients through the touched rows only);
 a step touches ``R K + 1`` rows to write and ``R K`` to read, whatever N.
 
-``SAMCore`` holds it all, with the DNC's layering (``num_layers`` controller + memory
+``SparseAccess.write`` and ``read`` are the two halves of a step on the memory, its index
+and its usage, for models that add to them (SDNC's sparse temporal links sit beside
+them). ``SAMCore`` holds it all, with the DNC's layering (``num_layers`` controller + memory
 layers, one memory shared or one each); ``SAMModel`` is the recipe model
 (``model.type: sam``).
 """
@@ -189,13 +191,44 @@ class SparseAccess(nn.Module):
         best = similarity.topk(self.sparse_reads, dim=-1).indices
         return candidates.gather(-1, best)
 
+    def write(
+        self,
+        state: SparseAccessState,
+        write_vector: torch.Tensor,
+        write_gate: torch.Tensor,
+        interpolation_gate: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eqs. (4)-(5) on the memory: write ``a`` ``[B, M]`` with gates ``[B]`` to the
+        rows ``state`` read and the least recently used row (erased) -> (token, write rows
+        ``[B, R K + 1]``, their weights, their new contents ``[B, R K + 1, M]``)."""
+        least_used = self.usage.least_recent()
+        rows = torch.cat([state.read_rows.flatten(1), least_used.unsqueeze(1)], 1)
+        weights = write_weighting(state.read_weights, write_gate, interpolation_gate)
+        old, token = self.memory.gather(state.memory, rows)
+        written = sparse_write(old, rows, weights, least_used, write_vector)
+        token = self.memory.assign(token, rows, written)
+        self.index.update(rows, written.detach())
+        return token, rows, weights, written
+
+    def read(
+        self, token: torch.Tensor, keys: torch.Tensor, strengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eqs. (2)-(3) on the memory: keys ``[B, R, M]``, strengths ``[B, R]`` -> (token,
+        read rows ``[B, R, K]``, their weights ``[B, R, K]``, read vectors ``[B, R, M]``)."""
+        batch, heads, word = keys.shape
+        with torch.no_grad():
+            rows = self.nearest(keys.detach())
+        values, token = self.memory.gather(token, rows.flatten(1))
+        values = values.view(batch, heads, self.sparse_reads, word)
+        weights, reads = sparse_read(values, keys, strengths)
+        return token, rows, weights, reads
+
     def step(
         self, controller_output: torch.Tensor, state: SparseAccessState, record: bool = False
     ) -> tuple[torch.Tensor, SparseAccessState, StepRecord | None]:
         """controller_output ``[B, H]`` -> (read vectors ``[B, R, M]``, state, with
         ``record`` what the step did)."""
-        memory = self.memory
-        memory.check(state.memory, int(state.version))
+        self.memory.check(state.memory, int(state.version))
         batch, word, heads = controller_output.shape[0], self.word_size, self.read_heads
         linear, oneplus, gates = self.interface(controller_output).split(self.sizes, 1)
         read_keys, write_vector = linear.split([heads * word, word], 1)
@@ -203,24 +236,15 @@ class SparseAccess(nn.Module):
         read_strengths = 1 + F.softplus(oneplus)
         write_gate, interpolation_gate = torch.sigmoid(gates).unbind(1)
 
-        least_used = self.usage.least_recent()
-        write_rows = torch.cat([state.read_rows.flatten(1), least_used.unsqueeze(1)], 1)
-        write_weights = write_weighting(state.read_weights, write_gate, interpolation_gate)
-        old, token = memory.gather(state.memory, write_rows)
-        written = sparse_write(old, write_rows, write_weights, least_used, write_vector)
-        token = memory.assign(token, write_rows, written)
-        self.index.update(write_rows, written.detach())
-
-        with torch.no_grad():
-            read_rows = self.nearest(read_keys.detach())
-        rows, token = memory.gather(token, read_rows.flatten(1))
-        rows = rows.view(batch, heads, self.sparse_reads, word)
-        read_weights, reads = sparse_read(rows, read_keys, read_strengths)
+        token, write_rows, write_weights, written = self.write(
+            state, write_vector, write_gate, interpolation_gate
+        )
+        token, read_rows, read_weights, reads = self.read(token, read_keys, read_strengths)
 
         usage_rows = torch.cat([write_rows, read_rows.flatten(1)], 1)
         usage_weights = torch.cat([write_weights, read_weights.flatten(1)], 1).detach()
         accessed = self.usage.update(usage_rows, usage_weights)
-        version = torch.tensor(memory.version)
+        version = torch.tensor(self.memory.version)
         state = SparseAccessState(token, version, read_rows, read_weights)
         trail = None
         if record:
