@@ -5,17 +5,21 @@ of 20 hidden units), batch 8. The tree is built once per n (the O(n) EMBED and J
 pass, not timed); then A go steps run as A accesses. The cost of one access is the
 marginal cost ``(time(A2) - time(A1)) / (A2 - A1)``, each time the fastest of 5 runs,
 which cancels every per-call constant (CPU time of the process on CPU, so that other
-jobs on shared cores do not count; wall time on CUDA), in two settings:
+jobs on shared cores do not count; wall time on CUDA), in these settings:
 
-``forward``   eval mode under ``torch.no_grad`` (greedy paths in hard mode)
-``train``     training mode, forward and backward of the outputs' sum, the tree a leaf
-              that requires grad (its one O(n) gradient buffer cancels in the difference);
-              up to n = 2^14 (hard) and 2^12 (soft) by default, as it is O(n log n) and
-              O(n) per access
+``forward``          eval mode under ``torch.no_grad`` (greedy paths in hard mode)
+``train``            training mode, forward and backward of the outputs' sum plus (hard)
+                     REINFORCE's ``auxiliary_loss``, the tree a leaf that requires grad
+                     (its O(n) gradient, once per sequence, cancels in the difference);
+                     hard mode on the default ``path`` backend, n = 8 .. 65,536; soft
+                     mode up to n = 2^12 by default, as it is O(n) per access
+``train_reference``  the same, hard mode on ``backend: reference`` (plain autograd on the
+                     heap tensor, O(n log n) per access), up to n = 2^12 by default
 
-Hard mode's forward is O(log n) per access: the script fits ``time = a + b log2 n`` and
-reports ``b``, the cost of one more tree level. Soft mode is O(n) per access; its log-log
-slope is reported. Results are saved as JSON with the machine they came from.
+Hard mode is O(log n) per access: the script fits ``time = a + b log2 n`` and reports
+``b``, the cost of one more tree level, and the log-log slope of time against n over
+every n timed and over n >= 1,024 (0 for constant time, 1 for time proportional to n).
+Results are saved as JSON with the machine they came from.
 
     OMP_NUM_THREADS=1 python benchmarks/ham_access.py --out benchmarks/ham_access.json
 """
@@ -61,7 +65,8 @@ def run_once(model: HAM, tree: torch.Tensor, accesses: int, train: bool) -> floa
     with torch.set_grad_enabled(train):
         outputs, _ = model(inputs, state)
         if train:
-            outputs.sum().backward()
+            reinforce = model.auxiliary_loss(outputs.detach().pow(2).sum(dim=(0, 2)))
+            (outputs.sum() + reinforce).backward()
     synchronize(tree.device)
     return clock(tree.device) - start
 
@@ -90,12 +95,31 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return mean_y - slope * mean_x, slope
 
 
+def loglog_slope(levels: list[float], times: list[float]) -> float | None:
+    """Least-squares slope of log2 time against log2 n; None for fewer than 2 points."""
+    if len(levels) < 2:
+        return None
+    return fit_line(levels, [math.log2(max(t, 1e-3)) for t in times])[1]
+
+
+SETTINGS = {  # name: (mode, backend, training)
+    "hard_forward": ("hard", "path", False),
+    "hard_train": ("hard", "path", True),
+    "hard_train_reference": ("hard", "reference", True),
+    "soft_forward": ("soft", "path", False),
+    "soft_train": ("soft", "path", True),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-log2-n", type=int, default=16)
-    parser.add_argument("--soft-max-log2-n", type=int, default=16)
+    parser.add_argument("--max-log2-n", type=int, default=16, help="largest n, hard mode")
+    parser.add_argument("--soft-max-log2-n", type=int, default=16, help="largest n, soft")
     parser.add_argument(
-        "--train-max-log2-n", type=int, default=14, help="largest n timed with backward, hard"
+        "--reference-train-max-log2-n",
+        type=int,
+        default=12,
+        help="largest n timed with backward on the hard reference backend",
     )
     parser.add_argument(
         "--soft-train-max-log2-n", type=int, default=12, help="largest n timed with backward, soft"
@@ -105,59 +129,70 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
+    largest = {
+        "hard_forward": args.max_log2_n,
+        "hard_train": args.max_log2_n,
+        "hard_train_reference": min(args.reference_train_max_log2_n, args.max_log2_n),
+        "soft_forward": args.soft_max_log2_n,
+        "soft_train": min(args.soft_train_max_log2_n, args.soft_max_log2_n),
+    }
 
     rows = []
     for mode in ("hard", "soft"):
-        last = args.max_log2_n if mode == "hard" else args.soft_max_log2_n
-        last_train = args.train_max_log2_n if mode == "hard" else args.soft_train_max_log2_n
-        model = HAM(HAMConfig(mode=mode), ITEM_BITS + 2, 5).to(device)
-        for log2_n in range(3, last + 1):
+        models = {
+            backend: HAM(HAMConfig(mode=mode, backend=backend), ITEM_BITS + 2, 5).to(device)
+            for backend in ("path", "reference")
+        }
+        models["reference"].load_state_dict(models["path"].state_dict())
+        mine = {name: spec for name, spec in SETTINGS.items() if spec[0] == mode}
+        for log2_n in range(3, max(largest[name] for name in mine) + 1):
             n = 2**log2_n
             data = torch.zeros(n, BATCH, ITEM_BITS + 2, device=device)
             data[:, :, :ITEM_BITS] = torch.randint(0, 2, (n, BATCH, ITEM_BITS)).float()
             data[:, :, -2] = 1
             with torch.no_grad():
-                tree = model.initial_state(data).tree
+                tree = models["path"].initial_state(data).tree
             few, many = (8, 24) if mode == "hard" else (1, 4)
-            row = {"mode": mode, "n": n, "forward_us": None, "train_us": None}
-            for setting, train in (("forward", False), ("train", True)):
-                if not train or log2_n <= last_train:
-                    model.train(train)
+            row = {"mode": mode, "n": n}
+            for name, (_, backend, train) in mine.items():
+                setting = name.removeprefix(f"{mode}_")
+                row[f"{setting}_us"] = None
+                if log2_n <= largest[name]:
+                    model = models[backend].train(train)
                     row[f"{setting}_us"] = 1e6 * per_access(model, tree, few, many, train)
             rows.append(row)
             print(
                 f"{mode:4s} n={n:6d}  "
                 + "  ".join(
-                    f"{setting} {row[f'{setting}_us'] or float('nan'):10.1f} us"
-                    for setting in ("forward", "train")
+                    f"{key.removesuffix('_us')} {value or float('nan'):10.1f} us"
+                    for key, value in row.items()
+                    if key.endswith("_us")
                 ),
                 flush=True,
             )
 
     summary = {}
-    for mode in ("hard", "soft"):
-        for setting in ("forward", "train"):
-            mine = [r for r in rows if r["mode"] == mode and r[f"{setting}_us"] is not None]
-            levels = [math.log2(r["n"]) for r in mine]
-            times = [r[f"{setting}_us"] for r in mine]
-            if len(mine) < 2:
-                continue
-            intercept, per_level = fit_line(levels, times)
-            large = [(lv, t) for lv, t in zip(levels, times, strict=True) if lv >= 10]
-            loglog = (
-                fit_line([lv for lv, _ in large], [math.log2(max(t, 1e-3)) for _, t in large])[1]
-                if len(large) >= 2
-                else None
-            )
-            summary[f"{mode}_{setting}"] = {
-                "us_per_level": per_level,
-                "us_intercept": intercept,
-                "loglog_slope_n_ge_1024": loglog,
-            }
-            print(
-                f"{mode} {setting}: {intercept:.1f} + {per_level:.1f} us x log2 n; "
-                f"log-log slope (n >= 1024) {loglog}"
-            )
+    for name, (mode, _, _) in SETTINGS.items():
+        key = f"{name.removeprefix(f'{mode}_')}_us"
+        mine = [r for r in rows if r["mode"] == mode and r.get(key) is not None]
+        if len(mine) < 2:
+            continue
+        levels = [math.log2(r["n"]) for r in mine]
+        times = [r[key] for r in mine]
+        intercept, per_level = fit_line(levels, times)
+        large = [(lv, t) for lv, t in zip(levels, times, strict=True) if lv >= 10]
+        summary[name] = {
+            "n": [mine[0]["n"], mine[-1]["n"]],
+            "us_per_level": per_level,
+            "us_intercept": intercept,
+            "loglog_slope": loglog_slope(levels, times),
+            "loglog_slope_n_ge_1024": loglog_slope([lv for lv, _ in large], [t for _, t in large]),
+        }
+        print(
+            f"{name}: {intercept:.1f} + {per_level:.1f} us x log2 n; log-log slope "
+            f"{summary[name]['loglog_slope']:.3f} (n = {mine[0]['n']} .. {mine[-1]['n']}), "
+            f"{summary[name]['loglog_slope_n_ge_1024']} (n >= 1024)"
+        )
     result = {
         "benchmark": "ham_access",
         "batch": BATCH,

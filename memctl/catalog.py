@@ -133,7 +133,11 @@ def bounds_of(field: FieldInfo) -> str:
 
 
 def _nested_schema(field: FieldInfo) -> type[BaseModel] | None:
+    """The section a field holds: its own schema, or its entries' for a list of sections
+    (``reference``)."""
     annotation = field.annotation
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     return None

@@ -270,6 +270,14 @@ def print_eval_table(rows: list[dict[str, Any]], title: str) -> None:
     console.print(table)
 
 
+def print_reference_checks(recipe: Any, rows: list[dict[str, Any]]) -> None:
+    """One line per reference of the recipe: our figure beside it and whether it is met."""
+    from memctl.report import check_references
+
+    for check in check_references(recipe.reference, rows):
+        console.print(check.line(), soft_wrap=True, highlight=False)
+
+
 def _finish_command(trainer: Any, run_path: Path, status: str) -> None:
     from memctl.trainer import STOP_SIGNALS
 
@@ -281,6 +289,7 @@ def _finish_command(trainer: Any, run_path: Path, status: str) -> None:
         )
         raise typer.Exit(code)
     print_eval_table(trainer.final_eval, f"{run_path.name}: evaluation at step {trainer.step}")
+    print_reference_checks(trainer.recipe, trainer.final_eval)
     console.print(f"finished: {run_path}")
 
 
@@ -388,6 +397,7 @@ def _print_plan(recipe: Any, device: str | None, source: Path) -> None:
     import yaml
 
     from memctl.lifecycle import plan
+    from memctl.report import reference_text
 
     try:
         found = plan(recipe, device)
@@ -403,6 +413,8 @@ def _print_plan(recipe: Any, device: str | None, source: Path) -> None:
     console.print(table)
     if not found["fits"]:
         console.print("it does not fit: train refuses it (or lower the sizes, or pass --force)")
+    for reference in recipe.reference:
+        console.print(reference_text(reference), soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -503,17 +515,111 @@ def evaluate(
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Evaluate a checkpoint on held-out batches; print a table and append to eval.csv."""
+    """Evaluate a checkpoint on held-out batches; print a table and append to eval.csv.
+
+    Below the table, each of the recipe's references beside our figure at its level, and
+    whether it is met (the default levels include every reference's)."""
     with user_errors():
-        from memctl.lifecycle import evaluate_run
+        from memctl.lifecycle import evaluate_run, load_run
+        from memctl.report import check_references, reference_record
 
         rows = evaluate_run(run, checkpoint, _parse_lengths(lengths), device, batches, force)
+        recipe = load_run(run).recipe
         if as_json:
+            for row in rows:
+                here = [r for r in recipe.reference if r.at.level == int(row["level"])]
+                row["references"] = [reference_record(c) for c in check_references(here, [row])]
             print_json_rows(rows)
             return
         print_eval_table(
             rows, f"{run.name}: {checkpoint} checkpoint (step {rows[0]['checkpoint_step']})"
         )
+        print_reference_checks(recipe, rows)
+
+
+REPORT_HEADERS = ["recipe", "level", "metric", "median", "min", "max", "met", "reference",
+                  "source", "seeds", "steps", "wall (s)"]  # fmt: skip
+
+
+def _report_cells(frame: Any) -> list[list[str]]:
+    """The report's rows for people (``REPORT_HEADERS``): ``met`` as seeds met / seeds,
+    steps and wall time as medians over the finished seeds."""
+    cells = []
+    for row in frame.to_dict("records"):
+        met = f"{row['met']}/{row['runs']}" if row["reference"] else ""
+        wall = _fmt_cell(round(row["wall_s"])) if math.isfinite(row["wall_s"]) else "-"
+        cells.append([row["recipe"], str(row["level"]), row["metric"], _fmt_cell(row["median"]),
+                      _fmt_cell(row["min"]), _fmt_cell(row["max"]), met, row["reference"],
+                      row["source"], row["seeds"], _fmt_cell(row["steps"]), wall])  # fmt: skip
+    return cells
+
+
+def _report_markdown(command: str, found: Any) -> str:
+    from datetime import UTC, datetime
+
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"`{command}` ({date})", ""]
+    lines += [f"- machine: {line}" for line in found.machines] + [""]
+    lines.append("| " + " | ".join(REPORT_HEADERS) + " |")
+    lines.append("|" + "---|" * len(REPORT_HEADERS))
+    for row in _report_cells(found.table):
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    if found.notes:
+        lines += ["", *(f"- {note}" for note in found.notes)]
+    return "\n".join(lines)
+
+
+def _report_table(command: str, found: Any) -> Table:
+    """The report for a terminal: ``median [min, max]`` in one cell, the sources below."""
+    table = Table(title=command)
+    for header in ("recipe", "level", "metric", "median [min, max]", "met", "reference",
+                   "seeds", "steps", "wall (s)"):  # fmt: skip
+        table.add_column(header, justify="left" if header in ("recipe", "metric") else "right")
+    sources = []
+    for row in _report_cells(found.table):
+        recipe, level, metric, median, low, high, met, reference, source, *rest = row
+        table.add_row(recipe, level, metric, f"{median} [{low}, {high}]", met, reference, *rest)
+        if source:
+            sources.append(f"reference of {recipe} at level {level}: {source}")
+    table.caption = "\n".join([*sources, *(f"machine: {m}" for m in found.machines),
+                               *found.notes])  # fmt: skip
+    table.caption_justify = "left"
+    return table
+
+
+@app.command("report")
+def report(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="A sweep folder, or run directories (their seeds grouped by recipe)"),
+    ],
+    markdown: Annotated[
+        bool,
+        typer.Option("--markdown", help="A Markdown table with the command, date and machine"),
+    ] = False,
+    csv: Annotated[bool, typer.Option("--csv", help="Print CSV (for programs)")] = False,
+) -> None:
+    """Results over seeds: per recipe and evaluated level, the median, min and max of each
+    reference's metric (the task's main metric where there is none), how many seeds met
+    the reference, median steps and wall time, and the machines the runs trained on.
+
+    Each run counts with its final checkpoint's latest evaluation at each level."""
+    with user_errors():
+        import shlex
+
+        from memctl.report import build_report
+
+        if markdown and csv:
+            raise UserError("--markdown and --csv: choose one")
+        found = build_report(paths)
+        if csv:
+            print(found.table.to_csv(index=False), end="")
+            return
+        words = ["memctl", "report", *map(str, paths)] + (["--markdown"] if markdown else [])
+        if markdown:
+            print(_report_markdown(shlex.join(words), found))
+            return
+        console.print(_report_table(shlex.join(words), found))
 
 
 def _run_summaries(runs_dir: Path) -> list[dict[str, str]]:

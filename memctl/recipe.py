@@ -13,10 +13,17 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+)
 
 import memctl.models
 import memctl.tasks  # noqa: F401  (registers the tasks)
@@ -120,6 +127,34 @@ class LogSection(Section):
     )
 
 
+class ReferenceAt(Section):
+    level: int = Field(
+        ge=1, description="the eval.csv level it holds at (sequence length, n, items, ...)"
+    )
+
+
+class ReferenceSection(Section):
+    source: str = Field(min_length=1, description="the paper, table or figure it comes from")
+    metric: str = Field(description="an eval.csv column of the task, e.g. bit_errors")
+    value: float = Field(description="the figure to reach")
+    at: ReferenceAt
+    lower_is_better: bool | None = Field(
+        None,
+        description="true: met below value; false: met at value or above "
+        "(default: the metric's own direction)",
+    )
+    note: str | None = None
+
+    def condition(self) -> str:
+        """``bit_errors < 1 at level 50``."""
+        sign = "<" if self.lower_is_better else ">="
+        return f"{self.metric} {sign} {self.value:g} at level {self.at.level}"
+
+    def met_by(self, value: float) -> bool:
+        """Whether ``value`` meets the reference (never a NaN)."""
+        return value < self.value if self.lower_is_better else value >= self.value
+
+
 class Recipe(Section):
     name: str = Field(pattern=NAME_PATTERN)
     seed: int = 0
@@ -132,21 +167,38 @@ class Recipe(Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     log: LogSection = LogSection()
+    reference: list[ReferenceSection] = Field(
+        default_factory=list,
+        description="the paper's or seed's figures this recipe should reach: a list of "
+        "entries (or one mapping), each checked by memctl eval and memctl report",
+    )
+
+    @field_validator("reference", mode="before")
+    @classmethod
+    def _one_or_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
 
     def resolved(self) -> dict[str, Any]:
         """Every setting, defaults included, as plain data."""
         return self.model_dump(mode="json")
 
     def digest(self) -> str:
-        text = json.dumps(self.resolved(), sort_keys=True)
+        """A hash of what trains: the references, targets rather than settings, stay out."""
+        data = self.resolved()
+        data.pop("reference")
+        text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the (nested) schema that ``loc`` points into."""
     for part in loc:
+        if isinstance(part, int):  # an entry of a list of sections
+            continue
         field = schema.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
+        if get_origin(annotation) is list:
+            annotation = get_args(annotation)[0]
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         schema = annotation
@@ -171,7 +223,9 @@ def _validate(schema: type[BaseModel], data: Any, prefix: str, source: str) -> A
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        raise UserError(f"{source}: {_format_error(schema, exc.errors()[0], prefix)}") from None
+        # A misspelt key also leaves its field missing: name the misspelling, it is the fix.
+        errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+        raise UserError(f"{source}: {_format_error(schema, errors[0], prefix)}") from None
 
 
 def _section_config(registry: Registry, data: Any, source: str) -> BaseModel:
@@ -196,7 +250,34 @@ def validate_recipe(data: Any, source: str) -> Recipe:
     rest = {k: v for k, v in data.items() if k not in ("model", "task")}
     rest["model"] = _section_config(MODELS, data["model"], source)
     rest["task"] = _section_config(TASKS, data["task"], source)
-    return _validate(Recipe, rest, "", source)
+    recipe = _validate(Recipe, rest, "", source)
+    _check_references(recipe, source)
+    return recipe
+
+
+def _check_references(recipe: Recipe, source: str) -> None:
+    """Each reference's metric must be an eval.csv column of the task, and its direction
+    the metric's: fill in ``lower_is_better`` where the recipe leaves it out."""
+    task = TASKS.get(recipe.task.type).cls.for_config(recipe.task)
+    columns = ["loss", *task.metric_names]
+    for index, reference in enumerate(recipe.reference):
+        where = f"{source}: reference.{index}"
+        if reference.metric not in columns:
+            hint = difflib.get_close_matches(reference.metric, columns, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise UserError(
+                f"{where}.metric: {reference.metric!r} is not an eval.csv column of task "
+                f"{recipe.task.type!r}{suggestion} (columns: {', '.join(columns)})"
+            )
+        lower = not task.metric_higher_is_better(reference.metric)
+        if reference.lower_is_better is None:
+            reference.lower_is_better = lower
+        elif reference.lower_is_better != lower:
+            direction = "lower" if lower else "higher"
+            raise UserError(
+                f"{where}.lower_is_better: {str(reference.lower_is_better).lower()}, but a "
+                f"{direction} {reference.metric} is better on task {recipe.task.type!r}"
+            )
 
 
 def read_yaml(path: Path) -> Any:

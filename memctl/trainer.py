@@ -570,9 +570,15 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------
 
-    def eval_levels(self, extra: list[int] | None = None) -> list[int]:
-        lengths = self.recipe.eval.lengths if extra is None else extra
-        return sorted({self.curriculum.level, *lengths})
+    def eval_levels(self, extra: list[int] | None = None, references: bool = True) -> list[int]:
+        """The curriculum's level and ``extra``; by default ``eval.lengths`` and, with
+        ``references``, the levels of the recipe's references, so that the final
+        evaluation and ``memctl eval`` check every reference (the periodic evaluations
+        leave them out: a long reference length would slow every one)."""
+        if extra is None:
+            extra = list(self.recipe.eval.lengths)
+            extra += [r.at.level for r in self.recipe.reference] if references else []
+        return sorted({self.curriculum.level, *extra})
 
     @torch.no_grad()
     def evaluate(
@@ -630,7 +636,7 @@ class Trainer:
         any lower one; at the same level the better value wins (``task.higher_is_better``).
         """
         assert self.run is not None
-        rows = self.evaluate(self.eval_levels(), label)
+        rows = self.evaluate(self.eval_levels(references=label == "final"), label)
         self.eval_log.append(rows)
         if self.tensorboard is not None:
             self.tensorboard.add_eval(rows)

@@ -1,9 +1,13 @@
-"""Shared fixtures: a tiny copy recipe, and running the CLI in-process or as a process."""
+"""Shared fixtures: a tiny copy recipe, running the CLI in-process or as a process, and
+running a docs page's commands as a user would."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +17,8 @@ import yaml
 from typer.testing import CliRunner
 
 from memctl.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = {
     "name": "tiny",
@@ -79,3 +85,27 @@ def import_file(path: Path, name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def page_commands(page: str) -> list[str]:
+    """The command lines of a docs page's ``bash`` blocks, in order."""
+    text = (ROOT / "docs" / page).read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    return [line for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def run_page_commands(page: str, cwd: Path) -> list[str]:
+    """Run a docs page's commands in ``cwd`` (given a copy of examples/), each as its own
+    process, as a user runs them from a checkout; returns the commands."""
+    shutil.copytree(ROOT / "examples", cwd / "examples")
+    commands = page_commands(page)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MEMCTL_PLUGINS", None)
+    for command in commands:
+        program, *args = shlex.split(command)
+        head = [sys.executable] if program == "python" else [sys.executable, "-m", "memctl"]
+        done = subprocess.run(
+            [*head, *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=env
+        )
+        assert done.returncode == 0, f"{command}: {done.stderr}"
+    return commands

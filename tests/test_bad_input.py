@@ -10,9 +10,14 @@ import torch
 
 from tests.conftest import TINY, cli, snapshot, write_recipe
 
+# A valid reference for TINY (copy): bit errors under 0.5 at length 4.
+REFERENCE = {"source": "a test", "metric": "bit_errors", "value": 0.5, "at": {"level": 4}}
+
 
 def with_change(path: tuple, value) -> dict:
     data = copy.deepcopy(TINY)
+    if isinstance(value, list):
+        value = [{k: v for k, v in entry.items() if v is not KeyError} for entry in value]
     node = data
     for key in path[:-1]:
         node = node[key]
@@ -50,7 +55,21 @@ BAD_RECIPES = [
         ["train.lr_decay.metric", "bit_erors"],
     ),
     ("compile_no_cell", with_change(("train", "compile"), True), ["train.compile", "lstm"]),
-]
+    ("reference_key", with_change(("reference",), [{**REFERENCE, "valu": 1}]),
+     ["reference.0.valu", "did you mean 'value'"]),
+    ("reference_type", with_change(("reference",), [{**REFERENCE, "value": "small"}]),
+     ["reference.0.value", "number"]),
+    ("reference_no_at", with_change(("reference",), [{**REFERENCE, "at": KeyError}]),
+     ["reference.0.at", "Field required"]),
+    ("reference_at_key", with_change(("reference",), [{**REFERENCE, "at": {"length": 4}}]),
+     ["reference.0.at.length", "unknown key", "known: level"]),
+    ("reference_metric", with_change(("reference",), [{**REFERENCE, "metric": "bit_eror"}]),
+     ["reference.0.metric", "did you mean 'bit_errors'", "loss, cost_bits"]),
+    ("reference_direction",
+     with_change(("reference",), [REFERENCE, {**REFERENCE, "lower_is_better": False}]),
+     ["reference.1.lower_is_better", "a lower bit_errors is better"]),
+    ("reference_not_a_list", with_change(("reference",), 5), ["reference", "list"]),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
@@ -46,10 +47,18 @@ def test_every_recipe_section_and_field_appears():
         "train.lr_decay",
         "eval",
         "log",
+        "reference",
+        "reference.at",
     ]
     assert {s.key for s in sections[""].settings} == {"name", "seed", "device"}
-    for key in ("curriculum", "eval", "log", "train.optimizer", "train.clip", "train.lr_decay"):
+    reference = {s.key for s in sections["reference"].settings}
+    assert reference == {"reference.source", "reference.metric", "reference.value",
+                         "reference.lower_is_better", "reference.note"}  # fmt: skip
+    for key in ("curriculum", "eval", "log", "train.optimizer", "train.clip", "train.lr_decay",
+                "reference.at"):  # fmt: skip
         schema = Recipe.model_fields[key.split(".")[0]].annotation
+        if key == "reference.at":  # in a list of sections: its entries' schema
+            schema = typing.get_args(schema)[0]
         for part in key.split(".")[1:]:
             schema = schema.model_fields[part].annotation
         expected = {f"{key}.{name}" for name in schema.model_fields}

@@ -119,3 +119,20 @@ def test_min_scores_squared_error_and_exact_match_after_rounding():
     metrics = task.metrics(outputs, batch)
     assert float(metrics["accuracy"]) == 0.75
     assert float(metrics["bit_errors"]) == 0.25
+
+
+@pytest.mark.parametrize("name", ["sort", "merge"])
+def test_sorted_targets_are_the_items_in_nondecreasing_key_order(name):
+    entry = TASKS.get(name)
+    task = entry.cls(entry.config(key_bits=3, value_bits=12, n=8))
+    inputs, targets, mask = task.sample(
+        64, torch.Generator().manual_seed(4), max_level=8, min_level=8
+    )
+    for b in range(64):
+        items = {tuple(row[3:15]): decode(row[:3]) for row in inputs[:8, b].tolist()}
+        if len(items) < 8:  # two items share a value: skip the ambiguous sequence
+            continue
+        answers = [tuple(targets[t, b].tolist()) for t in mask[:, b].nonzero().flatten()]
+        assert sorted(answers) == sorted(items)  # every item once
+        keys = [items[value] for value in answers]
+        assert keys == sorted(keys)

@@ -17,12 +17,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
+import pytest
 import yaml
 
 import memctl
 from memctl.executors import SlurmTrial, TrialLaunch, trial_arguments
 from memctl.registry import MODELS, TASKS
-from tests.conftest import cli, cli_process, snapshot, write_recipe
+from tests.conftest import cli, cli_process, run_page_commands, snapshot, write_recipe
 
 TASK_PLUGIN = '''
 """A plugin task: the target at each step is the input bit of the step before."""
@@ -299,3 +301,25 @@ def test_a_clash_with_a_built_in_an_import_error_and_an_unknown_type(tmp_path, r
         f"{', '.join(TASKS.names())}); if a plugin provides it, pass --plugin FILE"
     ]
     assert snapshot(runs_dir) == before
+
+
+@pytest.mark.slow
+def test_the_docs_examples_run_as_written(tmp_path: Path):
+    """docs/plugins.md's commands from a checkout: the parity task learns to length 16
+    (eval needs no --plugin: the run recorded it) and the Elman model copies its training
+    lengths and is inspected with its hidden state."""
+    commands = run_page_commands("plugins.md", tmp_path)
+    assert [c.split()[:4] for c in commands] == [
+        ["memctl", "--plugin", "examples/plugin_task.py", "train"],
+        ["memctl", "eval", "runs/parity_lstm"],
+        ["memctl", "--plugin", "examples/plugin_model.py", "train"],
+        ["memctl", "inspect", "runs/copy_elman"],
+    ]
+    parity = pd.read_csv(tmp_path / "runs/parity_lstm/metrics.csv")
+    assert parity["loss"].iloc[-1] < parity["loss"].iloc[0] / 20
+    assert parity["level"].iloc[-1] == 12
+    evals = pd.read_csv(tmp_path / "runs/parity_lstm/eval.csv")
+    assert (evals.groupby("level")["accuracy"].last() > 0.9).all()
+    elman = pd.read_csv(tmp_path / "runs/copy_elman/eval.csv")
+    assert elman.groupby("level")["bit_errors"].last()[3] < 0.5
+    assert (tmp_path / "runs/copy_elman/inspect/hidden.png").is_file()

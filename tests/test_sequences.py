@@ -3,11 +3,6 @@ from the run's generator (exact resume), with curricula over each sequence's lev
 
 from __future__ import annotations
 
-import re
-import shlex
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +17,7 @@ from memctl.sweep import primary_metric
 from memctl.tasks.sequences import SequencesConfig, load_sequences
 from memctl.trainer import Trainer
 from memctl.viz import Series, metric_label
-from tests.conftest import cli, import_file, snapshot, write_recipe
+from tests.conftest import cli, import_file, run_page_commands, snapshot, write_recipe
 from tests.test_bad_input import assert_one_line_error
 from tests.test_reliability import assert_split_run_matches_straight
 from tests.test_task_metrics import check_metrics_described
@@ -367,29 +362,15 @@ def test_plots_label_the_metric_of_the_runs_loss(tmp_path: Path, runs_dir: Path)
     )
 
 
-def _page_commands() -> list[str]:
-    page = (ROOT / "docs/your-data.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", page, re.S)
-    return [line for block in blocks for line in block.splitlines() if line.strip()]
-
-
 @pytest.mark.slow
 def test_the_docs_example_learns(tmp_path: Path):
     """The page's commands, as a user runs them from a checkout: the loss falls by far."""
-    shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    commands = _page_commands()
+    commands = run_page_commands("your-data.md", tmp_path)
     assert [c.split()[:2] for c in commands] == [
         ["python", "examples/make_sequences.py"],
         ["memctl", "train"],
         ["memctl", "eval"],
     ]
-    for command in commands:
-        program, *args = shlex.split(command)
-        head = [sys.executable] if program == "python" else [sys.executable, "-m", "memctl"]
-        done = subprocess.run(
-            [*head, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
-        )
-        assert done.returncode == 0, done.stderr
     metrics = pd.read_csv(tmp_path / "runs/sequences_lstm/metrics.csv")
     assert metrics["loss"].iloc[-1] < metrics["loss"].iloc[0] / 10
     assert metrics["level"].iloc[0] == 6 and metrics["level"].iloc[-1] == 12

@@ -3,7 +3,8 @@
 A 4-trial sweep goes out as one job array through submitit; one running trial gets
 SLURM's time-limit warning (SIGUSR2, what ``--signal`` sends before a limit or a
 preemption), checkpoints, is requeued and resumes with exactly one row per logged step;
-the same sweep run by the local executor gives identical per-trial metrics.
+the same sweep run by the local executor gives identical per-trial metrics. A sweep
+with plugins carries them to every array task.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import pytest
 import yaml
 
 from memctl.sweep import make_executor, plan_sweep, read_trials_csv, run_sweep
+from tests.test_plugins import run as run_plugin_cli
+from tests.test_plugins import write_plugins
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "slurm" / "slurm-local.sh"
@@ -146,3 +149,30 @@ def test_slurm_sweep_survives_preemption_and_matches_the_local_executor(tmp_path
                 on_slurm.drop(columns=TIMING, errors="ignore"),
                 on_local.drop(columns=TIMING, errors="ignore"),
             )
+
+
+def test_a_slurm_sweep_passes_its_plugins_to_every_trial(tmp_path, cancel_leftovers):
+    """A plugin task and model on the real cluster: every array task imports them again
+    from the paths the sweep recorded, and its run.json lists them."""
+    task, model, recipe = write_plugins(tmp_path)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "name": "slp",
+                "base": str(recipe),
+                "seeds": [0, 1],
+                "slurm": {"time_min": 10, "cpus_per_task": 1, "array_parallelism": 2},
+            }
+        )
+    )
+    runs = tmp_path / "runs"
+    swept = run_plugin_cli(
+        "--plugin", task, "--plugin", model, "sweep", sweep, "--executor", "slurm",
+        "--runs-dir", runs,
+    )  # fmt: skip
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+    for seed in (0, 1):
+        info = json.loads((runs / "slp" / f"slp-seed={seed}" / "run.json").read_text())
+        assert info["status"] == "finished"
+        assert [entry["path"] for entry in info["plugins"]] == [str(task), str(model)]

@@ -27,9 +27,11 @@ step on (input channel ``is_go``, the last) every step is one memory access:
 ``p_e = sigma(SEARCH(h_e, s))``, sampled while training and greedy (``p_e > 1/2``) in
 eval mode; read the reached leaf ``a``; ``h_a <- WRITE(h_a, s)``; JOIN recomputes the
 ``log2 N`` nodes on the path back to the root. An access's forward pass does O(log N)
-work: log2 N SEARCH and JOIN calls of batch size B and in-place row updates (the
-backward pass of each row update or read allocates a tree-sized gradient, so training
-costs O(N log N) per access; see benchmarks/ham_access.py). SEARCH is trained by
+work: log2 N SEARCH and JOIN calls of batch size B and in-place row updates. Training
+too, with ``backend: path`` (the default, ``ham_tree.py``): the tree's gradient is
+accumulated along the paths. ``backend: reference`` is this file's plain autograd on the
+heap tensor, whose backward builds a tree-sized gradient for every row read and write
+(O(N log N) per training access); see benchmarks/ham_access.py. SEARCH is trained by
 REINFORCE (``auxiliary_loss``) with a learned baseline and an entropy bonus.
 
 ``mode: soft`` (DHAM, Appendix A): the attention splits at every node,
@@ -50,6 +52,7 @@ from pydantic import Field
 from torch import nn
 
 from memctl.models.base import ModelConfig
+from memctl.models.ham_tree import HardTree
 from memctl.registry import MODELS
 
 
@@ -66,6 +69,12 @@ class HAMConfig(ModelConfig):
     mlp_hidden: int = Field(20, ge=1, description="hidden units of EMBED/JOIN/SEARCH/WRITE")
     entropy_bonus: float = Field(0.01, ge=0, description="hard: weight of the path entropy")
     baseline_weight: float = Field(1.0, ge=0, description="hard: weight of the baseline fit")
+    backend: Literal["path", "reference"] = Field(
+        "path",
+        description="hard: path = the tree in place, its gradient accumulated along the "
+        "paths, O(log n) per training access (ham_tree.py); reference = plain autograd on "
+        "the heap tensor, O(n log n)",
+    )
 
 
 class HAMState(NamedTuple):
@@ -118,7 +127,7 @@ def level_slice(level: int) -> slice:
     return slice(2**level - 1, 2 ** (level + 1) - 1)
 
 
-def tree_depth(tree: torch.Tensor) -> int:
+def tree_depth(tree: torch.Tensor | HardTree) -> int:
     """log2 N for a heap of ``2N - 1`` nodes."""
     return ((tree.shape[1] + 1) // 2).bit_length() - 1
 
@@ -163,22 +172,29 @@ def soft_write(leaves: torch.Tensor, attention: torch.Tensor, new: torch.Tensor)
     return leaves + attention.unsqueeze(-1) * (new - leaves)
 
 
+def node_rows(tree: torch.Tensor | HardTree, rows: torch.Tensor) -> torch.Tensor:
+    """One node per batch element: heap rows ``[B]`` -> values ``[B, d]``; tree is the
+    heap tensor or the ``path`` backend's ``HardTree`` (the same rows)."""
+    if isinstance(tree, HardTree):
+        return tree.read(rows.unsqueeze(1)).squeeze(1)
+    return tree[torch.arange(tree.shape[0], device=tree.device), rows]
+
+
 def hard_path(
-    tree: torch.Tensor, signal: torch.Tensor, search: nn.Module, greedy: bool
+    tree: torch.Tensor | HardTree, signal: torch.Tensor, search: nn.Module, greedy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One root-to-leaf path: go right with probability ``p_e = sigma(SEARCH(h_e, s))``.
 
-    tree: ``[B, 2N-1, d]``; signal: ``[B, c]``. Samples with the global torch generator
-    (greedy: right iff ``p_e > 1/2``). Returns the leaf index ``[B]`` (0..N-1), the path's
-    log-probability ``sum_e log P(choice_e)`` ``[B]`` and its entropy
-    ``sum_e H(p_e)`` ``[B]``. Exactly log2 N SEARCH calls, each on B nodes.
+    tree: ``[B, 2N-1, d]`` (or a ``HardTree``); signal: ``[B, c]``. Samples with the
+    global torch generator (greedy: right iff ``p_e > 1/2``). Returns the leaf index
+    ``[B]`` (0..N-1), the path's log-probability ``sum_e log P(choice_e)`` ``[B]`` and its
+    entropy ``sum_e H(p_e)`` ``[B]``. Exactly log2 N SEARCH calls, each on B nodes.
     """
-    batch = torch.arange(tree.shape[0], device=tree.device)
-    node = torch.zeros_like(batch)  # index within the current level
-    log_prob = tree.new_zeros(tree.shape[0])
-    entropy = tree.new_zeros(tree.shape[0])
+    node = signal.new_zeros(signal.shape[0], dtype=torch.long)  # index within the level
+    log_prob = signal.new_zeros(signal.shape[0])
+    entropy = signal.new_zeros(signal.shape[0])
     for level in range(tree_depth(tree)):
-        logit = search(tree[batch, node + 2**level - 1].unsqueeze(1), signal).squeeze(1)
+        logit = search(node_rows(tree, node + 2**level - 1).unsqueeze(1), signal).squeeze(1)
         p_right = torch.sigmoid(logit)
         go_right = logit > 0 if greedy else torch.bernoulli(p_right.detach()).bool()
         log_p_right, log_p_left = F.logsigmoid(logit), F.logsigmoid(-logit)
@@ -295,8 +311,9 @@ class HAM(nn.Module):
             start = 0
         tree, hidden, cell, read = state
         hard = self.config.mode == "hard"
+        path_backend = hard and self.config.backend == "path"
         if hard:
-            tree = tree.clone()  # hard writes are in place
+            tree = HardTree(tree) if path_backend else tree.clone()  # hard writes are in place
         greedy = not self.training
         outputs = [inputs.new_zeros(start, inputs.shape[1], self.readout.out_features)]
         log_probs, entropies, baselines = [], [], []
@@ -309,10 +326,12 @@ class HAM(nn.Module):
                 signal = self.signal(inputs[step])
             if hard:
                 leaf, log_prob, entropy = hard_path(tree, signal, self.search, greedy)
-                read = tree[
-                    torch.arange(tree.shape[0], device=tree.device), leaf + tree.shape[1] // 2
-                ]
-                hard_write(tree, leaf, self.write(torch.cat((read, signal), -1)), self.join)
+                read = node_rows(tree, leaf + tree.shape[1] // 2)
+                value = self.write(torch.cat((read, signal), -1))
+                if path_backend:
+                    tree.write_path(leaf, value, self.join)
+                else:
+                    hard_write(tree, leaf, value, self.join)
                 if attentions is not None:
                     attentions.append(F.one_hot(leaf, tree.shape[1] // 2 + 1).to(tree.dtype))
                 log_probs.append(log_prob)
@@ -329,12 +348,22 @@ class HAM(nn.Module):
                     attentions.append(attention)
             features = read if self.config.controller == "none" else torch.cat((hidden, read), -1)
             outputs.append(self.readout(features).unsqueeze(0))
+        if path_backend:
+            tree = tree.finish()
         self.paths = None
         if hard and self.training and log_probs:
             self.paths = PathTrace(
                 torch.stack(log_probs), torch.stack(entropies), torch.stack(baselines)
             )
         return torch.cat(outputs), HAMState(tree, hidden, cell, read)
+
+    def describe_backend(self, batch_size: int) -> str:
+        """The implementation of the memory accesses (``memctl/models/base.py``)."""
+        if self.config.mode == "soft":
+            return "reference (PyTorch autograd)"
+        if self.config.backend == "path":
+            return "path (hard tree in place, O(log n) backward, ham_tree.py)"
+        return "reference (PyTorch autograd on the heap)"
 
     def auxiliary_loss(self, sequence_losses: torch.Tensor) -> torch.Tensor:
         """REINFORCE for the hard paths of the last training forward (Williams 1992).

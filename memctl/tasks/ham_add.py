@@ -1,0 +1,95 @@
+"""Binary addition, the ``add`` task of Hierarchical Attentive Memory (Andrychowicz & Kurach
+2016, section 4): two n-bit numbers in, their (n+1)-bit sum out.
+
+The input is the symbol sequence ``a_1 .. a_n + b_1 .. b_n =`` (2n + 2 data steps, bits
+least significant first), the output ``c_1 .. c_(n+1)`` on n + 1 go steps, where
+``c = a + b`` and ``c_(n+1)`` is the carry out. Every symbol is one-hot over
+``0, 1, +, =``; the last two channels are the layout the HAM model reads (data steps
+become its leaves, go steps its memory accesses), as in ``ham_tasks.py``:
+
+    step          0 .. 2n+1                  2n+2 .. 2N+1   2N+2 .. 2N+n+2   .. 2N+N+2
+    inputs[:4]    one-hot a_i, +, b_i, =     0              0                0
+    inputs[4]     1 (is_data)                0              0                0
+    inputs[5]     0                          0              1 (is_go)        0
+    targets       -                          -              c_1 .. c_(n+1)   -
+
+``N`` is the batch's largest n; shorter sequences are padded after their data and after
+their answers, and only the answers are scored (sigmoid cross-entropy on the one output
+bit). The curriculum parameter is ``n``.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from memctl.registry import TASKS
+from memctl.tasks.base import Batch, Task, TaskConfig, draw_levels
+
+ZERO, ONE, PLUS, EQUALS = range(4)  # the symbols' channels
+
+
+class AddConfig(TaskConfig):
+    type: str = "add"
+    min_n: int = Field(1, ge=1, description="fewest bits per number in a mixed batch")
+    n: int = Field(8, ge=1, description="bits per number: the curriculum parameter")
+
+    ordered_fields = (("min_n", "n"),)
+
+
+@TASKS.register("add", AddConfig)
+class AddTask(Task):
+    level_field = "n"
+    primary_metric = "accuracy"
+    higher_is_better = True
+    input_size = 4 + 2  # the symbols, is_data, is_go
+    output_size = 1
+
+    @property
+    def min_level(self) -> int:
+        return self.config.min_n
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator, *, max_level: int, min_level: int
+    ) -> Batch:
+        counts = draw_levels(batch_size, min_level, max_level, generator)  # [B]
+        most = int(counts.max())
+        bits = torch.randint(0, 2, (2, most, batch_size), generator=generator)
+        position = torch.arange(most).unsqueeze(1)  # [N, 1]
+        bits = bits * (position < counts)  # each number has n bits
+        # Ripple-carry, a bit position at a time (no integer overflow for any n); past a
+        # sequence's n bits both numbers are 0, so its c_(n+1) is the carry out.
+        answer = torch.zeros(most + 1, batch_size, dtype=torch.long)
+        carry = torch.zeros(batch_size, dtype=torch.long)
+        for i in range(most):
+            digit_sum = bits[0, i] + bits[1, i] + carry
+            answer[i], carry = digit_sum % 2, digit_sum // 2
+        answer[most] = carry
+
+        data_steps, answer_steps = 2 * most + 2, most + 1
+        symbols = torch.full((data_steps, batch_size), -1, dtype=torch.long)
+        step = torch.arange(data_steps).unsqueeze(1)  # [2N+2, 1]
+        batch_index = torch.arange(batch_size)
+        in_a = step < counts
+        in_b = (step > counts) & (step <= 2 * counts)
+        a_bits = bits[0].gather(0, step.clamp(max=most - 1).expand(-1, batch_size))
+        b_index = (step - counts - 1).clamp(0, most - 1)
+        b_bits = bits[1].gather(0, b_index)
+        symbols = torch.where(in_a, a_bits, symbols)
+        symbols = torch.where(in_b, b_bits, symbols)
+        symbols[counts, batch_index] = PLUS
+        symbols[2 * counts + 1, batch_index] = EQUALS
+        is_data = symbols >= 0
+
+        steps = data_steps + answer_steps
+        is_answer = torch.arange(answer_steps).unsqueeze(1) <= counts  # n + 1 answers
+        inputs = torch.zeros(steps, batch_size, self.input_size)
+        one_hot = torch.nn.functional.one_hot(symbols.clamp_min(0), 4).float()
+        inputs[:data_steps, :, :4] = one_hot * is_data.unsqueeze(-1)
+        inputs[:data_steps, :, 4] = is_data.float()
+        inputs[data_steps:, :, 5] = is_answer.float()
+        targets = torch.zeros(steps, batch_size, 1)
+        targets[data_steps:, :, 0] = (answer * is_answer).float()
+        mask = torch.zeros(steps, batch_size)
+        mask[data_steps:] = is_answer.float()
+        return Batch(inputs, targets, mask)
