@@ -435,9 +435,11 @@ def _heatmap(
     rows: list[int] | None = None,
     unit_range: bool = False,
     bound: float | None = None,
+    slots: list[int] | None = None,
 ) -> None:
     """``data [X, Y]`` with X along the horizontal axis, row 0 at the top; ``rows``
-    selects and orders the Y shown (ticks name the original indices). Colours: 0..1 for
+    selects and orders the Y shown (ticks name the original indices, or with ``slots``
+    the memory slot each Y stands for: a sparse memory's trace). Colours: 0..1 for
     weightings and probabilities (``unit_range``), else -bound..bound (default: the
     data's largest magnitude)."""
     from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator
@@ -455,7 +457,14 @@ def _heatmap(
     axes.set_title(title, fontsize="medium")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
-    if rows is not None:  # ticks at round slot numbers, wherever the window starts
+    if slots is not None:  # evenly spaced ticks naming the slots the rows stand for
+        ticks = MaxNLocator(nbins=8, integer=True).tick_values(0, len(shown_rows) - 1)
+        every = max(int(ticks[1] - ticks[0]), 1)
+        positions = list(range(0, len(shown_rows), every))
+        axes.yaxis.set_major_locator(FixedLocator(positions))
+        names = [str(slots[shown_rows[row]]) for row in positions]
+        axes.yaxis.set_major_formatter(FixedFormatter(names))
+    elif rows is not None:  # ticks at round slot numbers, wherever the window starts
         ticks = MaxNLocator(nbins=8, integer=True).tick_values(0, len(rows) - 1)
         every = max(int(ticks[1] - ticks[0]), 1)
         positions = [row for row, slot in enumerate(rows) if slot % every == 0]
@@ -463,6 +472,12 @@ def _heatmap(
         axes.yaxis.set_major_formatter(FixedFormatter([str(rows[row]) for row in positions]))
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
+
+
+def _touched_slots(trace: SampleTrace) -> list[int] | None:
+    """The slot indices a sparse memory's trace covers (its ``slots`` quantity), if any."""
+    slots = trace.quantities.get("slots")
+    return None if slots is None else [int(slot) for slot in slots[0]]
 
 
 def _crop_note(rows: list[int] | None, slots: int) -> str:
@@ -493,6 +508,7 @@ def _plot_heads(Figure: Any, trace: SampleTrace, names: tuple[str, ...]) -> Any:
     tensors = [trace.quantities[name] for name in names]
     rows = used_slots(*tensors)
     slots = tensors[0].shape[-1]
+    touched = _touched_slots(trace)
     panels = [
         (name, head) for name, t in zip(names, tensors, strict=True) for head in range(t.shape[1])
     ]
@@ -502,8 +518,9 @@ def _plot_heads(Figure: Any, trace: SampleTrace, names: tuple[str, ...]) -> Any:
         title = QUANTITIES[name][0]
         if trace.quantities[name].shape[1] > 1:
             title += f", head {head + 1}"
-        ylabel = QUANTITIES[name][1] + _crop_note(rows, slots)
-        _heatmap(figure, axes, trace.quantities[name][:, head], title, TIME, ylabel, rows, True)
+        ylabel = QUANTITIES[name][1] + ("" if touched else _crop_note(rows, slots))
+        data = trace.quantities[name][:, head]
+        _heatmap(figure, axes, data, title, TIME, ylabel, rows, True, slots=touched)
     figure.suptitle(_headline(trace))
     return figure
 
@@ -523,7 +540,14 @@ def _plot_quantity(Figure: Any, trace: SampleTrace, name: str) -> Any:
         for axes, matrix, label in ((before, data[0], "$M_0$ (before)"),
                                     (after, data[-1], f"$M_{{{steps}}}$ (after)")):  # fmt: skip
             _heatmap(
-                figure, axes, matrix.T, f"memory {label}", "word element $j$", ylabel, bound=bound
+                figure,
+                axes,
+                matrix.T,
+                f"memory {label}",
+                "word element $j$",
+                ylabel,
+                bound=bound,
+                slots=_touched_slots(trace),
             )
         figure.suptitle(_headline(trace))
         return figure
@@ -548,7 +572,8 @@ def _plot_quantity(Figure: Any, trace: SampleTrace, name: str) -> Any:
         figure = Figure(figsize=(7, 4), layout="constrained")
         axes = figure.add_subplot()
         bounded = bool(data.min() >= 0 and data.max() <= 1)
-        _heatmap(figure, axes, data, title, TIME, ylabel, unit_range=bounded)
+        slots = _touched_slots(trace) if name == "usage" else None
+        _heatmap(figure, axes, data, title, TIME, ylabel, unit_range=bounded, slots=slots)
         figure.suptitle(_headline(trace))
         return figure
     raise ValueError(f"trace quantity {name!r}: unexpected shape {tuple(data.shape)}")
@@ -562,6 +587,8 @@ def plot_trace(trace: SampleTrace, out_dir: Path, fmt: str = "png") -> list[Writ
     Figure = _figure_class()
     written = [_save(_plot_io(Figure, trace), out_dir / f"io.{fmt}")]
     for name in trace.quantities:
+        if name == "slots":  # which slots the others' rows are, not a figure of its own
+            continue
         written.append(_save(_plot_quantity(Figure, trace, name), out_dir / f"{name}.{fmt}"))
     if {"read_weights", "write_weights"} <= trace.quantities.keys():
         figure = _plot_heads(Figure, trace, ("write_weights", "read_weights"))

@@ -28,6 +28,10 @@ MODEL_CASES = {
         {"type": "ntm", "controller_size": 8, "memory_size": 40, "word_size": 4, "read_heads": 2},
         TINY["task"],
     ),
+    "sam": (
+        {"type": "sam", "controller_size": 8, "memory_size": 4096, "word_size": 4, "read_heads": 2},
+        TINY["task"],
+    ),
     "ham": (
         {"type": "ham", "tree_size": 4, "controller_size": 4, "mlp_hidden": 4},
         {"type": "min", "key_bits": 3, "value_bits": 3, "n": 4},
@@ -97,7 +101,7 @@ def assert_sensible_png(path: Path) -> None:
 
 CONTRACT_RANKS = {"read_weights": 4, "write_weights": 4, "memory": 4, "usage": 3,
                   "allocation": 4, "link": 4, "precedence": 3, "leaf_attention": 3,
-                  "fast_weight_norm": 2, "hidden": 3}  # fmt: skip
+                  "fast_weight_norm": 2, "hidden": 3, "slots": 3}  # fmt: skip
 
 
 @pytest.mark.parametrize("model_type", TRACED_TYPES)
@@ -146,6 +150,8 @@ def test_fast_weight_norm_is_the_frobenius_norm_of_the_explicit_matrix():
 def expected_panels(quantities: dict[str, torch.Tensor]) -> dict[str, int]:
     panels = {"io.png": 3}
     for name, value in quantities.items():
+        if name == "slots":  # the row labels of the others
+            continue
         heads = value.shape[1] if name in ("read_weights", "write_weights", "allocation") else 1
         panels[f"{name}.png"] = 2 if name == "memory" else heads
     if "read_weights" in quantities and "write_weights" in quantities:

@@ -21,6 +21,9 @@ second; the names and shapes are fixed so that every model's figures look alike:
     leaf_attention    [T, B, L]     HAM attention over the L leaves (zero where no access)
     fast_weight_norm  [T, B]        Frobenius norm of the fast-weight matrix A(t)
     hidden            [T, B, H]     the recurrent hidden state h_t
+    slots             [T, B, S]     where a model traces only the S slots it touched (the
+                                    sparse memories), their indices, ascending; the other
+                                    quantities' N axis then has S entries, those slots'
 
 A model without ``trace`` is inspected through its inputs, targets and outputs only.
 

@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from memctl.models.addressing import inverse_norms
+from memctl.models.sparse.index import SlotIndex
 
 # Inverted lists for an index of n rows: 4 sqrt(n), and at least 39 rows a list (the
 # fewest faiss advises for training k-means), so an index under 78 rows is one list,
@@ -68,20 +69,6 @@ TRAIN_ITERATIONS = 10
 # torch.topk over every row, at batch 1 and 8, with recall@4 >= 0.94
 # (benchmarks/sparse_index.json).
 FAISS_MIN_ROWS = 2**17
-
-
-class SlotIndex(Protocol):
-    """The search interface of the sparse memories (exact and faiss)."""
-
-    def reset(self, batch_size: int, num_slots: int, word_size: int) -> None: ...
-
-    def update(self, rows: Tensor, values: Tensor) -> None:
-        """rows ``[B, J]`` long: the slots written this step; values ``[B, J, M]``: their
-        new contents."""
-
-    def candidates(self, keys: Tensor, k: int) -> Tensor:
-        """keys ``[B, H, M]`` -> long ``[B, H, C]``, C >= k: slots the caller rescores
-        exactly (cosine similarity) on the live memory and takes the top k of."""
 
 
 def unit_rows(values: Tensor) -> np.ndarray:

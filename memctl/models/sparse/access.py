@@ -1,0 +1,223 @@
+"""The sparse memories' storage: one memory buffer ``[B, N, M]`` changed in place, whose
+steps touch only the rows they read or write, forward and backward.
+
+A dense memory model keeps a new ``[B, N, M]`` memory for every step, for backward (at
+N = 2^20, batch 8 and words of 32 a step's copy is a gigabyte). Here a sequence changes
+one buffer in place, and autograd sees two operations on it, each a
+``torch.autograd.Function`` of one step:
+
+- ``gather(rows)``: the current contents of ``rows`` ``[B, J]``, as an ordinary tensor
+  ``[B, J, M]`` that the model's maths (cosine similarity, softmax, weighted sums, erase
+  and add) uses in plain autograd; what that maths keeps for backward is O(J) a step.
+- ``assign(rows, values)``: overwrite ``rows`` with ``values`` ``[B, J, M]`` (computed in
+  plain autograd from gathered rows).
+
+Backward never reads the buffer. It keeps a gradient buffer of the memory's shape:
+``dL/dM`` for the memory as it stood at the point backward has reached, nonzero only on
+touched rows, and the operations' backwards run in reverse time order. ``gather``'s adds
+its rows' gradients into it; ``assign``'s takes its rows' gradients out (they are
+``dL/d values``) and sets those rows to zero (their earlier contents reach the loss only
+through the gathers before the assignment, whose backwards run next). A token, a 0-d
+tensor that every operation takes and returns, chains the operations in their forward
+order, so autograd runs their backwards in exactly the reverse order. The gathered rows
+that autograd keeps are the journal of old values, and the assigned rows (kept here) the
+journal of writes: so nothing is restored, the buffer holds the sequence's end state
+through and after backward (truncated backpropagation carries it on), and nothing of N
+rows is saved for backward. A row's gradient stays in the gradient buffer from the step
+that last read it back to the step that assigned it, so untouched rows cost nothing.
+
+Bookkeeping, all O(rows touched):
+
+- ``reset`` zeroes the rows assigned since the last reset (an episode starts from an
+  empty memory); the buffer is allocated only when the batch size, device or dtype
+  changes (on the CPU as lazily zeroed pages, so untouched rows take no RAM).
+- ``version`` counts assignments and resets. A model's state carries the version it was
+  made at and the token; a step from a state whose version is not the memory's (the
+  buffer has moved on) is an error. A state detached from the graph (truncated
+  backpropagation) starts a new *segment*; so does a reset.
+- The gradient buffer is shared by the segment's backward passes: each pass first zeroes
+  the rows the previous one left (passes are told apart by the operations' order).
+  Backward through a segment after the memory has moved on to a new one (a reset, a
+  detached state) raises ``MemoryMovedOn``: the gradient buffer then belongs to the new
+  segment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+_NUMPY_DTYPES = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.int64: np.int64,
+    torch.bool: np.bool_,
+}
+
+
+class MemoryMovedOn(RuntimeError):
+    """Backward through steps of a sparse memory that has since moved on to a new segment,
+    or a step from a state the memory has moved on from."""
+
+
+def zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor; on the CPU from ``calloc``'d pages, which take RAM only once written."""
+    if device.type == "cpu" and dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(np.zeros(shape, dtype=_NUMPY_DTYPES[dtype]))
+    return torch.zeros(shape, device=device, dtype=dtype)
+
+
+class SparseMemory:
+    """A memory of ``num_slots`` rows of ``word_size`` per batch element, changed in place.
+
+    Not an ``nn.Module`` and not in any ``state_dict``: the model that owns it allocates it
+    at ``reset`` on the device and dtype of its inputs.
+    """
+
+    def __init__(self, num_slots: int, word_size: int) -> None:
+        self.num_slots, self.word_size = num_slots, word_size
+        self.buffer: torch.Tensor | None = None  # [B, N, M]
+        self.version = 0
+        self.segment = 0
+        self._grad: torch.Tensor | None = None  # [B, N, M], dL/dM during backward
+        self._assigned: list[torch.Tensor] = []  # flat rows assigned since reset
+        self._dirty: list[torch.Tensor] = []  # flat rows the gradient buffer may hold
+        self._token: torch.Tensor | None = None
+        self._operations = 0
+        self._last_backward: int | None = None
+
+    @property
+    def batch_size(self) -> int:
+        assert self.buffer is not None
+        return self.buffer.shape[0]
+
+    def reset(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Empty the memory for a new episode; returns its first token."""
+        shape = (batch_size, self.num_slots, self.word_size)
+        buffer = self.buffer
+        if (
+            buffer is None
+            or buffer.shape != shape
+            or buffer.device != device
+            or buffer.dtype != dtype
+        ):
+            self.buffer, self._grad, self._dirty = zeros(shape, device, dtype), None, []
+        elif self._assigned:
+            self._rows(self.buffer).index_fill_(0, torch.cat(self._assigned), 0)
+        self._assigned = []
+        self.version += 1
+        self.segment += 1
+        self._last_backward = None
+        self._token = torch.zeros((), device=device, dtype=dtype)
+        return self._token
+
+    def check(self, token: torch.Tensor, version: int) -> None:
+        """Refuse a step from a state made at another version; a detached state of the
+        current version starts a new segment."""
+        if version != self.version:
+            raise MemoryMovedOn(
+                f"sparse memory: this state was made at version {version} but the memory is "
+                f"at version {self.version} (it was reset or stepped on since); continue from "
+                "the latest state or start a new sequence"
+            )
+        if token is not self._token:
+            self.segment += 1
+            self._last_backward = None
+            self._token = token
+
+    def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view(-1, self.word_size)
+
+    def flat(self, rows: torch.Tensor) -> torch.Tensor:
+        """Slot indices ``[B, J]`` -> row indices of the ``[B N, M]`` view ``[B J]``."""
+        offsets = torch.arange(rows.shape[0], device=rows.device) * self.num_slots
+        return (rows + offsets.unsqueeze(1)).flatten()
+
+    def peek(self, rows: torch.Tensor) -> torch.Tensor:
+        """The current contents of ``rows`` ``[B, J]`` -> ``[B, J, M]``, outside autograd."""
+        assert self.buffer is not None
+        values = self._rows(self.buffer).index_select(0, self.flat(rows))
+        return values.view(*rows.shape, self.word_size)
+
+    def gather(self, token: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(contents of ``rows`` ``[B, J]`` -> ``[B, J, M]``, the next token)."""
+        values, token = _Gather.apply(token, self, rows)
+        self._token = token
+        return values, token
+
+    def assign(self, token: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Overwrite ``rows`` ``[B, J]`` with ``values`` ``[B, J, M]``; returns the next
+        token. A row may repeat within a batch element only with equal values (the first
+        occurrence's gets the gradient)."""
+        token = _Assign.apply(token, self, rows, values)
+        self._token = token
+        return token
+
+    def _operation(self) -> tuple[int, int]:
+        self._operations += 1
+        return self.segment, self._operations
+
+    def _begin_backward(self, segment: int, operation: int) -> torch.Tensor:
+        """The gradient buffer, clean for a new backward pass."""
+        if segment != self.segment:
+            raise MemoryMovedOn(
+                "sparse memory: backward through steps the memory has moved on from (it was "
+                "reset, or continued from a detached state, since); call backward before the "
+                "next sequence or chunk"
+            )
+        assert self.buffer is not None
+        if self._grad is None:
+            self._grad = zeros(tuple(self.buffer.shape), self.buffer.device, self.buffer.dtype)
+        if self._last_backward is None or operation >= self._last_backward:
+            if self._dirty:
+                self._rows(self._grad).index_fill_(0, torch.cat(self._dirty), 0)
+            self._dirty = []
+        self._last_backward = operation
+        return self._grad
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, token: torch.Tensor, memory: SparseMemory, rows: torch.Tensor) -> Any:
+        ctx.memory, ctx.flat, ctx.shape = memory, memory.flat(rows), rows.shape
+        ctx.segment, ctx.operation = memory._operation()
+        values = memory._rows(memory.buffer).index_select(0, ctx.flat)
+        return values.view(*rows.shape, memory.word_size), torch.zeros_like(token)
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: torch.Tensor, grad_token: torch.Tensor) -> Any:
+        memory: SparseMemory = ctx.memory
+        grad = memory._begin_backward(ctx.segment, ctx.operation)
+        memory._rows(grad).index_add_(0, ctx.flat, grad_values.reshape(-1, memory.word_size))
+        memory._dirty.append(ctx.flat)
+        return torch.zeros_like(grad_token), None, None
+
+
+class _Assign(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        token: torch.Tensor,
+        memory: SparseMemory,
+        rows: torch.Tensor,
+        values: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.memory, ctx.flat, ctx.shape = memory, memory.flat(rows), values.shape
+        ctx.segment, ctx.operation = memory._operation()
+        same = rows.unsqueeze(2) == rows.unsqueeze(1)  # [B, J, J]
+        ctx.first = ~same.tril(-1).any(-1, keepdim=True)  # [B, J, 1]
+        memory._rows(memory.buffer).index_copy_(0, ctx.flat, values.reshape(-1, memory.word_size))
+        memory._assigned.append(ctx.flat)
+        memory.version += 1
+        return torch.zeros_like(token)
+
+    @staticmethod
+    def backward(ctx: Any, grad_token: torch.Tensor) -> Any:
+        memory: SparseMemory = ctx.memory
+        grad = memory._begin_backward(ctx.segment, ctx.operation)
+        rows = memory._rows(grad)
+        grad_values = rows.index_select(0, ctx.flat).view(ctx.shape) * ctx.first
+        rows.index_fill_(0, ctx.flat, 0)
+        return torch.zeros_like(grad_token), None, None, grad_values

@@ -1,0 +1,144 @@
+"""SAM's usage and least recently used slot (Rae et al. 2016, section 3.3 and
+Supplementary D), in O(1) amortised work a step.
+
+Usage is the time since a slot's last non-negligible access, the paper's second form:
+
+    U_t(i) = t - max{ tau <= t : w^W_tau(i) + w^R_tau(i) > delta }
+
+with ``w^R`` the read weights of all heads together; a slot never accessed counts as last
+accessed just before the episode (``t + 1`` for steps numbered from 0). The least
+recently used slot ``argmax_i U_t(i)`` (ties: the lowest slot index) is where SAM erases
+and writes next. Its search touches no O(N) tensor a step:
+
+- ``stamps`` ``[B, N]``: one more than the step of each slot's last access, 0 for never
+  (so the tensor starts as lazily zeroed pages, ``access.zeros``).
+- While some slot was never accessed, the least recently used is the lowest such slot: a
+  pointer that only moves forward past accessed slots (all slots below it are accessed).
+- After that, an access queue: every step appends its accessed slots, in ascending slot
+  order, at its step's block; an entry is current while its slot's last access is its
+  step. The first current entry from the head is the least recently used slot; the head
+  moves only past stale entries, each once.
+
+Both searches look at ``window`` entries at a time, so a step costs a few batched ops.
+The queue grows by ``L`` entries a step (``L`` the rows ``update`` is given, the same
+every step of an episode), int32; ``reset`` clears only the slots it names.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memctl.models.sparse.access import zeros
+
+# delta: an access counts when a slot's read and write weights of a step sum above this
+# (pytorch-dnc's 0.005): weights below it are numerical leftovers of a softmax over K.
+DELTA = 0.005
+NEVER = -1
+
+
+class LeastRecentlyUsed:
+    """Each slot's last access and the least recently used slot of ``num_slots``, per
+    batch element."""
+
+    def __init__(self, num_slots: int, window: int = 64) -> None:
+        self.num_slots, self.window = num_slots, window
+        self.stamps: torch.Tensor | None = None  # [B, N] long, last access + 1
+        self.time = 0
+        self._pointer: torch.Tensor | None = None  # [B]
+        self._head: torch.Tensor | None = None  # [B]
+        self._queue: torch.Tensor | None = None  # [B, capacity] int32
+        self._length = 0
+        self._block = 0
+
+    def reset(self, batch_size: int, device: torch.device) -> None:
+        """A new episode: nothing accessed (O(slots accessed) once allocated)."""
+        shape = (batch_size, self.num_slots)
+        stamps = self.stamps
+        if stamps is None or stamps.shape != shape or stamps.device != device:
+            self.stamps = zeros(shape, device, torch.long)
+            self._queue = torch.full((batch_size, 1024), NEVER, dtype=torch.int32, device=device)
+        elif self._length:
+            entries = self._queue[:, : self._length].long()
+            stamps.scatter_(1, entries.clamp(min=0), 0)
+        self._pointer = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._head = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.time, self._length, self._block = 0, 0, 0
+
+    @property
+    def last_access(self) -> torch.Tensor:
+        """The step of each slot's last access ``[B, N]`` (``NEVER``: none), an O(N) copy."""
+        assert self.stamps is not None
+        return self.stamps - 1
+
+    def usage(self, rows: torch.Tensor) -> torch.Tensor:
+        """``U(i)`` after the last step, for ``rows`` ``[B, J]`` -> long ``[B, J]``."""
+        assert self.stamps is not None
+        return self.time - self.stamps.gather(1, rows)
+
+    def least_recent(self) -> torch.Tensor:
+        """The least recently used slot of each batch element ``[B]`` (ties: lowest index)."""
+        stamps, pointer = self.stamps, self._pointer
+        assert stamps is not None and pointer is not None
+        slots, offsets = self.num_slots, torch.arange(self.window, device=stamps.device)
+        while True:
+            candidates = pointer.unsqueeze(1) + offsets
+            fresh = (candidates < slots) & (stamps.gather(1, candidates.clamp(max=slots - 1)) == 0)
+            found = fresh.any(1)
+            searching = ~found & (pointer + self.window < slots)
+            if not bool(searching.any()):
+                break
+            pointer = torch.where(searching, pointer + self.window, pointer)
+        first = candidates.gather(1, fresh.long().argmax(1, keepdim=True)).squeeze(1)
+        self._pointer = torch.where(found, first, torch.full_like(pointer, slots))
+        if bool(found.all()):
+            return first
+        return torch.where(found, first, self._queue_head(~found))
+
+    def _queue_head(self, exhausted: torch.Tensor) -> torch.Tensor:
+        """The first current queue entry of each batch element in ``exhausted`` ``[B]``."""
+        stamps, head, queue = self.stamps, self._head, self._queue
+        assert stamps is not None and head is not None and queue is not None
+        offsets = torch.arange(self.window, device=stamps.device)
+        block = self._length // max(self._block, 1)
+        while True:
+            positions = head.unsqueeze(1) + offsets
+            inside = positions < self._length
+            entries = queue.gather(1, positions.clamp(max=queue.shape[1] - 1)).long()
+            steps = torch.div(positions, block, rounding_mode="floor")
+            current = inside & (entries >= 0)
+            current &= stamps.gather(1, entries.clamp(min=0)) == steps + 1
+            found = current.any(1)
+            searching = exhausted & ~found & (head + self.window < self._length)
+            if not bool(searching.any()):
+                break
+            head = torch.where(searching, head + self.window, head)
+        first = current.long().argmax(1, keepdim=True)
+        self._head = torch.where(exhausted, head + first.squeeze(1), head)
+        return entries.gather(1, first).squeeze(1)
+
+    def update(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Record a step's accesses: ``rows`` ``[B, L]`` (may repeat) with their read or
+        write ``weights`` ``[B, L]``; a slot is accessed when its weights sum above DELTA.
+        Returns that per entry, bool ``[B, L]``."""
+        stamps, queue = self.stamps, self._queue
+        assert stamps is not None and queue is not None
+        if self._block and rows.shape[1] != self._length // self._block:
+            raise ValueError("LeastRecentlyUsed.update: the same number of rows every step")
+        same = (rows.unsqueeze(2) == rows.unsqueeze(1)).to(weights.dtype)
+        accessed = torch.bmm(same, weights.unsqueeze(2)).squeeze(2) > DELTA
+        ordered, order = rows.sort(1)
+        repeated = torch.zeros_like(accessed)
+        repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+        entries = torch.where(accessed.gather(1, order) & ~repeated, ordered, NEVER)
+        count = rows.shape[1]
+        if self._length + count > queue.shape[1]:
+            grown = queue.new_full((queue.shape[0], 2 * queue.shape[1] + count), NEVER)
+            grown[:, : self._length] = queue[:, : self._length]
+            self._queue = queue = grown
+        queue[:, self._length : self._length + count] = entries
+        self._length += count
+        self._block += 1
+        stamped = torch.where(accessed, self.time + 1, stamps.gather(1, rows))
+        stamps.scatter_(1, rows, stamped)
+        self.time += 1
+        return accessed
