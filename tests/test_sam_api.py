@@ -323,3 +323,14 @@ def test_copy_training_script(capsys, monkeypatch):
     output = run_example("copy_training.py", capsys, monkeypatch, "60")
     first, last = (float(value) for value in output.split()[4::5])
     assert last < 0.8 * first
+
+
+def test_memctl_options_reach_the_core():
+    # Arguments pytorch-dnc does not have go to SAMCore (so SDNC can add its own).
+    assert type(SAM(input_size=3, hidden_size=4, nr_cells=2**17).memories[0].index).__name__ == (
+        "FaissIndex"
+    )
+    exact = SAM(input_size=3, hidden_size=4, nr_cells=2**17, index="exact")
+    assert type(exact.memories[0].index).__name__ == "ExactIndex"
+    with pytest.raises(TypeError, match="temporal_reads"):
+        SAM(input_size=3, hidden_size=4, temporal_reads=4)
