@@ -1,0 +1,211 @@
+"""The sparse memories' forward+backward against the memory size N, beside the dense DNC.
+
+Batch 8, T = 100 steps, words of 32, 4 read heads, K = 4, N = 2^10 .. 2^20, each point
+in its own process:
+
+``memory``  the episodic sparse memory alone: ``sam.SparseAccess`` (its interface
+            layer, the in-place memory, the slot search of ``model.index: auto`` and the
+            usage) stepped on a fixed random controller output of 64 numbers a step
+``sam``     the recipe model ``model.type: sam`` (one LSTM layer of 64, input and
+            output 16)
+``sdnc``    the same with ``model.type: sdnc`` (``temporal_reads`` 4), where that model
+            is registered
+``dnc``     the dense DNC (``memctl.models.DNC``, as ``dnc_speed.py``'s
+            forward_backward case) at the ``--dense-slots`` given
+
+Each point: one untimed forward+backward, then ``--repeats`` timed ones (a new episode
+each), the median reported as ``seconds`` and ``step_ms`` (seconds / T). Memory:
+``rss_before_mb`` the process's resident memory once the model is built, before any
+pass, ``peak_rss_mb`` its peak, ``peak_above_before_mb`` the difference (what the passes
+needed, the touched pages of the N-sized buffers included); ``n_buffers_mb`` the full
+size of the N-sized buffers the sparse models allocate (memory and its gradient,
+``[B, N, 32]`` float32 each; usage stamps ``[B, N]`` int64; the exact search's
+``[B, N]`` bool), whose untouched pages the CPU leaves unallocated (``access.zeros``).
+Results are saved as JSON with the machine and its load.
+
+    OMP_NUM_THREADS=1 python benchmarks/sparse_speed.py --threads 1 \
+        --out benchmarks/sparse_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from machine import describe_machine
+
+BATCH, STEPS, WORD, HEADS, K, CONTROLLER, FEATURES = 8, 100, 32, 4, 4, 64, 16
+CASES = ("memory", "sam", "sdnc")
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def build(case: str, slots: int):
+    """-> (a function running one forward+backward from a new episode, a description)."""
+    import torch
+
+    from memctl.registry import MODELS
+
+    torch.manual_seed(0)
+    if case == "dnc":
+        from memctl.models import DNC
+
+        rnn = DNC(
+            input_size=FEATURES,
+            hidden_size=CONTROLLER,
+            num_hidden_layers=1,
+            nr_cells=slots,
+            cell_size=WORD,
+            read_heads=HEADS,
+            batch_first=True,
+        )
+        x = torch.randn(BATCH, STEPS, FEATURES)
+
+        def dense() -> None:
+            output, _ = rnn(x, (None, None, None), reset_experience=True)
+            output.square().mean().backward()
+
+        return dense, rnn.describe_backend(BATCH)
+    if case == "memory":
+        from memctl.models.sparse.sam import SparseAccess
+
+        access = SparseAccess(CONTROLLER, slots, WORD, HEADS, K)
+        controller = torch.randn(STEPS, BATCH, CONTROLLER, requires_grad=True)
+
+        def episodic() -> None:
+            state = access.initial_state(BATCH, controller.device, controller.dtype)
+            reads = []
+            for output in controller.unbind(0):
+                read, state, _ = access.step(output, state)
+                reads.append(read)
+            torch.stack(reads).square().mean().backward()
+
+        return episodic, f"sparse access in place, {type(access.index).__name__}"
+    entry = MODELS.get(case)
+    fields = dict(
+        controller_size=CONTROLLER,
+        memory_size=slots,
+        word_size=WORD,
+        read_heads=HEADS,
+        sparse_reads=K,
+    )
+    if case == "sdnc":
+        fields["temporal_reads"] = K
+    model = entry.cls(entry.config(**fields), FEATURES, FEATURES)
+    x = torch.randn(STEPS, BATCH, FEATURES)
+
+    def sparse() -> None:
+        output, _ = model(x)
+        output.square().mean().backward()
+
+    index = type(model.memories[0].index).__name__
+    return sparse, f"{model.describe_backend(BATCH)}; {index}"
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    run, backend = build(spec["case"], spec["slots"])
+    before = resident_mb()
+    run()
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {
+        "backend": backend,
+        "seconds": round(seconds, 4),
+        "step_ms": round(1000 * seconds / STEPS, 3),
+        "rss_before_mb": round(before),
+        "peak_rss_mb": round(peak),
+        "peak_above_before_mb": round(peak - before),
+    }
+    if spec["case"] != "dnc":
+        slots = spec["slots"]
+        buffers = BATCH * slots * (2 * WORD * 4 + 8 + 1)
+        result["n_buffers_mb"] = round(buffers / 2**20, 1)
+    return result
+
+
+def run_point(spec: dict, timeout: float) -> dict:
+    """One (case, N) in a fresh process; a failure is a result too."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    command = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1]
+        return {**spec, "error": last[-300:]}
+    return {**spec, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def registered(case: str) -> bool:
+    if case == "memory":
+        return True
+    import memctl.models  # noqa: F401  (registers the models)
+    from memctl.registry import MODELS
+
+    return case in MODELS.names()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--log2-slots", default="10-20", help="N = 2^a .. 2^b")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--dense-slots", default="1024", help="the dense DNC's N, comma list")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per point")
+    parser.add_argument("--out", type=Path, default=None, help="save results as JSON")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    low, high = (int(n) for n in args.log2_slots.split("-"))
+    cases = [case for case in args.cases.split(",") if registered(case)]
+    points = [(case, 2**exponent) for case in cases for exponent in range(low, high + 1)]
+    points += [("dnc", int(n)) for n in args.dense_slots.split(",") if n]
+    load_before = os.getloadavg()
+    results = []
+    for case, slots in points:
+        spec = dict(case=case, slots=slots, batch=BATCH, steps=STEPS, word=WORD)
+        spec.update(read_heads=HEADS, sparse_reads=K, threads=args.threads)
+        spec.update(repeats=1 if case == "dnc" else args.repeats)
+        row = run_point(spec, 1800)
+        row["load_average"] = os.getloadavg()
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    report = {
+        "benchmark": "sparse_speed",
+        "machine": {
+            **describe_machine(args.threads),
+            "load_average_at_start": load_before,
+            "load_average_at_end": os.getloadavg(),
+        },
+        "skipped_cases": sorted(set(args.cases.split(",")) - set(cases)),
+        "results": results,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
