@@ -419,8 +419,11 @@ def test_config_errors_name_the_field():
 )  # fmt: skip
 def test_model_index_chooses_the_search(kind, slots, chosen):
     config = SAMConfig(memory_size=slots, word_size=4, read_heads=1, index=kind, rebuild_every=7)
-    index = SAMModel(config, 5, 4).memories[0].index
+    model = SAMModel(config, 5, 4)
+    index = model.memories[0].index
     assert type(index) is chosen
+    search = "exact" if chosen is ExactIndex else "faiss"
+    assert model.describe_backend(8) == f"sparse access in place, {search} search"
     if chosen is FaissIndex:
         assert index.rebuild_every == 7
 

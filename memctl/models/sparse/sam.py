@@ -41,7 +41,7 @@ from memctl.models import addressing
 from memctl.models.base import ModelConfig
 from memctl.models.controllers import Controller, ControllerState
 from memctl.models.sparse.access import SparseMemory
-from memctl.models.sparse.index import build_index
+from memctl.models.sparse.index import ExactIndex, build_index
 from memctl.models.sparse.usage import NEVER, LeastRecentlyUsed
 from memctl.registry import MODELS
 
@@ -389,9 +389,11 @@ class SAMCore(nn.Module):
         return outputs, state
 
     def describe_backend(self, batch_size: int) -> str:
-        """The one implementation, and the search (``base.py``'s contract)."""
-        search = {"auto": "exact", "exact": "exact", "faiss": "faiss"}
-        return f"sparse access in place, {search[self.memories[0].index_kind]} search"
+        """The one implementation, and the search ``model.index`` chose (``base.py``'s
+        contract)."""
+        index = self.memories[0].index
+        search = "exact" if isinstance(index, ExactIndex) else "faiss"
+        return f"sparse access in place, {search} search"
 
 
 class SAMConfig(ModelConfig):
