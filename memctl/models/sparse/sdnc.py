@@ -260,8 +260,9 @@ class SparseLink:
         is_owned = _contains(touched, owned_slots)
 
         row_block = block.gather(1, row_at.unsqueeze(2).expand(-1, -1, width))  # [B, U, C]
-        row_scores = torch.where(valid.gather(1, row_at.unsqueeze(2).expand(-1, -1, width)),
-                                 row_block.detach(), -1.0)
+        row_scores = torch.where(
+            valid.gather(1, row_at.unsqueeze(2).expand(-1, -1, width)), row_block.detach(), -1.0
+        )
         new_row_slots, new_row_values = _top_entries(
             row_scores, row_block, local_columns, keep, empty
         )
@@ -270,8 +271,10 @@ class SparseLink:
         update = (
             row_here.unsqueeze(2)
             & _contains(old_row_slots, owned_slots)
-            & (local_columns.gather(1, entry_column.flatten(1)).view_as(old_row_slots)
-               == old_row_slots)
+            & (
+                local_columns.gather(1, entry_column.flatten(1)).view_as(old_row_slots)
+                == old_row_slots
+            )
         )
         decayed = _gather2(block, row_at.unsqueeze(2).expand_as(entry_column), entry_column)
         kept_row_values = torch.where(update, decayed, old_row_values)
@@ -290,8 +293,10 @@ class SparseLink:
         update = (
             column_here.unsqueeze(2)
             & _contains(old_column_slots, write_rows)
-            & (local_rows.gather(1, entry_row.flatten(1)).view_as(old_column_slots)
-               == old_column_slots)
+            & (
+                local_rows.gather(1, entry_row.flatten(1)).view_as(old_column_slots)
+                == old_column_slots
+            )
         )
         decayed = _gather2(block, entry_row, column_at.unsqueeze(2).expand_as(entry_row))
         kept_column_values = torch.where(update, decayed, old_column_values)
@@ -352,3 +357,189 @@ def _first(sorted_slots: torch.Tensor) -> torch.Tensor:
     first = torch.ones_like(sorted_slots, dtype=torch.bool)
     first[:, 1:] = sorted_slots[:, 1:] != sorted_slots[:, :-1]
     return first
+
+
+class SDNCAccessState(NamedTuple):
+    """One SDNC memory's state (its rows and its link are in ``SparseMemory`` buffers).
+
+    memory, version:       the memory's token and version (``SparseAccessState``'s)
+    read_rows:             ``[B, R, S]`` long, each head's rows: content, forward, backward
+    read_weights:          ``[B, R, S]``, their weights
+    link, link_version:    the link's token and version
+    precedence_rows:       ``[B, K_L]`` long (slot N: no entry)
+    precedence:            ``[B, K_L]``, their precedence weights
+    """
+
+    memory: torch.Tensor
+    version: torch.Tensor
+    read_rows: torch.Tensor
+    read_weights: torch.Tensor
+    link: torch.Tensor
+    link_version: torch.Tensor
+    precedence_rows: torch.Tensor
+    precedence: torch.Tensor
+
+
+class SDNCAccess(SparseAccess):
+    """SAM's access (``SparseAccess``) with the sparse link and read modes: the interface
+    adds ``3 R`` mode logits (softmax per head over backward, forward, content)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        memory_size: int,
+        word_size: int,
+        read_heads: int,
+        sparse_reads: int,
+        temporal_reads: int,
+        index: Index = "auto",
+        rebuild_every: int = 1000,
+    ) -> None:
+        super().__init__(
+            input_size, memory_size, word_size, read_heads, sparse_reads, index, rebuild_every
+        )
+        if temporal_reads < 1:
+            raise ValueError(f"temporal_reads must be at least 1 (got {temporal_reads})")
+        self.temporal_reads = temporal_reads
+        self.sizes = [*self.sizes, 3 * read_heads]
+        self.interface = nn.Linear(input_size, sum(self.sizes))
+        self.link = SparseLink(memory_size, temporal_reads)
+
+    @property
+    def support(self) -> int:
+        """S, the rows a head reads: K content, K_L forward, K_L backward."""
+        return self.sparse_reads + 2 * self.temporal_reads
+
+    def initial_state(
+        self, batch: int, device: torch.device, dtype: torch.dtype
+    ) -> SDNCAccessState:
+        """Start an episode: SAM's, and an empty link and precedence."""
+        sam = super().initial_state(batch, device, dtype)
+        link = self.link.reset(batch, device, dtype)
+        shape = (batch, self.read_heads, self.support)
+        rows = (torch.arange(self.support, device=device) % self.memory_size).expand(shape)
+        keep = (batch, self.temporal_reads)
+        return SDNCAccessState(
+            sam.memory,
+            sam.version,
+            rows,
+            torch.zeros(shape, device=device, dtype=dtype),
+            link,
+            torch.tensor(self.link.values.version),
+            torch.full(keep, self.memory_size, device=device),
+            torch.zeros(keep, device=device, dtype=dtype),
+        )
+
+    def step(
+        self, controller_output: torch.Tensor, state: SDNCAccessState, record: bool = False
+    ) -> tuple[torch.Tensor, SDNCAccessState, StepRecord | None]:
+        """controller_output ``[B, H]`` -> (read vectors ``[B, R, M]``, state, with
+        ``record`` what the step did)."""
+        self.memory.check(state.memory, int(state.version))
+        self.link.values.check(state.link, int(state.link_version))
+        batch, word, heads = controller_output.shape[0], self.word_size, self.read_heads
+        linear, oneplus, gates, modes = self.interface(controller_output).split(self.sizes, 1)
+        read_keys, write_vector = linear.split([heads * word, word], 1)
+        read_keys = read_keys.view(batch, heads, word)
+        read_strengths = 1 + F.softplus(oneplus)
+        write_gate, interpolation_gate = torch.sigmoid(gates).unbind(1)
+        modes = torch.softmax(modes.view(batch, heads, 3), -1)
+
+        token, write_rows, write_weights, written = self.write(
+            state, write_vector, write_gate, interpolation_gate
+        )
+        link = self.link.update(
+            state.link, write_rows, write_weights, state.precedence_rows, state.precedence
+        )
+        precedence_rows, precedence = precedence_update(
+            state.precedence_rows,
+            state.precedence,
+            write_rows,
+            write_weights,
+            self.temporal_reads,
+            self.memory_size,
+        )
+        link, forward, backward = self.link.directional(link, state.read_rows, state.read_weights)
+        with torch.no_grad():
+            content_rows = self.nearest(read_keys.detach())
+        empty = self.memory_size
+        read_rows = torch.cat([content_rows, forward[0], backward[0]], 2)
+        read_rows = torch.where(read_rows == empty, 0, read_rows)  # weight 0 there
+        values, token = self.memory.gather(token, read_rows.flatten(1))
+        values = values.view(batch, heads, self.support, word)
+        content, _ = sparse_read(values[:, :, : self.sparse_reads], read_keys, read_strengths)
+        read_weights = torch.cat(
+            [
+                modes[..., 2:] * content,
+                modes[..., 1:2] * forward[1],
+                modes[..., :1] * backward[1],
+            ],
+            2,
+        )
+        reads = (read_weights.unsqueeze(-2) @ values).squeeze(-2)
+
+        usage_rows = torch.cat([write_rows, read_rows.flatten(1)], 1)
+        usage_weights = torch.cat([write_weights, read_weights.flatten(1)], 1).detach()
+        accessed = self.usage.update(usage_rows, usage_weights)
+        state = SDNCAccessState(
+            token,
+            torch.tensor(self.memory.version),
+            read_rows,
+            read_weights,
+            link,
+            torch.tensor(self.link.values.version),
+            precedence_rows,
+            precedence,
+        )
+        trail = None
+        if record:
+            trail = StepRecord(
+                write_rows,
+                write_weights.detach(),
+                written.detach(),
+                read_rows,
+                read_weights.detach(),
+                usage_rows,
+                accessed,
+            )
+        return reads, state, trail
+
+
+class SDNCConfig(SAMConfig):
+    type: str = "sdnc"
+    temporal_reads: int = Field(
+        4,
+        ge=1,
+        description="K_L, entries kept per row and column of the link, in the "
+        "precedence and in each forward and backward weighting",
+    )
+
+    @model_validator(mode="after")
+    def _links_fit(self) -> SDNCConfig:
+        if self.temporal_reads > self.memory_size:
+            raise ValueError(
+                f"temporal_reads ({self.temporal_reads}) must be at most memory_size "
+                f"({self.memory_size})"
+            )
+        return self
+
+
+@MODELS.register("sdnc", SDNCConfig)
+class SDNCModel(SAMModel):
+    """The recipe model: SAM's controller stack and layering with SDNC memories."""
+
+    def __init__(self, config: SDNCConfig, input_size: int, output_size: int) -> None:
+        super().__init__(config, input_size, output_size)
+        self.memories = nn.ModuleList(
+            SDNCAccess(
+                config.controller_size,
+                config.memory_size,
+                config.word_size,
+                config.read_heads,
+                config.sparse_reads,
+                config.temporal_reads,
+                config.index,
+                config.rebuild_every,
+            )
+            for _ in self.memories
+        )
