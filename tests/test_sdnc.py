@@ -358,3 +358,20 @@ def test_sdnc_learns_a_small_copy():
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])
     assert elapsed < 60
     assert last < first / 4, (first, last)
+
+
+def test_a_new_episode_starts_from_an_empty_link():
+    """The second episode's outputs equal the first's: reset emptied the touched link rows
+    (and the memory), whatever the first episode left."""
+    config = SDNCConfig(memory_size=40, word_size=4, read_heads=2, sparse_reads=2)
+    model = SDNCModel(config, 3, 2).double()
+    inputs = torch.randn(9, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        first, _ = model(inputs)
+        link = model.memories[0].link
+        assert link.values.buffer.abs().sum() > 0
+        second, _ = model(inputs)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    model.memories[0].initial_state(2, torch.device("cpu"), torch.float64)
+    assert link.values.buffer.abs().sum() == 0
+    assert (link.entries_of(torch.arange(40).expand(2, 40)) == 40).all()

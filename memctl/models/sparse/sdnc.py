@@ -143,33 +143,33 @@ class SparseLink:
     def __init__(self, num_slots: int, keep: int) -> None:
         self.num_slots, self.keep = num_slots, keep
         self.values = SparseMemory(num_slots, 2 * keep)  # [row values | column values]
-        self.entries: torch.Tensor | None = None  # long [B, N, 2 K_L]: their columns | rows
+        # long [B, N, 2 K_L]: N minus the slots the entries name (their columns | their
+        # rows), so that an empty entry (slot N) is 0 and the buffer lazily zeroed pages.
+        self._entries: torch.Tensor | None = None
         self._touched: list[torch.Tensor] = []
 
     def reset(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Empty the link (O(slots touched since the last reset)); returns its token."""
         token = self.values.reset(batch, device, dtype)
         shape = (batch, self.num_slots, 2 * self.keep)
-        entries = self.entries
+        entries = self._entries
         if entries is None or entries.shape != shape or entries.device != device:
-            self.entries = zeros(shape, device, torch.int64).fill_(self.num_slots)
+            self._entries = zeros(shape, device, torch.int64)
         elif self._touched:
-            self.entries.view(-1, shape[2]).index_fill_(0, torch.cat(self._touched), self.num_slots)
+            entries.view(-1, shape[2]).index_fill_(0, torch.cat(self._touched), 0)
         self._touched = []
         return token
 
     def _load(self, token: torch.Tensor, slots: torch.Tensor):
         """(values ``[B, J, 2 K_L]``, entries ``[B, J, 2 K_L]``, token) of ``slots`` ``[B, J]``."""
         values, token = self.values.gather(token, slots)
-        assert self.entries is not None
-        flat = self.values.flat(slots)
-        return values, self.entries.view(-1, 2 * self.keep)[flat].view(values.shape), token
+        return values, self.entries_of(slots), token
 
     def entries_of(self, slots: torch.Tensor) -> torch.Tensor:
         """The entries' slots of ``slots`` ``[B, J]`` -> long ``[B, J, 2 K_L]`` (no autograd)."""
-        assert self.entries is not None
-        flat = self.values.flat(slots)
-        return self.entries.view(-1, 2 * self.keep)[flat].view(*slots.shape, 2 * self.keep)
+        assert self._entries is not None
+        stored = self._entries.view(-1, 2 * self.keep)[self.values.flat(slots)]
+        return self.num_slots - stored.view(*slots.shape, 2 * self.keep)
 
     def update(
         self,
@@ -305,10 +305,10 @@ class SparseLink:
 
         token = self.values.assign(token, touched, torch.cat([row_values, column_values], 2))
         flat = self.values.flat(touched)
-        assert self.entries is not None
-        self.entries.view(-1, 2 * keep)[flat] = torch.cat([row_slots, column_slots], 2).flatten(
-            0, 1
-        )
+        assert self._entries is not None
+        self._entries.view(-1, 2 * keep)[flat] = empty - torch.cat(
+            [row_slots, column_slots], 2
+        ).flatten(0, 1)
         self._touched.append(flat)
         return token
 
@@ -342,9 +342,9 @@ class SparseLink:
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The link as dense ``[B, N, N]`` matrices from its rows and from its columns, for
         tests (both views of one matrix)."""
-        assert self.values.buffer is not None and self.entries is not None
+        assert self.values.buffer is not None and self._entries is not None
         batch, slots, keep = self.values.buffer.shape[0], self.num_slots, self.keep
-        buffer, entries = self.values.buffer, self.entries
+        buffer, entries = self.values.buffer, slots - self._entries
         by_rows = torch.zeros(batch, slots, slots + 1, dtype=buffer.dtype)
         by_rows.scatter_add_(2, entries[..., :keep], buffer[..., :keep])
         by_columns = torch.zeros(batch, slots, slots + 1, dtype=buffer.dtype)
