@@ -240,32 +240,58 @@ class SparseLink:
         block = (decay * block + row_writes.unsqueeze(2) * column_precedence.unsqueeze(1)) * valid
 
         # Prune the written rows, then the precedence's columns, to K_L entries each.
+        write_at = _positions(local_rows, write_rows)  # [B, J]
         written_rows = valid_rows & _contains(local_rows, write_rows)
         if width > keep:
-            top = block.detach().topk(keep, dim=2).indices
-            kept = torch.zeros_like(valid).scatter_(2, top, True)
+            rows_written = block.detach().gather(1, write_at.unsqueeze(2).expand(-1, -1, width))
+            top = rows_written.topk(keep, dim=2).indices
+            kept = torch.zeros_like(rows_written, dtype=torch.bool).scatter_(2, top, True)
+            kept = torch.zeros_like(valid).scatter_(1, write_at.unsqueeze(2).expand_as(kept), kept)
             block = block * (kept | ~written_rows.unsqueeze(2))
+        precedence_at = _positions(local_columns, precedence_rows)  # [B, K_L]
         gained_columns = valid_columns & _contains(local_columns, precedence_rows)
         if height > keep:
-            top = block.detach().topk(keep, dim=1).indices
-            kept = torch.zeros_like(valid).scatter_(1, top, True)
+            gained = block.detach().gather(2, precedence_at.unsqueeze(1).expand(-1, height, -1))
+            top = gained.topk(keep, dim=1).indices
+            kept = torch.zeros_like(gained, dtype=torch.bool).scatter_(1, top, True)
+            kept = torch.zeros_like(valid).scatter_(
+                2, precedence_at.unsqueeze(1).expand_as(kept), kept
+            )
             block = block * (kept | ~gained_columns.unsqueeze(1))
 
-        # Every touched slot's row of L and column of L, anew.
+        # The written rows and the owned columns anew (their K_L largest entries), then
+        # every touched slot's row and column of L.
+        row_block = block.gather(1, write_at.unsqueeze(2).expand(-1, -1, width))  # [B, J, C]
+        row_valid = valid.gather(1, write_at.unsqueeze(2).expand(-1, -1, width))
+        fresh_row_slots, fresh_row_values = _top_entries(
+            torch.where(row_valid, row_block.detach(), -1.0), row_block, local_columns, keep, empty
+        )
+        owned_at = _positions(local_columns, owned)  # [B, J + K_L]
+        column_block = block.gather(2, owned_at.unsqueeze(1).expand(-1, height, -1))
+        column_valid = valid.gather(2, owned_at.unsqueeze(1).expand(-1, height, -1))
+        fresh_column_slots, fresh_column_values = _top_entries(
+            torch.where(column_valid, column_block.detach(), -1.0).transpose(1, 2),
+            column_block.transpose(1, 2),
+            local_rows,
+            keep,
+            empty,
+        )
+
         row_at = _positions(local_rows, touched)
         row_here = local_rows.gather(1, row_at) == touched
         column_at = _positions(local_columns, touched)
         column_here = local_columns.gather(1, column_at) == touched
-        is_written = _contains(touched, write_rows)
-        is_owned = _contains(touched, owned_slots)
+        as_written = touched.unsqueeze(2) == write_rows.unsqueeze(1)  # [B, U, J]
+        is_written = as_written.any(2)
+        as_owned = touched.unsqueeze(2) == owned_slots.unsqueeze(1)  # [B, U, J + K_L]
+        is_owned = as_owned.any(2)
+        which = as_written.byte().argmax(2, keepdim=True).expand(-1, -1, keep)
+        new_row_slots = fresh_row_slots.gather(1, which)
+        new_row_values = fresh_row_values.gather(1, which)
+        which = as_owned.byte().argmax(2, keepdim=True).expand(-1, -1, keep)
+        new_column_slots = fresh_column_slots.gather(1, which)
+        new_column_values = fresh_column_values.gather(1, which)
 
-        row_block = block.gather(1, row_at.unsqueeze(2).expand(-1, -1, width))  # [B, U, C]
-        row_scores = torch.where(
-            valid.gather(1, row_at.unsqueeze(2).expand(-1, -1, width)), row_block.detach(), -1.0
-        )
-        new_row_slots, new_row_values = _top_entries(
-            row_scores, row_block, local_columns, keep, empty
-        )
         old_row_slots, old_row_values = entries[..., :keep], values[..., :keep]
         entry_column = _positions(local_columns, old_row_slots)
         update = (
@@ -281,13 +307,6 @@ class SparseLink:
         row_slots = torch.where(is_written.unsqueeze(2), new_row_slots, old_row_slots)
         row_values = torch.where(is_written.unsqueeze(2), new_row_values, kept_row_values)
 
-        column_block = block.gather(2, column_at.unsqueeze(1).expand(-1, height, -1))
-        column_block = column_block.transpose(1, 2)  # [B, U, R]
-        column_valid = valid.gather(2, column_at.unsqueeze(1).expand(-1, height, -1))
-        column_scores = torch.where(column_valid.transpose(1, 2), column_block.detach(), -1.0)
-        new_column_slots, new_column_values = _top_entries(
-            column_scores, column_block, local_rows, keep, empty
-        )
         old_column_slots, old_column_values = entries[..., keep:], values[..., keep:]
         entry_row = _positions(local_rows, old_column_slots)
         update = (
