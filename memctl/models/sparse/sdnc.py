@@ -236,42 +236,47 @@ class SparseLink:
         valid_columns = _first(local_columns) & (local_columns != empty)
         valid = valid_rows.unsqueeze(2) & valid_columns.unsqueeze(1)
         valid = valid & (local_rows.unsqueeze(2) != local_columns.unsqueeze(1))
-        decay = 1 - row_writes.unsqueeze(2) - column_writes.unsqueeze(1)
-        block = (decay * block + row_writes.unsqueeze(2) * column_precedence.unsqueeze(1)) * valid
+        with torch.no_grad():
+            updated = _block_update(block, row_writes, column_writes, column_precedence, valid)
 
-        # Prune the written rows, then the precedence's columns, to K_L entries each.
+        # Prune the written rows, then the precedence's columns, to K_L entries each: the
+        # choice on the values, the mask applied in one differentiable update.
+        batch_index = torch.arange(batch, device=block.device).unsqueeze(1)
         write_at = _positions(local_rows, write_rows)  # [B, J]
         written_rows = valid_rows & _contains(local_rows, write_rows)
+        mask = valid
         if width > keep:
-            rows_written = block.detach().gather(1, write_at.unsqueeze(2).expand(-1, -1, width))
-            top = rows_written.topk(keep, dim=2).indices
-            kept = torch.zeros_like(rows_written, dtype=torch.bool).scatter_(2, top, True)
+            top = updated[batch_index, write_at].topk(keep, dim=2).indices
+            kept = torch.zeros(batch, writes, width, dtype=torch.bool, device=block.device)
+            kept = kept.scatter_(2, top, True)
             kept = torch.zeros_like(valid).scatter_(1, write_at.unsqueeze(2).expand_as(kept), kept)
-            block = block * (kept | ~written_rows.unsqueeze(2))
+            mask = mask & (kept | ~written_rows.unsqueeze(2))
+            updated = updated * mask
         precedence_at = _positions(local_columns, precedence_rows)  # [B, K_L]
         gained_columns = valid_columns & _contains(local_columns, precedence_rows)
         if height > keep:
-            gained = block.detach().gather(2, precedence_at.unsqueeze(1).expand(-1, height, -1))
+            gained = updated.gather(2, precedence_at.unsqueeze(1).expand(-1, height, -1))
             top = gained.topk(keep, dim=1).indices
             kept = torch.zeros_like(gained, dtype=torch.bool).scatter_(1, top, True)
             kept = torch.zeros_like(valid).scatter_(
                 2, precedence_at.unsqueeze(1).expand_as(kept), kept
             )
-            block = block * (kept | ~gained_columns.unsqueeze(1))
+            mask = mask & (kept | ~gained_columns.unsqueeze(1))
+        block = _BlockUpdate.apply(block, row_writes, column_writes, column_precedence, mask)
 
         # The written rows and the owned columns anew (their K_L largest entries), then
         # every touched slot's row and column of L.
-        row_block = block.gather(1, write_at.unsqueeze(2).expand(-1, -1, width))  # [B, J, C]
-        row_valid = valid.gather(1, write_at.unsqueeze(2).expand(-1, -1, width))
+        row_block = block[batch_index, write_at]  # [B, J, C]
+        row_valid = mask[batch_index, write_at]
         fresh_row_slots, fresh_row_values = _top_entries(
             torch.where(row_valid, row_block.detach(), -1.0), row_block, local_columns, keep, empty
         )
         owned_at = _positions(local_columns, owned)  # [B, J + K_L]
-        column_block = block.gather(2, owned_at.unsqueeze(1).expand(-1, height, -1))
-        column_valid = valid.gather(2, owned_at.unsqueeze(1).expand(-1, height, -1))
+        column_block = block.transpose(1, 2)[batch_index, owned_at]  # [B, J + K_L, R]
+        column_valid = mask.transpose(1, 2)[batch_index, owned_at]
         fresh_column_slots, fresh_column_values = _top_entries(
-            torch.where(column_valid, column_block.detach(), -1.0).transpose(1, 2),
-            column_block.transpose(1, 2),
+            torch.where(column_valid, column_block.detach(), -1.0),
+            column_block,
             local_rows,
             keep,
             empty,
@@ -369,6 +374,44 @@ class SparseLink:
         by_columns = torch.zeros(batch, slots, slots + 1, dtype=buffer.dtype)
         by_columns.scatter_add_(2, entries[..., keep:], buffer[..., keep:])
         return by_rows[..., :slots], by_columns[..., :slots].transpose(1, 2)
+
+
+def _block_update(
+    block: torch.Tensor,
+    row_writes: torch.Tensor,
+    column_writes: torch.Tensor,
+    column_precedence: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """The link update on a block: ``((1 - w[i] - w[j]) L[i, j] + w[i] p[j]) mask[i, j]``.
+
+    block, mask: ``[B, R, C]``, row_writes ``[B, R]``, column_writes, column_precedence
+    ``[B, C]`` -> ``[B, R, C]``
+    """
+    rows = row_writes.unsqueeze(2)
+    decay = (1 - rows) - column_writes.unsqueeze(1)
+    return torch.addcmul(decay * block, rows, column_precedence.unsqueeze(1)) * mask
+
+
+class _BlockUpdate(torch.autograd.Function):
+    """``_block_update`` keeping only the block and the mask for backward (plain autograd
+    keeps several block-sized temporaries a step)."""
+
+    @staticmethod
+    def forward(ctx, block, row_writes, column_writes, column_precedence, mask):
+        ctx.save_for_backward(block, row_writes, column_writes, column_precedence, mask)
+        return _block_update(block, row_writes, column_writes, column_precedence, mask)
+
+    @staticmethod
+    def backward(ctx, grad):
+        block, row_writes, column_writes, column_precedence, mask = ctx.saved_tensors
+        grad = grad * mask
+        decay = (1 - row_writes.unsqueeze(2)) - column_writes.unsqueeze(1)
+        grad_block = grad * decay
+        grad_rows = (grad * (column_precedence.unsqueeze(1) - block)).sum(2)
+        grad_columns = -(grad * block).sum(1)
+        grad_precedence = (grad * row_writes.unsqueeze(2)).sum(1)
+        return grad_block, grad_rows, grad_columns, grad_precedence, None
 
 
 def _first(sorted_slots: torch.Tensor) -> torch.Tensor:
