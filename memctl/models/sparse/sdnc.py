@@ -24,8 +24,9 @@ of N rows of ``2 K_L`` numbers: row ``s`` holds the values of row ``s`` of ``L``
 entries' columns in a long buffer beside it) and the values of column ``s`` (their rows
 likewise), both views of one matrix. A step gathers the rows of the slots it touches
 (written rows, the precedence's slots, and the slots their entries name: ``O(J K_L)``),
-updates a dense block over them (``O((J K_L)^2)`` numbers, whatever N) and assigns them back; so gradients flow through
-the touched rows only and nothing of N rows is saved for backward. Empty entries name
+updates a dense block over them (``O((J K_L)^2)`` numbers, whatever N) and assigns them
+back; so gradients flow through the touched rows only and nothing of N rows is saved for
+backward. Empty entries name
 slot N and hold 0.
 
 Departures from the paper: the order of the prunes (written rows, then the precedence's
