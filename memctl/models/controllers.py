@@ -10,7 +10,7 @@ here is one step.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -148,3 +148,32 @@ class Controller(nn.Module):
             below = hidden if self.norms is None else self.norms[layer](hidden)
         stack = torch.stack if len(hiddens) > 1 else lambda parts: parts[0].unsqueeze(0)
         return below, ControllerState(stack(hiddens), stack(cells))
+
+
+def require_positive(**sizes: int) -> None:
+    """A ValueError naming the first of ``sizes`` under 1."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1 (got {value})")
+
+
+def layered_controllers(
+    controller: str,
+    input_size: int,
+    read_size: int,
+    num_layers: int,
+    **options: Any,
+) -> nn.ModuleList:
+    """The controllers of pytorch-dnc's layering (DNC, SAM, SDNC): layer 0 sees the
+    external input and its memory's last reads, layer ``l > 0`` layer ``l - 1``'s output
+    (``options["hidden"]`` wide) and the reads. ``options`` are ``Controller``'s."""
+    hidden = options["hidden"]
+    return nn.ModuleList(
+        Controller(
+            controller,
+            external_size=input_size if layer == 0 else 0,
+            step_size=read_size if layer == 0 else hidden + read_size,
+            **options,
+        )
+        for layer in range(num_layers)
+    )

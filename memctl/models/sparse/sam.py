@@ -39,7 +39,7 @@ from torch import nn
 
 from memctl.models import addressing
 from memctl.models.base import ModelConfig
-from memctl.models.controllers import Controller, ControllerState
+from memctl.models.controllers import ControllerState, layered_controllers, require_positive
 from memctl.models.sparse.access import SparseMemory
 from memctl.models.sparse.index import ExactIndex, build_index
 from memctl.models.sparse.usage import NEVER, LeastRecentlyUsed
@@ -291,31 +291,27 @@ class SAMCore(nn.Module):
         output_clip: float | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("hidden_size", hidden_size),
-            ("controller_layers", controller_layers),
-            ("num_layers", num_layers),
-            ("memory_size", memory_size),
-            ("word_size", word_size),
-            ("read_heads", read_heads),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1 (got {value})")
+        require_positive(
+            hidden_size=hidden_size,
+            controller_layers=controller_layers,
+            num_layers=num_layers,
+            memory_size=memory_size,
+            word_size=word_size,
+            read_heads=read_heads,
+        )
         self.clip, self.output_clip = clip or None, output_clip
         read_size = read_heads * word_size
-        self.controllers = nn.ModuleList(
-            Controller(
-                controller,
-                external_size=input_size if layer == 0 else 0,
-                step_size=read_size if layer == 0 else hidden_size + read_size,
-                hidden=hidden_size,
-                layers=controller_layers,
-                bias=bias,
-                nonlinearity=nonlinearity,
-                dropout=dropout,
-                layer_norm=layer_norm,
-            )
-            for layer in range(num_layers)
+        self.controllers = layered_controllers(
+            controller,
+            input_size,
+            read_size,
+            num_layers,
+            hidden=hidden_size,
+            layers=controller_layers,
+            bias=bias,
+            nonlinearity=nonlinearity,
+            dropout=dropout,
+            layer_norm=layer_norm,
         )
         self.memories = nn.ModuleList(
             SparseAccess(
