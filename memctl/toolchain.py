@@ -7,7 +7,8 @@
 by a cluster of mixed nodes keeps one build per kind of machine. Parallel processes (the
 trials of a sweep) build it once, under a file lock; the library is written atomically. A
 failed build leaves a marker with its error beside where the library would be, so later
-processes on that machine and compiler do not try again (remove the marker to retry).
+processes on that machine and compiler do not try again (remove the marker to retry); a
+compiler killed by a signal leaves none.
 """
 
 from __future__ import annotations
@@ -122,29 +123,36 @@ def shared_library(source: Path, command: Callable[[str, Path], list[str]], anno
         if (failure := recorded_failure()) is not None:
             raise failure
         if compiler is None:
-            error = "no C++ compiler ($CXX, g++, c++ or clang++)"
+            error, interrupted = "no C++ compiler ($CXX, g++, c++ or clang++)", False
         else:
             print(announce, file=sys.stderr)
-            error = _compile(functools.partial(command, compiler), target)
+            error, interrupted = _compile(functools.partial(command, compiler), target)
         if error is not None:
-            _write_atomically(marker, error + "\n")
+            if not interrupted:
+                _write_atomically(marker, error + "\n")
             raise BuildError(error, marker, cached=False)
     return target
 
 
-def _compile(command: Callable[[Path], list[str]], target: Path) -> str | None:
+def _compile(command: Callable[[Path], list[str]], target: Path) -> tuple[str | None, bool]:
     """Compile into a scratch folder (``command(output)``), then rename the result over
-    ``target``; the compiler's first error line where it fails."""
+    ``target``. Returns the compiler's first error line where it fails (None where it
+    built) and whether the compiler was killed by a signal: a build stopped from outside
+    (Ctrl-C, a job's time limit) says nothing of the next try, so it leaves no marker."""
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         partial = Path(scratch) / target.name
         arguments = command(partial)
         try:
             result = subprocess.run(arguments, capture_output=True, text=True)
         except OSError as error:
-            return f"{arguments[0]}: {error.strerror}"
+            return f"{arguments[0]}: {error.strerror}", False
+        if result.returncode < 0:
+            return f"{arguments[0]} was stopped by signal {-result.returncode}", True
         if result.returncode != 0:
             lines = result.stderr.strip().splitlines()
             errors = [line for line in lines if "error" in line] or lines[-1:]
-            return errors[0] if errors else f"{arguments[0]} exited with {result.returncode}"
+            return (
+                errors[0] if errors else f"{arguments[0]} exited with {result.returncode}"
+            ), False
         os.replace(partial, target)
-    return None
+    return None, False

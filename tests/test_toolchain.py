@@ -100,3 +100,26 @@ def test_importing_the_models_needs_no_fcntl():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_a_compiler_killed_by_a_signal_leaves_no_marker(tmp_path: Path, monkeypatch):
+    """A build stopped from outside (SIGTERM to the compiler) is tried again next time."""
+    monkeypatch.setenv("MEMCTL_CACHE", str(tmp_path))
+    killed = tmp_path / "killed-c++"
+    killed.write_text("#!/bin/sh\nkill -TERM $$\n")
+    killed.chmod(0o755)
+    monkeypatch.setenv("CXX", str(killed))
+    source = tmp_path / "kernel.cpp"
+    source.write_text("int f() { return 0; }\n")
+    runs = []
+
+    def command(compiler: str, output: Path) -> list[str]:
+        runs.append(compiler)
+        return [compiler, str(source), "-o", str(output)]
+
+    for _ in range(2):
+        with pytest.raises(toolchain.BuildError, match="stopped by signal 15") as failure:
+            toolchain.shared_library(source, command, "building")
+        assert failure.value.cached is False
+        assert not failure.value.marker.exists()
+    assert len(runs) == 4  # the key's command and the compile, both times
