@@ -30,6 +30,7 @@ layers, one memory shared or one each); ``SAMModel`` is the recipe model
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -283,6 +284,7 @@ class SAMCore(nn.Module):
         sparse_reads: int = 4,
         index: Index = "auto",
         rebuild_every: int = 1000,
+        access: Callable[[], SparseAccess] | None = None,
         bias: bool = True,
         nonlinearity: str = "tanh",
         dropout: float = 0.0,
@@ -313,11 +315,14 @@ class SAMCore(nn.Module):
             dropout=dropout,
             layer_norm=layer_norm,
         )
-        self.memories = nn.ModuleList(
-            SparseAccess(
+
+        def default_access() -> SparseAccess:
+            return SparseAccess(
                 hidden_size, memory_size, word_size, read_heads, sparse_reads, index, rebuild_every
             )
-            for _ in range(1 if share_memory else num_layers)
+
+        self.memories = nn.ModuleList(
+            (access or default_access)() for _ in range(1 if share_memory else num_layers)
         )
         self.readout = nn.Linear(hidden_size + read_size, output_size)
 
@@ -444,12 +449,18 @@ class SAMModel(SAMCore):
             sparse_reads=config.sparse_reads,
             index=config.index,
             rebuild_every=config.rebuild_every,
+            access=self.memory_access(config),
             nonlinearity=config.nonlinearity,
             layer_norm=config.layer_norm,
             clip=config.controller_clip,
             output_clip=config.output_clip,
         )
         self.config = config
+
+    def memory_access(self, config: SAMConfig) -> Callable[[], SparseAccess] | None:
+        """What builds each memory; None: SAM's ``SparseAccess`` (SDNC's model says
+        ``SDNCAccess``)."""
+        return None
 
     def trace(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run ``inputs`` ``[T, B, I]`` from a new episode, recording every step, over the

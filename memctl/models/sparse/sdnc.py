@@ -36,6 +36,8 @@ support stays fixed.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -591,18 +593,15 @@ class SDNCConfig(SAMConfig):
 class SDNCModel(SAMModel):
     """The recipe model: SAM's controller stack and layering with SDNC memories."""
 
-    def __init__(self, config: SDNCConfig, input_size: int, output_size: int) -> None:
-        super().__init__(config, input_size, output_size)
-        self.memories = nn.ModuleList(
-            SDNCAccess(
-                config.controller_size,
-                config.memory_size,
-                config.word_size,
-                config.read_heads,
-                config.sparse_reads,
-                config.temporal_reads,
-                config.index,
-                config.rebuild_every,
-            )
-            for _ in self.memories
+    def memory_access(self, config: SDNCConfig) -> Callable[[], SDNCAccess]:
+        return functools.partial(
+            SDNCAccess,
+            config.controller_size,
+            config.memory_size,
+            config.word_size,
+            config.read_heads,
+            config.sparse_reads,
+            config.temporal_reads,
+            config.index,
+            config.rebuild_every,
         )
