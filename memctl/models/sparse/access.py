@@ -69,6 +69,15 @@ def zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> t
     return torch.zeros(shape, device=device, dtype=dtype)
 
 
+def first_copies(rows: torch.Tensor) -> torch.Tensor:
+    """Whether each of ``rows`` ``[B, J]`` is its value's first copy in its batch element
+    -> bool ``[B, J]`` (a sort, not a ``[B, J, J]`` comparison)."""
+    ordered, order = rows.sort(stable=True, dim=1)
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    return torch.empty_like(first).scatter_(1, order, first)
+
+
 class SparseMemory:
     """A memory of ``num_slots`` rows of ``word_size`` per batch element, changed in place.
 
@@ -206,8 +215,7 @@ class _Assign(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.memory, ctx.flat, ctx.shape = memory, memory.flat(rows), values.shape
         ctx.segment, ctx.operation = memory._operation()
-        same = rows.unsqueeze(2) == rows.unsqueeze(1)  # [B, J, J]
-        ctx.first = ~same.tril(-1).any(-1, keepdim=True)  # [B, J, 1]
+        ctx.first = first_copies(rows).unsqueeze(2)  # [B, J, 1]
         memory._rows(memory.buffer).index_copy_(0, ctx.flat, values.reshape(-1, memory.word_size))
         memory._assigned.append(ctx.flat)
         memory.version += 1

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from memctl.models.sparse.access import SparseMemory, zeros
+from memctl.models.sparse.access import SparseMemory, first_copies, zeros
 from memctl.models.sparse.sam import (
     Index,
     SAMConfig,
@@ -67,10 +67,13 @@ def merge_top(
 
     rows: long ``[..., C]``, values: ``[..., C]`` -> (rows ``[..., k]``, values ``[..., k]``)
     """
-    same = rows.unsqueeze(-1) == rows.unsqueeze(-2)  # [..., C, C]
-    total = (same.to(values.dtype) @ values.unsqueeze(-1)).squeeze(-1)
-    present = ~same.tril(-1).any(-1) & (rows != empty)
-    score = torch.where(present, total.detach(), -1.0)
+    ordered, order = rows.sort(dim=-1)
+    start = torch.ones_like(ordered, dtype=torch.bool)
+    start[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    group = start.long().cumsum(-1) - 1  # the distinct rows, numbered in sorted order
+    total = torch.zeros_like(values).scatter_add(-1, group, values.gather(-1, order))
+    rows = torch.full_like(rows, empty).scatter(-1, group, ordered)
+    score = torch.where(rows != empty, total.detach(), -1.0)
     if score.shape[-1] < k:
         pad = k - score.shape[-1]
         score = F.pad(score, (0, pad), value=-1.0)
@@ -214,7 +217,7 @@ class SparseLink:
         entries = self.entries_of(touched)
         same = write_rows.unsqueeze(2) == write_rows.unsqueeze(1)  # [B, J, J]
         totals = (same.to(write_weights.dtype) @ write_weights.unsqueeze(2)).squeeze(2)
-        first_write = ~same.tril(-1).any(2)
+        first_write = first_copies(write_rows)
         written, preceding = _Slots(write_rows), _Slots(precedence_rows)
         live_precedence = (precedence_rows != empty).unsqueeze(2)
 
