@@ -23,11 +23,16 @@ Storage (``SparseLink``): the link lives in one in-place ``SparseMemory`` (``acc
 of N rows of ``2 K_L`` numbers: row ``s`` holds the values of row ``s`` of ``L`` (its
 entries' columns in a long buffer beside it) and the values of column ``s`` (their rows
 likewise), both views of one matrix. A step gathers the rows of the slots it touches
-(written rows, the precedence's slots, and the slots their entries name: ``O(J K_L)``),
-updates a dense block over them (``O((J K_L)^2)`` numbers, whatever N) and assigns them
-back; so gradients flow through the touched rows only and nothing of N rows is saved for
-backward. Empty entries name
-slot N and hold 0.
+(the J written rows, the precedence's slots, and the slots their entries name:
+``O(J K_L)``) and computes only the entries that can change: a written row's ``2 K_L``
+candidates (its entries and the precedence's columns), a precedence column's
+``J K_L + K_L`` (the written rows' kept entries in it and its other rows' entries), and
+the other entries of the touched rows and columns, decayed or dropped by a prune. Which
+written row or precedence slot a slot is, its write weight and whether an entry outlived
+a prune are binary searches in sorted lists (``_Slots``; an entry ``(i, j)`` is the
+number ``i (N + 1) + j``): ``O(J K_L log(J K_L))`` a step, whatever N. The rows are
+assigned back, so gradients flow through the touched rows only and nothing of N rows is
+saved for backward. Empty entries name slot N and hold 0.
 
 Departures from the paper: the order of the prunes (written rows, then the precedence's
 columns) is ours; the forward and backward weightings are pruned to K_L so a head's
@@ -116,7 +121,7 @@ class _Slots:
     def find(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries ``[B, ...]`` -> (the position in the list of each one's first copy,
         whether it is there), both ``[B, ...]``; the position is 0 where it is not."""
-        flat = queries.reshape(queries.shape[0], -1)
+        flat = queries.reshape(queries.shape[0], -1).contiguous()
         at = torch.searchsorted(self.sorted, flat).clamp_(max=self.sorted.shape[1] - 1)
         found = self.sorted.gather(1, at) == flat
         position = torch.where(found, self.order.gather(1, at), 0)
