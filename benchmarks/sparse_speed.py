@@ -17,10 +17,17 @@ Each point: one untimed forward+backward, then ``--repeats`` timed ones (a new e
 each), the median reported as ``seconds`` and ``step_ms`` (seconds / T). Memory:
 ``rss_before_mb`` the process's resident memory once the model is built, before any
 pass, ``peak_rss_mb`` its peak, ``peak_above_before_mb`` the difference (what the passes
-needed, the touched pages of the N-sized buffers included); ``n_buffers_mb`` the full
-size of the N-sized buffers the sparse models allocate (memory and its gradient,
-``[B, N, 32]`` float32 each; usage stamps ``[B, N]`` int64; the exact search's
-``[B, N]`` bool), whose untouched pages the CPU leaves unallocated (``access.zeros``).
+needed, the touched pages of the N-sized buffers included). The N-sized buffers are the
+arrays with a dimension of N slots that the sparse models keep between steps: the memory
+and its gradient ``[B, N, 32]`` float32, the usage stamps ``[B, N]`` int64, the search's
+``[B, N]`` flags (and faiss's ``[B, N]`` int32 positions of recent rows), and for the
+SDNC the link's values and their gradient ``[B, N, 8]`` and its entries ``[B, N, 8]``
+int64. They are allocated as lazily zeroed pages (``access.zeros``), so only the 4 KiB
+pages holding a touched slot take memory, and a slot touched anywhere in the buffer costs
+a whole page: from about 2^14 slots on, the slots a pass touches lie on separate pages.
+``n_buffers_mb`` is their full size, ``n_buffers_resident_mb`` the pages of theirs
+resident after the last pass (``mincore``; they only grow during a run), by buffer in
+``n_buffers``, and ``peak_above_buffers_mb`` the peak above the start less those pages.
 Results are saved as JSON with the machine and its load.
 
     OMP_NUM_THREADS=1 python benchmarks/sparse_speed.py --threads 1 \
@@ -30,6 +37,7 @@ Results are saved as JSON with the machine and its load.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -51,8 +59,53 @@ def resident_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def resident_bytes(address: int, size: int) -> int:
+    """Bytes of the memory ``[address, address + size)`` resident in RAM (``mincore``)."""
+    import numpy as np
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = address - address % page
+    pages = -(-(address + size - start) // page)
+    vector = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * page), vector):
+        raise OSError(ctypes.get_errno(), "mincore")
+    return int((np.frombuffer(vector, dtype=np.uint8) & 1).sum()) * page
+
+
+def n_sized_buffers(module, slots: int) -> dict[str, tuple[int, int]]:
+    """The arrays with a dimension of ``slots`` that the sparse memories in ``module``
+    hold: name -> (bytes, resident bytes)."""
+    import numpy as np
+    import torch
+
+    found = {}
+    for name, part in module.named_modules():
+        holders = {
+            f"{name}.{key}".lstrip("."): getattr(part, key, None)
+            for key in ("memory", "usage", "index", "link")
+        }
+        link = holders.get(f"{name}.link".lstrip("."))
+        if link is not None:
+            holders[f"{name}.link.values".lstrip(".")] = link.values
+        for holder_name, holder in holders.items():
+            if holder is None or isinstance(holder, torch.nn.Module):
+                continue
+            for key, value in vars(holder).items():
+                if isinstance(value, torch.Tensor) and slots in value.shape[1:2]:
+                    size = value.numel() * value.element_size()
+                    found[f"{holder_name}.{key}"] = (size, resident_bytes(value.data_ptr(), size))
+                elif isinstance(value, np.ndarray) and slots in value.shape[1:2]:
+                    found[f"{holder_name}.{key}"] = (
+                        value.nbytes,
+                        resident_bytes(value.ctypes.data, value.nbytes),
+                    )
+    return found
+
+
 def build(case: str, slots: int):
-    """-> (a function running one forward+backward from a new episode, a description)."""
+    """-> (a function running one forward+backward from a new episode, a description, the
+    module holding the sparse memories or None)."""
     import torch
 
     from memctl.registry import MODELS
@@ -76,7 +129,7 @@ def build(case: str, slots: int):
             output, _ = rnn(x, (None, None, None), reset_experience=True)
             output.square().mean().backward()
 
-        return dense, rnn.describe_backend(BATCH)
+        return dense, rnn.describe_backend(BATCH), None
     if case == "memory":
         from memctl.models.sparse.sam import SparseAccess
 
@@ -91,7 +144,7 @@ def build(case: str, slots: int):
                 reads.append(read)
             torch.stack(reads).square().mean().backward()
 
-        return episodic, f"sparse access in place, {type(access.index).__name__}"
+        return episodic, f"sparse access in place, {type(access.index).__name__}", access
     entry = MODELS.get(case)
     fields = dict(
         controller_size=CONTROLLER,
@@ -110,14 +163,14 @@ def build(case: str, slots: int):
         output.square().mean().backward()
 
     index = type(model.memories[0].index).__name__
-    return sparse, f"{model.describe_backend(BATCH)}; {index}"
+    return sparse, f"{model.describe_backend(BATCH)}; {index}", model
 
 
 def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    run, backend = build(spec["case"], spec["slots"])
+    run, backend, holder = build(spec["case"], spec["slots"])
     before = resident_mb()
     run()
     times = []
@@ -135,10 +188,16 @@ def worker(spec: dict) -> dict:
         "peak_rss_mb": round(peak),
         "peak_above_before_mb": round(peak - before),
     }
-    if spec["case"] != "dnc":
-        slots = spec["slots"]
-        buffers = BATCH * slots * (2 * WORD * 4 + 8 + 1)
-        result["n_buffers_mb"] = round(buffers / 2**20, 1)
+    if holder is not None:
+        buffers = n_sized_buffers(holder, spec["slots"])
+        resident = sum(pages for _, pages in buffers.values()) / 2**20
+        result["n_buffers_mb"] = round(sum(size for size, _ in buffers.values()) / 2**20, 1)
+        result["n_buffers_resident_mb"] = round(resident, 1)
+        result["peak_above_buffers_mb"] = round(peak - before - resident, 1)
+        result["n_buffers"] = {
+            name: {"mb": round(size / 2**20, 1), "resident_mb": round(pages / 2**20, 1)}
+            for name, (size, pages) in buffers.items()
+        }
     return result
 
 

@@ -185,3 +185,31 @@ def test_importing_memctl_does_not_import_faiss():
         "assert 'faiss' not in sys.modules, 'faiss imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_reset_clears_what_the_episode_wrote_and_searches_as_a_new_index():
+    """A reset of the same sizes clears only the written slots' flags and recent
+    positions (the arrays are reused), and the next episode's candidates are a fresh
+    index's."""
+    generator = torch.Generator().manual_seed(5)
+    batch, slots, word, heads, k = 2, 300, 6, 2, 3
+    used, fresh = FaissIndex(rebuild_every=4), FaissIndex(rebuild_every=4)
+    used.reset(batch, slots, word)
+    first = torch.zeros(batch, slots, word, dtype=torch.float64)
+    for _ in range(10):
+        rows = torch.randint(0, slots, (batch, 4), generator=generator)
+        write(used, first, rows, torch.randn(batch, 4, word, generator=generator).double())
+    arrays = used.written, used.recent_position
+    assert used.written.any() and used.recent_position.any()
+    used.reset(batch, slots, word)
+    fresh.reset(batch, slots, word)
+    assert used.written is arrays[0] and used.recent_position is arrays[1]
+    assert not used.written.any() and not used.recent_position.any()
+    second = [torch.zeros(batch, slots, word, dtype=torch.float64) for _ in range(2)]
+    for _ in range(9):
+        rows = torch.randint(0, slots, (batch, 4), generator=generator)
+        values = torch.randn(batch, 4, word, generator=generator).double()
+        for index, memory in zip((used, fresh), second, strict=True):
+            write(index, memory, rows, values)
+        keys = torch.randn(batch, heads, word, generator=generator, dtype=torch.float64)
+        assert torch.equal(used.candidates(keys, k), fresh.candidates(keys, k))

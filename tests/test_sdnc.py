@@ -16,12 +16,14 @@ import torch
 
 from memctl.errors import UserError
 from memctl.models import addressing
+from memctl.models.sparse.access import first_copies
 from memctl.models.sparse.sam import sparse_read
 from memctl.models.sparse.sdnc import (
     SDNCAccess,
     SDNCConfig,
     SDNCModel,
     SparseLink,
+    _Slots,
     merge_top,
     precedence_update,
 )
@@ -93,11 +95,13 @@ def link_steps(slots, keep, count, steps, seed):
         yield link, previous, (rows, precedence), (write_rows, write_weights)
 
 
-def test_link_and_precedence_match_the_loop_reference():
-    slots, keep = 12, 3
+@pytest.mark.parametrize(
+    ("slots", "keep", "count", "steps"), [(12, 3, 5, 12), (30, 2, 9, 25), (9, 1, 4, 15)]
+)
+def test_link_and_precedence_match_the_loop_reference(slots, keep, count, steps):
     dense = np.zeros((BATCH, slots, slots))
     pruned = False
-    for link, previous, current, writes in link_steps(slots, keep, 5, 12, seed=0):
+    for link, previous, current, writes in link_steps(slots, keep, count, steps, seed=0):
         for b in range(BATCH):
             write = np_dense(writes[0][b].tolist(), writes[1][b].tolist(), slots)
             before = np_dense(previous[0][b].tolist(), previous[1][b].tolist(), slots)
@@ -132,6 +136,42 @@ def test_directional_weightings_match_the_loop_reference():
                 for (rows, values), expected in ((forward, f), (backward, back)):
                     got = np_dense(rows[b, h].tolist(), values[b, h].tolist(), slots)
                     np.testing.assert_allclose(got, np_top(expected, keep), rtol=0, atol=1e-10)
+
+
+def test_merge_top_matches_the_loop_reference():
+    generator = torch.Generator().manual_seed(4)
+    slots, keep = 9, 4
+    rows = torch.randint(0, slots + 1, (BATCH, HEADS, 11), generator=generator)  # 9: empty
+    values = torch.rand(BATCH, HEADS, 11, generator=generator, dtype=torch.float64)
+    kept_rows, kept_values = merge_top(rows, values, keep, empty=slots)
+    for b in range(BATCH):
+        for h in range(HEADS):
+            expected = np_dense(rows[b, h].tolist(), values[b, h].tolist(), slots)
+            got = np_dense(kept_rows[b, h].tolist(), kept_values[b, h].tolist(), slots)
+            np.testing.assert_allclose(got, np_top(expected, keep), rtol=0, atol=1e-12)
+            present = [row for row in kept_rows[b, h].tolist() if row < slots]
+            assert len(present) == len(set(present))
+
+
+def test_first_copies_and_slot_lookups_match_loops():
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randint(0, 6, (BATCH, 10), generator=generator)
+    values = torch.rand(BATCH, 10, generator=generator, dtype=torch.float64)
+    queries = torch.randint(0, 9, (BATCH, 3, 4), generator=generator)
+    first = first_copies(rows)
+    table = _Slots(rows)
+    at, found = table.find(queries)
+    taken = table.take(values, queries)
+    for b in range(BATCH):
+        listed = rows[b].tolist()
+        assert first[b].tolist() == [listed.index(r) == i for i, r in enumerate(listed)]
+        for index in np.ndindex(3, 4):
+            query = int(queries[b][index])
+            assert bool(found[b][index]) == (query in listed)
+            position = listed.index(query) if query in listed else 0
+            assert int(at[b][index]) == position
+            expected = float(values[b, position]) if query in listed else 0.0
+            assert float(taken[b][index]) == expected
 
 
 def test_merge_top_sums_repeats_and_pads():

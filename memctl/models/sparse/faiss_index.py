@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from memctl.models.addressing import inverse_norms
+from memctl.models.sparse.access import zeros
 from memctl.models.sparse.index import SlotIndex
 
 # Inverted lists for an index of n rows: 4 sqrt(n), and at least 39 rows a list (the
@@ -103,16 +104,28 @@ class FaissIndex:
         if rebuild_every < 1:
             raise ValueError(f"rebuild_every must be >= 1, got {rebuild_every}")
         self.rebuild_every = rebuild_every
+        self.written: np.ndarray | None = None  # [B, N] bool
 
     def reset(self, batch_size: int, num_slots: int, word_size: int) -> None:
+        """Empty the index. The two ``[B, N]`` arrays are allocated as lazily zeroed pages
+        (``access.zeros``) when the sizes change, else cleared at the slots written since
+        the last reset (O(rows written))."""
+        shape = (batch_size, num_slots)
+        if self.written is None or self.written.shape != shape:
+            cpu = torch.device("cpu")
+            self.written = zeros(shape, cpu, torch.bool).numpy()
+            # Rows written since the last rebuild: 1 + buffer position of each slot (0: none).
+            self.recent_position = zeros(shape, cpu, torch.int32).numpy()
+        elif self.updated:
+            slots = np.concatenate(self.updated, axis=1)
+            np.put_along_axis(self.written, slots, False, axis=1)
+            np.put_along_axis(self.recent_position, slots, 0, axis=1)
         self.batch_size, self.num_slots, self.word_size = batch_size, num_slots, word_size
         self.indices: list[Any] = [None] * batch_size
-        self.written = np.zeros((batch_size, num_slots), dtype=bool)
+        self.updated: list[np.ndarray] = []  # the slots of every update since reset
         # Every slot below the cursor is written or in the pool of unwritten slots.
         self.cursor = np.zeros(batch_size, dtype=np.int64)
         self.pool: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * batch_size
-        # Rows written since the last rebuild: buffer position of each slot (-1: none).
-        self.recent_position = np.full((batch_size, num_slots), -1, dtype=np.int32)
         self.recent_slots: np.ndarray | None = None
         self.recent_rows: np.ndarray | None = None
         self.recent_count = np.zeros(batch_size, dtype=np.int64)
@@ -120,6 +133,7 @@ class FaissIndex:
 
     def update(self, rows: Tensor, values: Tensor) -> None:
         slots = rows.detach().to("cpu", torch.int64).numpy()
+        self.updated.append(slots)
         unit = unit_rows(values)
         for b in range(self.batch_size):
             # The last of repeated slots is the row's new value.
@@ -185,7 +199,8 @@ class FaissIndex:
             if len(slots[b]):
                 index.add_with_ids(rows[b], slots[b])
             self.indices[b] = index
-        self.recent_position[self.recent_position >= 0] = -1
+        for b in range(self.batch_size):
+            self.recent_position[b, self.recent_slots[b, : self.recent_count[b]]] = 0
         self.recent_count[:] = 0
         self.recent_rows = self.recent_slots = None
 
@@ -193,7 +208,7 @@ class FaissIndex:
         """The current unit rows of written slots: from the recent buffer where they were
         written since the last rebuild, else from the index."""
         rows = np.empty((len(slots), self.word_size), dtype=np.float32)
-        position = self.recent_position[b, slots]
+        position = self.recent_position[b, slots] - 1
         recent = position >= 0
         if recent.any():
             rows[recent] = self.recent_rows[b, position[recent]]
@@ -215,13 +230,13 @@ class FaissIndex:
         self.recent_rows, self.recent_slots = rows, slots
 
     def _remember(self, b: int, slots: np.ndarray, rows: np.ndarray) -> None:
-        position = self.recent_position[b, slots]
+        position = self.recent_position[b, slots] - 1
         new = position < 0
         count = self.recent_count[b]
         self._grow_recent(count + new.sum())
         fresh = np.arange(count, count + new.sum())
         position[new] = fresh
-        self.recent_position[b, slots[new]] = fresh
+        self.recent_position[b, slots[new]] = fresh + 1
         self.recent_slots[b, fresh] = slots[new]
         self.recent_rows[b, position] = rows
         self.recent_count[b] = count + new.sum()

@@ -23,11 +23,16 @@ Storage (``SparseLink``): the link lives in one in-place ``SparseMemory`` (``acc
 of N rows of ``2 K_L`` numbers: row ``s`` holds the values of row ``s`` of ``L`` (its
 entries' columns in a long buffer beside it) and the values of column ``s`` (their rows
 likewise), both views of one matrix. A step gathers the rows of the slots it touches
-(written rows, the precedence's slots, and the slots their entries name: ``O(J K_L)``),
-updates a dense block over them (``O((J K_L)^2)`` numbers, whatever N) and assigns them
-back; so gradients flow through the touched rows only and nothing of N rows is saved for
-backward. Empty entries name
-slot N and hold 0.
+(the J written rows, the precedence's slots, and the slots their entries name:
+``O(J K_L)``) and computes only the entries that can change: a written row's ``2 K_L``
+candidates (its entries and the precedence's columns), a precedence column's
+``J K_L + K_L`` (the written rows' kept entries in it and its other rows' entries), and
+the other entries of the touched rows and columns, decayed or dropped by a prune. Which
+written row or precedence slot a slot is, its write weight and whether an entry outlived
+a prune are binary searches in sorted lists (``_Slots``; an entry ``(i, j)`` is the
+number ``i (N + 1) + j``): ``O(J K_L log(J K_L))`` a step, whatever N. The rows are
+assigned back, so gradients flow through the touched rows only and nothing of N rows is
+saved for backward. Empty entries name slot N and hold 0.
 
 Departures from the paper: the order of the prunes (written rows, then the precedence's
 columns) is ours; the forward and backward weightings are pruned to K_L so a head's
@@ -45,7 +50,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from memctl.models.sparse.access import SparseMemory, zeros
+from memctl.models.sparse.access import SparseMemory, first_copies, zeros
 from memctl.models.sparse.sam import (
     Index,
     SAMConfig,
@@ -67,10 +72,13 @@ def merge_top(
 
     rows: long ``[..., C]``, values: ``[..., C]`` -> (rows ``[..., k]``, values ``[..., k]``)
     """
-    same = rows.unsqueeze(-1) == rows.unsqueeze(-2)  # [..., C, C]
-    total = (same.to(values.dtype) @ values.unsqueeze(-1)).squeeze(-1)
-    present = ~same.tril(-1).any(-1) & (rows != empty)
-    score = torch.where(present, total.detach(), -1.0)
+    ordered, order = rows.sort(dim=-1)
+    start = torch.ones_like(ordered, dtype=torch.bool)
+    start[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    group = start.long().cumsum(-1) - 1  # the distinct rows, numbered in sorted order
+    total = torch.zeros_like(values).scatter_add(-1, group, values.gather(-1, order))
+    rows = torch.full_like(rows, empty).scatter(-1, group, ordered)
+    score = torch.where(rows != empty, total.detach(), -1.0)
     if score.shape[-1] < k:
         pad = k - score.shape[-1]
         score = F.pad(score, (0, pad), value=-1.0)
@@ -103,40 +111,48 @@ def precedence_update(
     )
 
 
-def _contains(values: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-    """Whether each of ``values`` ``[B, ...]`` is one of ``members`` ``[B, L]`` -> bool."""
-    flat = values.reshape(values.shape[0], -1, 1)
-    return (flat == members.unsqueeze(1)).any(-1).view(values.shape)
+class _Slots:
+    """Look-ups in a list of slots (or other keys) per batch element, ``[B, L]`` long:
+    sorted once, each look-up a binary search."""
+
+    def __init__(self, keys: torch.Tensor) -> None:
+        self.sorted, self.order = keys.sort(stable=True, dim=1)
+
+    def find(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries ``[B, ...]`` -> (the position in the list of each one's first copy,
+        whether it is there), both ``[B, ...]``; the position is 0 where it is not."""
+        flat = queries.reshape(queries.shape[0], -1).contiguous()
+        at = torch.searchsorted(self.sorted, flat).clamp_(max=self.sorted.shape[1] - 1)
+        found = self.sorted.gather(1, at) == flat
+        position = torch.where(found, self.order.gather(1, at), 0)
+        return position.view(queries.shape), found.view(queries.shape)
+
+    def contains(self, queries: torch.Tensor) -> torch.Tensor:
+        """Whether each of ``queries`` ``[B, ...]`` is in the list -> bool ``[B, ...]``."""
+        return self.find(queries)[1]
+
+    def take(self, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """``values`` ``[B, L]`` of the list's entries at ``queries`` ``[B, ...]``, 0 where
+        a query is not in the list."""
+        at, found = self.find(queries)
+        got = values.gather(1, at.reshape(at.shape[0], -1)).view(at.shape)
+        return torch.where(found, got, 0)
 
 
-def _positions(sorted_slots: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Position of each of ``slots`` ``[B, ...]`` in ``sorted_slots`` ``[B, L]`` (its first
-    copy; only meaningful where the slot is there)."""
-    found = torch.searchsorted(sorted_slots, slots.reshape(slots.shape[0], -1))
-    return found.clamp_(max=sorted_slots.shape[1] - 1).view(slots.shape)
+def _take(lists: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """Lines ``at`` ``[B, U]`` of ``lists`` ``[B, L, C]`` -> ``[B, U, C]``."""
+    return lists.gather(1, at.unsqueeze(2).expand(-1, -1, lists.shape[2]))
 
 
-def _gather2(block: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """``block[b, rows[b, ...], columns[b, ...]]``: block ``[B, R, C]``, positions alike."""
-    width = block.shape[2]
-    flat = (rows * width + columns).reshape(rows.shape[0], -1)
-    return block.flatten(1).gather(1, flat).view(rows.shape)
-
-
-def _top_entries(
-    scores: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, k: int, empty: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best of each line: scores, values ``[B, L, C]`` (score < 0: no entry), slots
-    of the C positions ``[B, C]`` -> (slots, values) ``[B, L, k]``."""
-    if scores.shape[-1] < k:
-        pad = k - scores.shape[-1]
-        scores = F.pad(scores, (0, pad), value=-1.0)
-        values = F.pad(values, (0, pad))
-        slots = F.pad(slots, (0, pad), value=empty)
-    top = scores.topk(k, dim=-1).indices
-    kept = scores.gather(-1, top) >= 0
-    named = slots.unsqueeze(1).expand(-1, top.shape[1], -1).gather(2, top)
-    return torch.where(kept, named, empty), values.gather(-1, top) * kept
+def _keep_largest(
+    slots: torch.Tensor, values: torch.Tensor, present: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k largest present entries of each line: slots, values, present ``[B, L, C]``
+    (C >= k; no slot twice among a line's present entries) -> (slots, values, whether
+    each is a present entry) ``[B, L, k]``."""
+    score = torch.where(present, values.detach(), -1.0)
+    top = score.topk(k, dim=-1).indices
+    return slots.gather(-1, top), values.gather(-1, top), score.gather(-1, top) >= 0
 
 
 class SparseLink:
@@ -174,6 +190,10 @@ class SparseLink:
         stored = self._entries.view(-1, 2 * self.keep)[self.values.flat(slots)]
         return self.num_slots - stored.view(*slots.shape, 2 * self.keep)
 
+    def _key(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Entry ``(rows, columns)`` of L as one number (``rows (N + 1) + columns``)."""
+        return rows * (self.num_slots + 1) + columns
+
     def update(
         self,
         token: torch.Tensor,
@@ -185,156 +205,124 @@ class SparseLink:
         """Step 1 of the module docstring: write_rows, write_weights (``w_t``) ``[B, J]``,
         precedence_rows, precedence (``p_{t-1}``) ``[B, K_L]`` -> the next token."""
         keep, empty = self.keep, self.num_slots
-        batch, writes = write_rows.shape
-        owned = torch.cat([write_rows, precedence_rows], 1)  # columns known in full
-        owned_slots = torch.where(owned == empty, -1, owned)  # empty entries own nothing
-        safe_owned = torch.where(owned == empty, 0, owned)
-        row_columns = self.entries_of(write_rows)[..., :keep]  # [B, J, K_L]
-        column_rows = self.entries_of(safe_owned)[..., keep:]  # [B, J + K_L, K_L]
-        local_rows = torch.cat([write_rows, column_rows.flatten(1)], 1).sort(1).values
-        local_columns = torch.cat([owned, row_columns.flatten(1)], 1).sort(1).values
-        touched = torch.cat([owned, column_rows.flatten(1), row_columns.flatten(1)], 1)
+        writes = write_rows.shape[1]
+        owned = torch.cat(
+            [write_rows, torch.where(precedence_rows == empty, 0, precedence_rows)], 1
+        )
+        touched = torch.cat(
+            [
+                owned,
+                self.entries_of(owned)[..., keep:].flatten(1),  # the owned columns' rows
+                self.entries_of(write_rows)[..., :keep].flatten(1),  # the written rows' columns
+            ],
+            1,
+        )
         touched = torch.where(touched == empty, 0, touched)
-        values, entries, token = self._load(token, touched)
+        values, token = self.values.gather(token, touched)  # [B, U, 2 K_L]
+        entries = self.entries_of(touched)
+        same = write_rows.unsqueeze(2) == write_rows.unsqueeze(1)  # [B, J, J]
+        totals = (same.to(write_weights.dtype) @ write_weights.unsqueeze(2)).squeeze(2)
+        first_write = first_copies(write_rows)
+        written, preceding = _Slots(write_rows), _Slots(precedence_rows)
+        live_precedence = (precedence_rows != empty).unsqueeze(2)
 
-        # The block of L over the local rows and columns, from the written rows' entries
-        # and the owned columns' entries of other rows.
-        height, width = local_rows.shape[1], local_columns.shape[1]
-        first_write = ~(write_rows.unsqueeze(2) == write_rows.unsqueeze(1)).tril(-1).any(-1)
-        first_owned = ~(owned.unsqueeze(2) == owned.unsqueeze(1)).tril(-1).any(-1)
-        first_owned = first_owned & (owned != empty)
-        row_values = values[:, :writes, :keep] * first_write.unsqueeze(2)
-        column_values = values[:, : owned.shape[1], keep:] * first_owned.unsqueeze(2)
-        column_values = column_values * ~_contains(column_rows, write_rows)
-        at_rows = torch.cat(
-            [
-                _positions(local_rows, write_rows).unsqueeze(2).expand(-1, -1, keep),
-                _positions(local_rows, column_rows),
-            ],
-            1,
+        # The written rows: their entries and the precedence's columns, updated; each keeps
+        # its K_L largest.
+        old_columns, old_values = entries[:, :writes, :keep], values[:, :writes, :keep]
+        row_weights = totals.unsqueeze(2)  # [B, J, 1]
+        decayed = (1 - row_weights - written.take(totals, old_columns)) * old_values
+        decayed = decayed + row_weights * preceding.take(precedence, old_columns)
+        gained_columns = precedence_rows.unsqueeze(1).expand(-1, writes, -1)
+        gained = (
+            (gained_columns != empty)
+            & (gained_columns != write_rows.unsqueeze(2))
+            & ~(gained_columns.unsqueeze(3) == old_columns.unsqueeze(2)).any(3)
         )
-        at_columns = torch.cat(
-            [
-                _positions(local_columns, row_columns),
-                _positions(local_columns, owned).unsqueeze(2).expand(-1, -1, keep),
-            ],
-            1,
-        )
-        block = torch.zeros(batch, height * width, dtype=values.dtype, device=values.device)
-        block = block.scatter_add(
-            1,
-            (at_rows * width + at_columns).flatten(1),
-            torch.cat([row_values, column_values], 1).flatten(1),
-        )
-        block = block.view(batch, height, width)
-
-        def weights_at(local, slots, amounts, size):
-            out = torch.zeros(batch, size, dtype=values.dtype, device=values.device)
-            return out.scatter_add(1, _positions(local, slots), amounts)
-
-        row_writes = weights_at(local_rows, write_rows, write_weights, height)
-        column_writes = weights_at(local_columns, write_rows, write_weights, width)
-        column_precedence = weights_at(local_columns, precedence_rows, precedence, width)
-        valid_rows = _first(local_rows) & (local_rows != empty)
-        valid_columns = _first(local_columns) & (local_columns != empty)
-        valid = valid_rows.unsqueeze(2) & valid_columns.unsqueeze(1)
-        valid = valid & (local_rows.unsqueeze(2) != local_columns.unsqueeze(1))
-        with torch.no_grad():
-            updated = _block_update(block, row_writes, column_writes, column_precedence, valid)
-
-        # Prune the written rows, then the precedence's columns, to K_L entries each: the
-        # choice on the values, the mask applied in one differentiable update.
-        batch_index = torch.arange(batch, device=block.device).unsqueeze(1)
-        write_at = _positions(local_rows, write_rows)  # [B, J]
-        written_rows = valid_rows & _contains(local_rows, write_rows)
-        mask = valid
-        if width > keep:
-            top = updated[batch_index, write_at].topk(keep, dim=2).indices
-            kept = torch.zeros(batch, writes, width, dtype=torch.bool, device=block.device)
-            kept = kept.scatter_(2, top, True)
-            kept = torch.zeros_like(valid).scatter_(1, write_at.unsqueeze(2).expand_as(kept), kept)
-            mask = mask & (kept | ~written_rows.unsqueeze(2))
-            updated = updated * mask
-        precedence_at = _positions(local_columns, precedence_rows)  # [B, K_L]
-        gained_columns = valid_columns & _contains(local_columns, precedence_rows)
-        if height > keep:
-            gained = updated.gather(2, precedence_at.unsqueeze(1).expand(-1, height, -1))
-            top = gained.topk(keep, dim=1).indices
-            kept = torch.zeros_like(gained, dtype=torch.bool).scatter_(1, top, True)
-            kept = torch.zeros_like(valid).scatter_(
-                2, precedence_at.unsqueeze(1).expand_as(kept), kept
-            )
-            mask = mask & (kept | ~gained_columns.unsqueeze(1))
-        block = _BlockUpdate.apply(block, row_writes, column_writes, column_precedence, mask)
-
-        # The written rows and the owned columns anew (their K_L largest entries), then
-        # every touched slot's row and column of L.
-        row_block = block[batch_index, write_at]  # [B, J, C]
-        row_valid = mask[batch_index, write_at]
-        fresh_row_slots, fresh_row_values = _top_entries(
-            torch.where(row_valid, row_block.detach(), -1.0), row_block, local_columns, keep, empty
-        )
-        owned_at = _positions(local_columns, owned)  # [B, J + K_L]
-        column_block = block.transpose(1, 2)[batch_index, owned_at]  # [B, J + K_L, R]
-        column_valid = mask.transpose(1, 2)[batch_index, owned_at]
-        fresh_column_slots, fresh_column_values = _top_entries(
-            torch.where(column_valid, column_block.detach(), -1.0),
-            column_block,
-            local_rows,
+        row_slots, row_values, row_kept = _keep_largest(
+            torch.cat([old_columns, gained_columns], 2),
+            torch.cat([decayed, row_weights * precedence.unsqueeze(1)], 2),
+            torch.cat([old_columns != empty, gained], 2),
             keep,
-            empty,
         )
 
-        row_at = _positions(local_rows, touched)
-        row_here = local_rows.gather(1, row_at) == touched
-        column_at = _positions(local_columns, touched)
-        column_here = local_columns.gather(1, column_at) == touched
-        as_written = touched.unsqueeze(2) == write_rows.unsqueeze(1)  # [B, U, J]
-        is_written = as_written.any(2)
-        as_owned = touched.unsqueeze(2) == owned_slots.unsqueeze(1)  # [B, U, J + K_L]
-        is_owned = as_owned.any(2)
-        which = as_written.byte().argmax(2, keepdim=True).expand(-1, -1, keep)
-        new_row_slots = fresh_row_slots.gather(1, which)
-        new_row_values = fresh_row_values.gather(1, which)
-        which = as_owned.byte().argmax(2, keepdim=True).expand(-1, -1, keep)
-        new_column_slots = fresh_column_slots.gather(1, which)
-        new_column_values = fresh_column_values.gather(1, which)
-
-        old_row_slots, old_row_values = entries[..., :keep], values[..., :keep]
-        entry_column = _positions(local_columns, old_row_slots)
-        update = (
-            row_here.unsqueeze(2)
-            & _contains(old_row_slots, owned_slots)
-            & (
-                local_columns.gather(1, entry_column.flatten(1)).view_as(old_row_slots)
-                == old_row_slots
-            )
+        # The precedence's columns: the written rows' kept entries in them (each written
+        # slot once) and the other rows' entries, decayed; each keeps its K_L largest.
+        others = entries[:, writes : writes + keep, keep:]  # [B, K_L, K_L]
+        other_values = values[:, writes : writes + keep, keep:]
+        column_weights = written.take(totals, precedence_rows).unsqueeze(2)
+        in_column = row_slots.flatten(1).unsqueeze(1) == precedence_rows.unsqueeze(2)
+        in_column = in_column & (row_kept & first_write.unsqueeze(2)).flatten(1).unsqueeze(1)
+        column_slots, column_values, column_kept = _keep_largest(
+            torch.cat(
+                [write_rows.repeat_interleave(keep, 1).unsqueeze(1).expand_as(in_column), others],
+                2,
+            ),
+            torch.cat(
+                [
+                    row_values.flatten(1).unsqueeze(1).expand_as(in_column),
+                    (1 - column_weights) * other_values,
+                ],
+                2,
+            ),
+            torch.cat([in_column, (others != empty) & ~written.contains(others)], 2)
+            & live_precedence,
+            keep,
         )
-        decayed = _gather2(block, row_at.unsqueeze(2).expand_as(entry_column), entry_column)
-        kept_row_values = torch.where(update, decayed, old_row_values)
-        row_slots = torch.where(is_written.unsqueeze(2), new_row_slots, old_row_slots)
-        row_values = torch.where(is_written.unsqueeze(2), new_row_values, kept_row_values)
+        column_keys = self._key(column_slots, precedence_rows.unsqueeze(2))
+        columns_kept = _Slots(torch.where(column_kept, column_keys, -1).flatten(1))
 
-        old_column_slots, old_column_values = entries[..., keep:], values[..., keep:]
-        entry_row = _positions(local_rows, old_column_slots)
-        update = (
-            column_here.unsqueeze(2)
-            & _contains(old_column_slots, write_rows)
-            & (
-                local_rows.gather(1, entry_row.flatten(1)).view_as(old_column_slots)
-                == old_column_slots
-            )
+        def survives(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+            """Whether entries (rows, columns) of L outlive the precedence columns' prune."""
+            return ~preceding.contains(columns) | columns_kept.contains(self._key(rows, columns))
+
+        row_kept = row_kept & survives(write_rows.unsqueeze(2), row_slots)
+        row_values = row_values * row_kept
+        row_slots = torch.where(row_kept, row_slots, empty)
+        row_keys = torch.where(row_kept, self._key(write_rows.unsqueeze(2), row_slots), -1)
+        rows_kept = _Slots(row_keys.flatten(1))
+        column_values = column_values * column_kept
+        column_slots = torch.where(column_kept, column_slots, empty)
+
+        # Each touched slot's row of L: a written row's anew, else its entries decayed by
+        # their columns' writes, less those the columns' prune dropped; its column of L: a
+        # precedence column's anew, else its entries in written rows as those rows kept
+        # them, the others decayed by the slot's write.
+        slots = touched.unsqueeze(2)
+        at, is_written = written.find(touched)
+        old_columns, old_values = entries[..., :keep], values[..., :keep]
+        kept = (old_columns != empty) & survives(slots, old_columns)
+        is_written = is_written.unsqueeze(2)
+        new_row_slots = torch.where(
+            is_written, _take(row_slots, at), torch.where(kept, old_columns, empty)
         )
-        decayed = _gather2(block, entry_row, column_at.unsqueeze(2).expand_as(entry_row))
-        kept_column_values = torch.where(update, decayed, old_column_values)
-        column_slots = torch.where(is_owned.unsqueeze(2), new_column_slots, old_column_slots)
-        column_values = torch.where(is_owned.unsqueeze(2), new_column_values, kept_column_values)
+        new_row_values = torch.where(
+            is_written,
+            _take(row_values, at),
+            (1 - written.take(totals, old_columns)) * old_values * kept,
+        )
+        old_rows, old_values = entries[..., keep:], values[..., keep:]
+        kept_at, found = rows_kept.find(self._key(old_rows, slots))
+        from_written = written.contains(old_rows)
+        kept = (old_rows != empty) & (found | ~from_written)
+        decayed = torch.where(
+            from_written,
+            row_values.flatten(1).gather(1, kept_at.flatten(1)).view_as(kept_at),
+            (1 - written.take(totals, slots)) * old_values,
+        )
+        at, is_preceding = preceding.find(touched)
+        is_preceding = is_preceding.unsqueeze(2)
+        new_column_slots = torch.where(
+            is_preceding, _take(column_slots, at), torch.where(kept, old_rows, empty)
+        )
+        new_column_values = torch.where(is_preceding, _take(column_values, at), decayed * kept)
 
-        token = self.values.assign(token, touched, torch.cat([row_values, column_values], 2))
+        token = self.values.assign(
+            token, touched, torch.cat([new_row_values, new_column_values], 2)
+        )
         flat = self.values.flat(touched)
         assert self._entries is not None
         self._entries.view(-1, 2 * keep)[flat] = empty - torch.cat(
-            [row_slots, column_slots], 2
+            [new_row_slots, new_column_slots], 2
         ).flatten(0, 1)
         self._touched.append(flat)
         return token
@@ -377,51 +365,6 @@ class SparseLink:
         by_columns = torch.zeros(batch, slots, slots + 1, dtype=buffer.dtype)
         by_columns.scatter_add_(2, entries[..., keep:], buffer[..., keep:])
         return by_rows[..., :slots], by_columns[..., :slots].transpose(1, 2)
-
-
-def _block_update(
-    block: torch.Tensor,
-    row_writes: torch.Tensor,
-    column_writes: torch.Tensor,
-    column_precedence: torch.Tensor,
-    mask: torch.Tensor,
-) -> torch.Tensor:
-    """The link update on a block: ``((1 - w[i] - w[j]) L[i, j] + w[i] p[j]) mask[i, j]``.
-
-    block, mask: ``[B, R, C]``, row_writes ``[B, R]``, column_writes, column_precedence
-    ``[B, C]`` -> ``[B, R, C]``
-    """
-    rows = row_writes.unsqueeze(2)
-    decay = (1 - rows) - column_writes.unsqueeze(1)
-    return torch.addcmul(decay * block, rows, column_precedence.unsqueeze(1)) * mask
-
-
-class _BlockUpdate(torch.autograd.Function):
-    """``_block_update`` keeping only the block and the mask for backward (plain autograd
-    keeps several block-sized temporaries a step)."""
-
-    @staticmethod
-    def forward(ctx, block, row_writes, column_writes, column_precedence, mask):
-        ctx.save_for_backward(block, row_writes, column_writes, column_precedence, mask)
-        return _block_update(block, row_writes, column_writes, column_precedence, mask)
-
-    @staticmethod
-    def backward(ctx, grad):
-        block, row_writes, column_writes, column_precedence, mask = ctx.saved_tensors
-        grad = grad * mask
-        decay = (1 - row_writes.unsqueeze(2)) - column_writes.unsqueeze(1)
-        grad_block = grad * decay
-        grad_rows = (grad * (column_precedence.unsqueeze(1) - block)).sum(2)
-        grad_columns = -(grad * block).sum(1)
-        grad_precedence = (grad * row_writes.unsqueeze(2)).sum(1)
-        return grad_block, grad_rows, grad_columns, grad_precedence, None
-
-
-def _first(sorted_slots: torch.Tensor) -> torch.Tensor:
-    """Whether each position of ``sorted_slots`` ``[B, L]`` is its slot's first copy."""
-    first = torch.ones_like(sorted_slots, dtype=torch.bool)
-    first[:, 1:] = sorted_slots[:, 1:] != sorted_slots[:, :-1]
-    return first
 
 
 class SDNCAccessState(NamedTuple):
