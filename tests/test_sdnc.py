@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 
 import numpy as np
 import pytest
@@ -385,7 +384,7 @@ def test_sdnc_learns_a_small_copy():
     model = SDNCModel(config, task.input_size, task.output_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
-    losses, start = [], time.monotonic()
+    losses = []
     for _ in range(500):
         batch = task.sample(16, generator, max_level=3, min_level=1)
         logits, _ = model(batch.inputs)
@@ -394,9 +393,7 @@ def test_sdnc_learns_a_small_copy():
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    elapsed = time.monotonic() - start
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])
-    assert elapsed < 60
     assert last < first / 4, (first, last)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -485,7 +484,7 @@ def test_sam_learns_a_small_copy():
     model = SAMModel(config, task.input_size, task.output_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
-    losses, start = [], time.monotonic()
+    losses = []
     for _ in range(600):
         batch = task.sample(16, generator, max_level=3, min_level=1)
         logits, _ = model(batch.inputs)
@@ -494,7 +493,5 @@ def test_sam_learns_a_small_copy():
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    elapsed = time.monotonic() - start
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])
-    assert elapsed < 60
     assert last < first / 5, (first, last)
