@@ -380,6 +380,7 @@ class SDNC(SAM):
         index: Index = "auto",
         rebuild_every: int = 1000,
     ) -> None:
+        warn_without_wait_policy("SDNC")  # pointing at the caller's line
         access = functools.partial(
             ViewedSDNCAccess,
             hidden_size,
