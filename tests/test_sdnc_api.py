@@ -119,7 +119,7 @@ def test_constructor_takes_pytorch_dnc_arguments_in_order():
     # pytorch-dnc 1.1.0's SDNC: SAM's arguments with temporal_reads after sparse_reads.
     names = list(inspect.signature(SDNC).parameters)
     sam = [n for n in inspect.signature(SAM).parameters if n != "core_options"]
-    assert names[: len(sam) + 1] == sam[:11] + ["temporal_reads"] + sam[11:]
+    assert names[: len(sam) + 1] == [*sam[:11], "temporal_reads", *sam[11:]]
     rnn = SDNC(5, 8, "lstm", 1, 2, True, True, 0, False, 12, 3, 2, 1, 4)
     memory = rnn.memories[0]
     assert (memory.memory_size, memory.sparse_reads, memory.temporal_reads) == (12, 3, 2)
@@ -211,9 +211,7 @@ def test_memory_dict_views_agree_with_the_memory_and_the_link():
     assert bool((link > 0).any()), "nine steps leave links"
     assert int((link > 0).sum(2).max()) <= 2 and int((link > 0).sum(1).max()) <= 2
     precedence = torch.zeros(3, 13, dtype=torch.float64)
-    precedence.scatter_add_(
-        1, memory["precedence_positions"], memory["sparse_precedence"].detach()
-    )
+    precedence.scatter_add_(1, memory["precedence_positions"], memory["sparse_precedence"].detach())
     torch.testing.assert_close(memory["precedence"], precedence[:, :12])
     assert not memory["precedence"].requires_grad and not memory["link_matrix"].requires_grad
     assert memory["sparse_precedence"].requires_grad
