@@ -14,11 +14,11 @@ for _name in MODELS.names():
     _cls = MODELS.get(_name).cls
     globals()[_cls.__name__] = _cls
 
-# pytorch-dnc's drop-in classes (the recipe models of types "dnc" and "sam" are DNCModel
-# and SAMModel).
+# pytorch-dnc's drop-in classes (the recipe models of types "dnc", "sam" and "sdnc" are
+# DNCModel, SAMModel and SDNCModel).
 from memctl.models.dnc import DNC  # noqa: E402
-from memctl.models.sparse.compat import SAM  # noqa: E402
+from memctl.models.sparse.compat import SAM, SDNC  # noqa: E402
 
-__all__ = ["DNC", "SAM", "MODELS", "ModelConfig", "detach_state", "parameter_count"] + [
+__all__ = ["DNC", "SAM", "SDNC", "MODELS", "ModelConfig", "detach_state", "parameter_count"] + [
     MODELS.get(n).cls.__name__ for n in MODELS.names()
 ]

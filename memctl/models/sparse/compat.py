@@ -1,14 +1,16 @@
-"""A drop-in replacement for the ``SAM`` class of pytorch-dnc (PyPI ``dnc`` 1.1.0): its
-constructor, call, returned structures and ``debug`` views, on ``sam.SAMCore``. The maths,
-the in-place memory and the search are the recipe model's.
+"""Drop-in replacements for the ``SAM`` and ``SDNC`` classes of pytorch-dnc (PyPI ``dnc``
+1.1.0): their constructors, calls, returned structures and ``debug`` views, on
+``sam.SAMCore``. The maths, the in-place memory and the search are the recipe models'.
 
-``SAM`` is written so that pytorch-dnc's ``SDNC`` can subclass it: constructor arguments
-it does not know go to the core (``**core_options``), and ``_memory_dict`` /
-``_access_from_dict`` are the two places a memory's dict is built and read back.
+``SDNC`` subclasses ``SAM``: constructor arguments ``SAM`` does not know go to the core
+(``**core_options``, SDNC's memories among them), ``_memory_dict`` / ``_access_from_dict``
+are the two places a memory's dict is built and read back, and ``_debug_start`` /
+``_debug_views`` the two halves of the ``debug`` views.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any
@@ -17,7 +19,15 @@ import numpy as np
 import torch
 
 from memctl.models.controllers import ControllerState
-from memctl.models.sparse.sam import SAMCore, SAMState, SparseAccess, SparseAccessState, StepRecord
+from memctl.models.sparse.sam import (
+    Index,
+    SAMCore,
+    SAMState,
+    SparseAccess,
+    SparseAccessState,
+    StepRecord,
+)
+from memctl.models.sparse.sdnc import SDNCAccess, SDNCAccessState
 
 _wait_policy_warned = False
 
@@ -192,7 +202,9 @@ class SAM(SAMCore):
                 self._access_from_dict(m, d) for m, d in zip(self.memories, dicts, strict=True)
             )
             if any(a.read_rows.shape[0] != batch for a in access):
-                raise ValueError("SAM: the memory carried on from has another batch size")
+                raise ValueError(
+                    f"{type(self).__name__}: the memory carried on from has another batch size"
+                )
         first = self.memories[0]
         reads = torch.zeros(batch, first.read_heads, first.word_size, device=device, dtype=dtype)
         if read_vectors is not None:
@@ -217,7 +229,7 @@ class SAM(SAMCore):
             raise ValueError("pass_through_memory=False is not supported")
         inputs = input.transpose(0, 1) if self.batch_first else input
         state = self._state_from(hx, inputs.shape[1], inputs, reset_experience)
-        starts = [DebugStart(m) for m in self.memories] if self.debug else []
+        start = self._debug_start() if self.debug else None
         outputs, state, records = self.run(inputs, state, record=True)
         if self.batch_first:
             outputs = outputs.transpose(0, 1)
@@ -238,7 +250,15 @@ class SAM(SAMCore):
         )
         if not self.debug:
             return outputs, hidden
-        return outputs, hidden, debug_views(self.memories, starts, records, self._memory_of)
+        return outputs, hidden, self._debug_views(start, records)
+
+    def _debug_start(self) -> Any:
+        """What the ``debug`` views replay from, taken before a call."""
+        return [DebugStart(m) for m in self.memories]
+
+    def _debug_views(self, start: Any, records: list[list[StepRecord]]) -> dict[str, np.ndarray]:
+        """The ``debug`` views of a call, from ``_debug_start``'s and the steps' records."""
+        return debug_views(self.memories, start, records, self._memory_of)
 
 
 class DebugStart:
@@ -301,3 +321,182 @@ def debug_views(
             rows["usage"].append(usage.astype(contents.dtype))
             rows["read_positions"].append(positions)
     return {key: np.stack(value) for key, value in rows.items()}
+
+
+class SDNC(SAM):
+    """pytorch-dnc's ``SDNC``: same constructor (``SAM``'s and ``temporal_reads``), same
+    call, same returned structures, on ``sdnc.SDNCAccess`` memories.
+
+    The call and its values are ``SAM``'s, with S = K + 2 K_L rows read per head (K by
+    content, K_L forward and K_L backward through the link) and so C = R S + 1 visible
+    rows: ``visible_memory`` ``[B, C, W]`` and ``read_positions`` ``[B, C]`` (each head's
+    S slots, head after head, then ``least_used_mem``). The memory dict adds pytorch-dnc's
+    link and precedence keys, views outside autograd built once per call:
+
+    - ``link_matrix`` ``[B, N, K_L]``: the values of row i of the link L (``L[i, j]``,
+      written to i after j) at the columns ``link_positions`` ``[B, N, K_L]`` long names
+      (N: no entry, value 0);
+    - ``rev_link_matrix`` ``[B, N, K_L]``: the values of column i of L (row i of
+      ``L^T``) at the rows ``rev_link_positions`` ``[B, N, K_L]`` names;
+    - ``precedence`` ``[B, N]``;
+
+    and four more of the state to carry on from: ``link_token``, ``link_version``,
+    ``precedence_positions`` ``[B, K_L]`` long and ``sparse_precedence`` ``[B, K_L]`` (in
+    the graph). With ``debug=True`` the views add, one row per time step and layer, batch
+    element 0 flattened, ``link_matrix``, ``link_positions``, ``rev_link_matrix``,
+    ``rev_link_positions`` and ``precedence``.
+
+    Differences from pytorch-dnc 1.1.0, by design, beyond ``SAM``'s: the link keeps K_L
+    entries per row and column of the N x N matrix (pytorch-dnc: ``[B, N, 2 K_L]`` against
+    the visible rows of the step, masked by an identity), so its views are entries and
+    positions; each head has its own forward and backward weightings and read modes (3 R
+    interface outputs, the DNC's; pytorch-dnc: none, and one set of 2 K_L temporal rows for
+    all heads), so the interface has ``R (K - 1) + 2 K_L - 3 R`` fewer outputs than
+    pytorch-dnc's.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        rnn_type: str = "lstm",
+        num_layers: int = 1,
+        num_hidden_layers: int = 2,
+        bias: bool = True,
+        batch_first: bool = True,
+        dropout: float = 0,
+        bidirectional: bool = False,
+        nr_cells: int = 5000,
+        sparse_reads: int = 4,
+        temporal_reads: int = 4,
+        read_heads: int = 4,
+        cell_size: int = 10,
+        nonlinearity: str = "tanh",
+        gpu_id: int = -1,
+        independent_linears: bool = False,
+        share_memory: bool = True,
+        debug: bool = False,
+        clip: float = 20,
+        index: Index = "auto",
+        rebuild_every: int = 1000,
+    ) -> None:
+        warn_without_wait_policy("SDNC")  # pointing at the caller's line
+        access = functools.partial(
+            ViewedSDNCAccess,
+            hidden_size,
+            nr_cells,
+            cell_size,
+            read_heads,
+            min(sparse_reads, nr_cells),  # pytorch-dnc's K and K_L
+            min(temporal_reads, nr_cells),
+            index,
+            rebuild_every,
+        )
+        super().__init__(
+            input_size,
+            hidden_size,
+            rnn_type=rnn_type,
+            num_layers=num_layers,
+            num_hidden_layers=num_hidden_layers,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            nr_cells=nr_cells,
+            sparse_reads=sparse_reads,
+            read_heads=read_heads,
+            cell_size=cell_size,
+            nonlinearity=nonlinearity,
+            gpu_id=gpu_id,
+            independent_linears=independent_linears,
+            share_memory=share_memory,
+            debug=debug,
+            clip=clip,
+            index=index,
+            rebuild_every=rebuild_every,
+            access=access,
+        )
+
+    def _access_from_dict(self, memory: SparseAccess, hidden: dict[str, Any]) -> Any:
+        sam = super()._access_from_dict(memory, hidden)
+        return SDNCAccessState(
+            *sam,
+            hidden["link_token"],
+            hidden["link_version"],
+            hidden["precedence_positions"],
+            hidden["sparse_precedence"],
+        )
+
+    def _memory_dict(
+        self, memory: SparseAccess, access: Any, last: StepRecord | None
+    ) -> dict[str, Any]:
+        assert isinstance(memory, SDNCAccess)
+        sam = super()._memory_dict(memory, access, last)
+        carried = ("sparse_read_weights", "token", "version")
+        return {
+            **{key: value for key, value in sam.items() if key not in carried},
+            **link_views(memory, access, access.precedence.shape[0]),
+            **{key: sam[key] for key in carried},
+            "link_token": access.link,
+            "link_version": access.link_version,
+            "precedence_positions": access.precedence_rows,
+            "sparse_precedence": access.precedence,
+        }
+
+    def _debug_start(self) -> Any:
+        steps: list[dict[str, np.ndarray]] = []
+        for memory in self.memories:
+            memory.views = steps
+        return super()._debug_start(), steps
+
+    def _debug_views(self, start: Any, records: list[list[StepRecord]]) -> dict[str, np.ndarray]:
+        starts, steps = start
+        for memory in self.memories:
+            memory.views = None
+        views = super()._debug_views(starts, records)
+        for key in LINK_KEYS:
+            views[key] = np.stack([step[key] for step in steps])
+        return views
+
+
+LINK_KEYS = ("link_matrix", "link_positions", "rev_link_matrix", "rev_link_positions", "precedence")
+
+
+def link_views(access: SDNCAccess, state: SDNCAccessState, batch: int) -> dict[str, torch.Tensor]:
+    """The link and precedence of batch elements ``0 .. batch - 1`` as ``SDNC``'s dict
+    gives them (``LINK_KEYS``), outside autograd: O(N K_L) per element."""
+    link, slots = access.link, access.memory_size
+    keep = link.keep
+    assert link.values.buffer is not None
+    values = link.values.buffer[:batch].detach()
+    rows = torch.arange(slots, device=values.device).expand(batch, slots)
+    entries = link.entries_of(rows)
+    precedence = values.new_zeros(batch, slots + 1)  # slot N: no entry
+    precedence.scatter_add_(1, state.precedence_rows[:batch], state.precedence[:batch].detach())
+    return {
+        "link_matrix": values[..., :keep].clone(),
+        "link_positions": entries[..., :keep],
+        "rev_link_matrix": values[..., keep:].clone(),
+        "rev_link_positions": entries[..., keep:],
+        "precedence": precedence[:, :slots],
+    }
+
+
+class ViewedSDNCAccess(SDNCAccess):
+    """``sdnc.SDNCAccess`` that, while ``views`` is a list (``SDNC``'s ``debug``), appends
+    batch element 0's ``link_views`` (numpy, flattened) after each step."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.views: list[dict[str, np.ndarray]] | None = None
+
+    def step(
+        self, controller_output: torch.Tensor, state: SDNCAccessState, record: bool = False
+    ) -> tuple[torch.Tensor, SDNCAccessState, StepRecord | None]:
+        reads, state, trail = super().step(controller_output, state, record)
+        if self.views is not None:
+            views = link_views(self, state, 1)
+            self.views.append(
+                {key: value[0].flatten().cpu().numpy() for key, value in views.items()}
+            )
+        return reads, state, trail
