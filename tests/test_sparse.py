@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import torch
 from memctl.errors import UserError
 from memctl.models import addressing, detach_state
 from memctl.models.addressing import EPSILON
-from memctl.models.sparse.access import MemoryMovedOn
+from memctl.models.sparse.access import MemoryMovedOn, zeros
 from memctl.models.sparse.faiss_index import FaissIndex
 from memctl.models.sparse.index import ExactIndex
 from memctl.models.sparse.sam import (
@@ -183,6 +184,30 @@ def test_reset_clears_only_what_was_touched():
     assert access.memory.buffer is buffer and buffer.abs().sum() == 0
     assert not access.index.written.any()
     assert (access.usage.last_access == NEVER).all()
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's smaps")
+def test_zeros_take_ram_only_at_the_pages_written():
+    """A 256 MiB buffer of ``access.zeros`` with 16 rows written far apart holds about 16
+    pages of 4 KiB (no transparent huge pages), and reading it all adds none."""
+    buffer = zeros((8, 2**18, 32), torch.device("cpu"), torch.float32)
+    buffer.view(-1, 32)[torch.arange(16) * 2**17] = 1.0
+    assert buffer.sum() == 16 * 32
+
+    def mapping(address):
+        fields = {}
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            head = line.split()[0]
+            if not head.endswith(":"):
+                low, high = (int(part, 16) for part in head.split("-"))
+                inside = low <= address < high
+            elif inside and line.endswith(" kB"):
+                fields[head[:-1]] = int(line.split()[1])
+        return fields
+
+    fields = mapping(buffer.data_ptr())
+    assert fields["Size"] >= 2**18 and fields["AnonHugePages"] == 0
+    assert fields["Rss"] <= 16 * 4 + 8, fields  # kB
 
 
 @pytest.mark.parametrize("seed", range(4))

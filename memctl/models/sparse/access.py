@@ -30,7 +30,8 @@ Bookkeeping, all O(rows touched):
 
 - ``reset`` zeroes the rows assigned since the last reset (an episode starts from an
   empty memory); the buffer is allocated only when the batch size, device or dtype
-  changes (on the CPU as lazily zeroed pages, so untouched rows take no RAM).
+  changes (on the CPU as lazily zeroed 4 KiB pages, ``zeros``, so untouched rows take
+  no RAM).
 - ``version`` counts assignments and resets. A model's state carries the version it was
   made at and the token; a step from a state whose version is not the memory's (the
   buffer has moved on) is an error. A state detached from the graph (truncated
@@ -44,17 +45,11 @@ Bookkeeping, all O(rows touched):
 
 from __future__ import annotations
 
+import math
+import mmap
 from typing import Any
 
-import numpy as np
 import torch
-
-_NUMPY_DTYPES = {
-    torch.float32: np.float32,
-    torch.float64: np.float64,
-    torch.int64: np.int64,
-    torch.bool: np.bool_,
-}
 
 
 class MemoryMovedOn(RuntimeError):
@@ -63,10 +58,21 @@ class MemoryMovedOn(RuntimeError):
 
 
 def zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor; on the CPU from ``calloc``'d pages, which take RAM only once written."""
-    if device.type == "cpu" and dtype in _NUMPY_DTYPES:
-        return torch.from_numpy(np.zeros(shape, dtype=_NUMPY_DTYPES[dtype]))
-    return torch.zeros(shape, device=device, dtype=dtype)
+    """A zero tensor; on the CPU in an anonymous mapping of its own, whose 4 KiB pages the
+    kernel zeroes on first write, so that it takes RAM only where written.
+
+    Transparent huge pages are refused for the mapping (``MADV_NOHUGEPAGE``): with them
+    (numpy asks for them on arrays of 4 MiB or more, and a kernel set to ``always`` uses
+    them anyway) one written row costs 2 MiB, so a sparse buffer of N rows takes 2 MiB
+    per touched region instead of a page.
+    """
+    size = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or size == 0:
+        return torch.zeros(shape, device=device, dtype=dtype)
+    pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        pages.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(pages, dtype=dtype).view(shape)  # the tensor keeps the mapping
 
 
 def first_copies(rows: torch.Tensor) -> torch.Tensor:
