@@ -67,7 +67,7 @@ def zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> t
     per touched region instead of a page.
     """
     size = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or size == 0:
+    if device.type != "cpu" or size == 0 or not hasattr(mmap, "MAP_PRIVATE"):
         return torch.zeros(shape, device=device, dtype=dtype)
     pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from memctl.models.addressing import inverse_norms
+from memctl.models.sparse.access import zeros
 from memctl.models.sparse.index import SlotIndex
 
 # Inverted lists for an index of n rows: 4 sqrt(n), and at least 39 rows a list (the
@@ -107,13 +108,14 @@ class FaissIndex:
 
     def reset(self, batch_size: int, num_slots: int, word_size: int) -> None:
         """Empty the index. The two ``[B, N]`` arrays are allocated as lazily zeroed pages
-        when the sizes change, else cleared at the slots written since the last reset
-        (O(rows written))."""
+        (``access.zeros``) when the sizes change, else cleared at the slots written since
+        the last reset (O(rows written))."""
         shape = (batch_size, num_slots)
         if self.written is None or self.written.shape != shape:
-            self.written = np.zeros(shape, dtype=bool)
+            cpu = torch.device("cpu")
+            self.written = zeros(shape, cpu, torch.bool).numpy()
             # Rows written since the last rebuild: 1 + buffer position of each slot (0: none).
-            self.recent_position = np.zeros(shape, dtype=np.int32)
+            self.recent_position = zeros(shape, cpu, torch.int32).numpy()
         elif self.updated:
             slots = np.concatenate(self.updated, axis=1)
             np.put_along_axis(self.written, slots, False, axis=1)
