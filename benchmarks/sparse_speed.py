@@ -22,9 +22,8 @@ arrays with a dimension of N slots that the sparse models keep between steps: th
 and its gradient ``[B, N, 32]`` float32, the usage stamps ``[B, N]`` int64, the search's
 ``[B, N]`` flags (and faiss's ``[B, N]`` int32 positions of recent rows), and for the
 SDNC the link's values and their gradient ``[B, N, 8]`` and its entries ``[B, N, 8]``
-int64. They are allocated as lazily zeroed pages (``access.zeros``), so only the 4 KiB
-pages holding a touched slot take memory, and a slot touched anywhere in the buffer costs
-a whole page: from about 2^14 slots on, the slots a pass touches lie on separate pages.
+int64. They are allocated as lazily zeroed 4 KiB pages without transparent huge pages
+(``access.zeros``), so only the pages holding a touched slot take memory.
 ``n_buffers_mb`` is their full size, ``n_buffers_resident_mb`` the pages of theirs
 resident after the last pass (``mincore``; they only grow during a run), by buffer in
 ``n_buffers``, and ``peak_above_buffers_mb`` the peak above the start less those pages.
