@@ -24,7 +24,7 @@ SMALL_VARIANTS = [
             "curriculum.type=fixed",
             "train.batch_size=32",
             "train.lr_decay.metric=null",
-            "train.optimizer.lr=0.01",
+            "train.optimizer.lr=0.005",
             "model.read_heads=1",
             "model.memory_size=16",
             "model.controller_layers=1",
@@ -33,7 +33,7 @@ SMALL_VARIANTS = [
         20,
     ),
     ("fw_assoc", ["curriculum.type=fixed", "task.pairs=2", "train.batch_size=64"], 400, 1.8),
-    ("ntm_associative_recall_small", ["task.max_items=3"], 400, 2),
+    ("ntm_associative_recall_small", ["task.max_items=2"], 400, 2.5),
     ("ham_stack", ["curriculum.max=3", "model.min_leaves=4"], 300, 3),
 ]
 
