@@ -4,8 +4,8 @@ Batch 8, T = 100 steps, words of 32, 4 read heads, K = 4, N = 2^10 .. 2^20, each
 in its own process:
 
 ``memory``  the episodic sparse memory alone: ``sam.SparseAccess`` (its interface
-            layer, the in-place memory, the slot search of ``model.index: auto`` and the
-            usage) stepped on a fixed random controller output of 64 numbers a step
+            layer, the in-place memory, the slot search and the usage) stepped on a
+            fixed random controller output of 64 numbers a step
 ``sam``     the recipe model ``model.type: sam`` (one LSTM layer of 64, input and
             output 16)
 ``sdnc``    the same with ``model.type: sdnc`` (``temporal_reads`` 4), where that model
@@ -102,6 +102,15 @@ def n_sized_buffers(module, slots: int) -> dict[str, tuple[int, int]]:
     return found
 
 
+def search(slots: int) -> str:
+    """``model.index`` at N: exact below ``FAISS_MIN_ROWS`` slots, faiss from there, so
+    the large memories are measured on the approximate search (``auto`` would stay exact
+    here: an episode of T steps writes far fewer rows than its switch needs)."""
+    from memctl.models.sparse.faiss_index import FAISS_MIN_ROWS
+
+    return "faiss" if slots >= FAISS_MIN_ROWS else "exact"
+
+
 def build(case: str, slots: int):
     """-> (a function running one forward+backward from a new episode, a description, the
     module holding the sparse memories or None)."""
@@ -132,7 +141,7 @@ def build(case: str, slots: int):
     if case == "memory":
         from memctl.models.sparse.sam import SparseAccess
 
-        access = SparseAccess(CONTROLLER, slots, WORD, HEADS, K)
+        access = SparseAccess(CONTROLLER, slots, WORD, HEADS, K, search(slots))
         controller = torch.randn(STEPS, BATCH, CONTROLLER, requires_grad=True)
 
         def episodic() -> None:
@@ -151,6 +160,7 @@ def build(case: str, slots: int):
         word_size=WORD,
         read_heads=HEADS,
         sparse_reads=K,
+        index=search(slots),
     )
     if case == "sdnc":
         fields["temporal_reads"] = K

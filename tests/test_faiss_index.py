@@ -10,11 +10,13 @@ import torch
 from memctl.models.addressing import cosine_similarity
 from memctl.models.sparse.faiss_index import (
     FAISS_MIN_ROWS,
+    AutoIndex,
     FaissIndex,
     choose_index,
     list_count,
     probe_count,
 )
+from memctl.models.sparse.index import ExactIndex
 
 
 def rescored_top(memory, keys, candidates, k):
@@ -166,17 +168,53 @@ def test_updates_after_rebuild_are_seen():
 
 
 def test_choose_index():
-    def exact():
-        return "exact"
+    def peek(rows):
+        raise AssertionError("peek is only for the switch")
 
-    assert choose_index("exact", 2**20, 2**20, exact) == "exact"
-    assert isinstance(choose_index("faiss", 64, 64, exact), FaissIndex)
-    assert choose_index("auto", FAISS_MIN_ROWS - 1, 10**9, exact) == "exact"
-    assert choose_index("auto", 2**20, FAISS_MIN_ROWS - 1, exact) == "exact"
-    chosen = choose_index("auto", 2**20, 10**9, exact, rebuild_every=7)
-    assert isinstance(chosen, FaissIndex) and chosen.rebuild_every == 7
+    assert isinstance(choose_index("exact", 2**20, peek), ExactIndex)
+    assert isinstance(choose_index("faiss", 64, peek), FaissIndex)
+    assert isinstance(choose_index("auto", FAISS_MIN_ROWS - 1, peek), ExactIndex)
+    chosen = choose_index("auto", FAISS_MIN_ROWS, peek, rebuild_every=7)
+    assert isinstance(chosen, AutoIndex) and chosen.faiss.rebuild_every == 7
+    assert chosen.threshold == FAISS_MIN_ROWS
     with pytest.raises(ValueError, match="auto, exact or faiss"):
-        choose_index("flann", 64, 64, exact)
+        choose_index("flann", 64, peek)
+
+
+def test_auto_index_is_exact_until_the_threshold_then_faiss_from_the_live_rows():
+    """Exact (the same candidates as ExactIndex) while every element has written fewer
+    than `threshold` rows; at the update that reaches it, a faiss index of the written
+    rows at their current values, whose rescored candidates are the brute-force top k;
+    a reset goes back to exact."""
+    generator = torch.Generator().manual_seed(3)
+    batch, slots, word, heads, k, threshold = 2, 400, 6, 2, 3, 90
+    memory = torch.zeros(batch, slots, word, dtype=torch.float64)
+
+    def peek(rows):
+        return memory[torch.arange(batch)[:, None], rows]
+
+    auto, exact = AutoIndex(peek, rebuild_every=5, threshold=threshold), ExactIndex()
+    for _ in range(2):
+        memory.zero_()
+        auto.reset(batch, slots, word)
+        exact.reset(batch, slots, word)
+        for _ in range(40):
+            rows = torch.randint(0, slots, (batch, 4), generator=generator)
+            values = torch.randn(batch, 4, word, generator=generator, dtype=torch.float64)
+            write(auto, memory, rows, values)
+            exact.update(rows, values)
+            keys = torch.randn(batch, heads, word, generator=generator, dtype=torch.float64)
+            candidates = auto.candidates(keys, k)
+            if exact.most_written() < threshold:
+                assert auto.active is auto.exact
+                assert torch.equal(candidates, exact.candidates(keys, k))
+            else:
+                assert auto.active is auto.faiss
+                assert auto.describe() == "exact search, faiss from 90 rows written"
+                expected = brute_top(memory, keys, k)
+                found, _ = rescored_top(memory, keys, candidates, k)
+                torch.testing.assert_close(found, expected.values)
+        assert auto.active is auto.faiss  # 40 steps of 4 rows pass 90 distinct rows
 
 
 def test_importing_memctl_does_not_import_faiss():

@@ -328,7 +328,7 @@ def test_copy_training_script(capsys, monkeypatch):
 def test_memctl_options_reach_the_core():
     # Arguments pytorch-dnc does not have go to SAMCore (so SDNC can add its own).
     assert type(SAM(input_size=3, hidden_size=4, nr_cells=2**17).memories[0].index).__name__ == (
-        "FaissIndex"
+        "AutoIndex"
     )
     exact = SAM(input_size=3, hidden_size=4, nr_cells=2**17, index="exact")
     assert type(exact.memories[0].index).__name__ == "ExactIndex"

@@ -373,7 +373,7 @@ def test_unsupported_arguments_are_refused():
 
 def test_memctl_options_reach_the_memories():
     big = SDNC(input_size=3, hidden_size=4, nr_cells=2**17)
-    assert type(big.memories[0].index).__name__ == "FaissIndex"
+    assert type(big.memories[0].index).__name__ == "AutoIndex"
     exact = SDNC(input_size=3, hidden_size=4, nr_cells=2**17, index="exact")
     assert type(exact.memories[0].index).__name__ == "ExactIndex"
 

@@ -20,7 +20,7 @@ from memctl.errors import UserError
 from memctl.models import addressing, detach_state
 from memctl.models.addressing import EPSILON
 from memctl.models.sparse.access import MemoryMovedOn, zeros
-from memctl.models.sparse.faiss_index import FaissIndex
+from memctl.models.sparse.faiss_index import AutoIndex, FaissIndex
 from memctl.models.sparse.index import ExactIndex
 from memctl.models.sparse.sam import (
     SAMConfig,
@@ -437,19 +437,37 @@ def test_config_errors_name_the_field():
 
 
 @pytest.mark.parametrize(
-    ("kind", "slots", "chosen"),
-    [("exact", 2**17, ExactIndex), ("faiss", 64, FaissIndex), ("auto", 2**17 - 1, ExactIndex),
-     ("auto", 2**17, FaissIndex)],
+    ("kind", "slots", "chosen", "search"),
+    [("exact", 2**17, ExactIndex, "exact search"), ("faiss", 64, FaissIndex, "faiss search"),
+     ("auto", 2**17 - 1, ExactIndex, "exact search"),
+     ("auto", 2**17, AutoIndex, "exact search, faiss from 131,072 rows written")],
 )  # fmt: skip
-def test_model_index_chooses_the_search(kind, slots, chosen):
+def test_model_index_chooses_the_search(kind, slots, chosen, search):
     config = SAMConfig(memory_size=slots, word_size=4, read_heads=1, index=kind, rebuild_every=7)
     model = SAMModel(config, 5, 4)
     index = model.memories[0].index
     assert type(index) is chosen
-    search = "exact" if chosen is ExactIndex else "faiss"
-    assert model.describe_backend(8) == f"sparse access in place, {search} search"
-    if chosen is FaissIndex:
-        assert index.rebuild_every == 7
+    assert model.describe_backend(8) == f"sparse access in place, {search}"
+    if chosen is not ExactIndex:
+        assert (index if chosen is FaissIndex else index.faiss).rebuild_every == 7
+
+
+def test_auto_index_switches_to_faiss_on_the_models_memory():
+    """`auto` at 2^17 slots with its threshold lowered to 20 rows: the episode's writes
+    pass it, faiss is built from the model's live memory, and the outputs equal the exact
+    search's (under 78 rows faiss searches its one list exhaustively)."""
+    torch.manual_seed(0)
+    config = SAMConfig(memory_size=2**17, word_size=4, read_heads=1, controller_size=8)
+    model = SAMModel(config, 5, 4)
+    inputs = torch.randn(12, 2, 5)
+    exact_outputs, _ = model(inputs)
+    auto = model.memories[0].index
+    auto.threshold = 20
+    outputs, _ = model(inputs)
+    assert auto.active is auto.faiss
+    torch.testing.assert_close(outputs, exact_outputs)
+    model(inputs[:3])  # a new episode starts exact again
+    assert auto.active is auto.exact
 
 
 def test_trace_covers_the_touched_slots_only():

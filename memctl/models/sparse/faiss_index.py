@@ -48,7 +48,7 @@ from torch import Tensor
 
 from memctl.models.addressing import inverse_norms
 from memctl.models.sparse.access import zeros
-from memctl.models.sparse.index import SlotIndex
+from memctl.models.sparse.index import ExactIndex, SlotIndex
 
 # Inverted lists for an index of n rows: 4 sqrt(n), and at least 39 rows a list (the
 # fewest faiss advises for training k-means), so an index under 78 rows is one list,
@@ -64,7 +64,7 @@ PROBE_FRACTION = 1 / 16
 TRAIN_ROWS_PER_LIST = 16
 TRAIN_ITERATIONS = 10
 
-# Written rows from which `model.index: auto` chooses faiss over the exact search: from
+# Written rows from which `model.index: auto` switches from the exact search to faiss: from
 # 2^17 rows of a full memory of random unit rows (word 32, 4 heads), the faiss index's
 # query, update and rebuild (amortised over 1,000 steps) took at most half the time of
 # torch.topk over every row, at batch 1 and 8, with recall@4 >= 0.94
@@ -105,6 +105,9 @@ class FaissIndex:
             raise ValueError(f"rebuild_every must be >= 1, got {rebuild_every}")
         self.rebuild_every = rebuild_every
         self.written: np.ndarray | None = None  # [B, N] bool
+
+    def describe(self) -> str:
+        return "faiss search"
 
     def reset(self, batch_size: int, num_slots: int, word_size: int) -> None:
         """Empty the index. The two ``[B, N]`` arrays are allocated as lazily zeroed pages
@@ -288,23 +291,57 @@ class FaissIndex:
         return np.where(spare, np.take_along_axis(free_first, rank, axis=-1), found)
 
 
-def choose_index(
-    kind: str,
-    memory_size: int,
-    written_rows: int,
-    exact: Callable[[], SlotIndex],
-    rebuild_every: int = 1000,
-) -> SlotIndex:
-    """The search for ``model.index``: ``exact`` (``exact()``, the caller's exact index),
-    ``faiss`` (``FaissIndex``), or ``auto``: faiss when the memory can hold
-    ``FAISS_MIN_ROWS`` written rows or more, else exact.
+class AutoIndex:
+    """``model.index: auto``: the exact search (``ExactIndex``, whose cost grows with the
+    rows written) until some batch element has written ``threshold`` rows since the reset,
+    then a ``FaissIndex`` built from the rows written so far at their current values
+    (``peek``) and rebuilt every ``rebuild_every`` steps from there. Each reset starts
+    exact again, so an episode that writes fewer rows never pays for faiss."""
 
-    written_rows: the most rows an episode can write (T steps times the rows written a
-    step, where the caller knows it), so that a large memory a short episode only
-    touches in part stays exact.
-    """
+    def __init__(
+        self,
+        peek: Callable[[Tensor], Tensor],
+        rebuild_every: int = 1000,
+        threshold: int = FAISS_MIN_ROWS,
+    ) -> None:
+        self.exact, self.peek, self.threshold = ExactIndex(), peek, threshold
+        self.faiss = FaissIndex(rebuild_every)
+        self.active: SlotIndex = self.exact
+
+    def describe(self) -> str:
+        return f"exact search, faiss from {self.threshold:,} rows written"
+
+    def reset(self, batch_size: int, num_slots: int, word_size: int) -> None:
+        if self.active is self.faiss:
+            self.faiss.reset(batch_size, num_slots, word_size)
+        self.exact.reset(batch_size, num_slots, word_size)
+        self.active = self.exact
+        self.sizes = (batch_size, num_slots, word_size)
+
+    def update(self, rows: Tensor, values: Tensor) -> None:
+        self.active.update(rows, values)
+        if self.active is self.exact and self.exact.most_written() >= self.threshold:
+            slots = self.exact.written_slots()
+            self.faiss.reset(*self.sizes)
+            self.faiss.update(slots, self.peek(slots))
+            self.faiss.rebuild()
+            self.active = self.faiss
+
+    def candidates(self, keys: Tensor, k: int) -> Tensor:
+        return self.active.candidates(keys, k)
+
+
+def choose_index(
+    kind: str, memory_size: int, peek: Callable[[Tensor], Tensor], rebuild_every: int = 1000
+) -> SlotIndex:
+    """The search for ``model.index``: ``exact`` (``ExactIndex``), ``faiss``
+    (``FaissIndex``), or ``auto``: ``AutoIndex`` for a memory of
+    ``FAISS_MIN_ROWS`` slots or more, else exact (a smaller memory never writes enough
+    rows to switch)."""
     if kind not in ("auto", "exact", "faiss"):
         raise ValueError(f"index must be auto, exact or faiss, got {kind!r}")
+    if kind == "exact" or (kind == "auto" and memory_size < FAISS_MIN_ROWS):
+        return ExactIndex()
     if kind == "auto":
-        kind = "faiss" if min(memory_size, written_rows) >= FAISS_MIN_ROWS else "exact"
-    return FaissIndex(rebuild_every) if kind == "faiss" else exact()
+        return AutoIndex(peek, rebuild_every)
+    return FaissIndex(rebuild_every)

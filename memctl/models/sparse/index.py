@@ -10,13 +10,14 @@ similarity with any key is exactly 0, so the top K over all N slots is the top K
 rows written since the reset plus K never-written ones (any K: they all score 0). It
 proposes those, at a cost that grows with the rows written and not with N.
 
-``build_index`` maps ``model.index`` to an index: ``auto`` and ``exact`` to
-``ExactIndex``; ``faiss`` to the faiss index of ``memctl.models.sparse.faiss_index``
-where that module is installed.
+``build_index`` maps ``model.index`` to an index: ``exact`` to ``ExactIndex``; ``faiss``
+to the faiss index of ``memctl.models.sparse.faiss_index``; ``auto`` to the exact search
+until an episode has written as many rows as make faiss the faster, then faiss.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -27,6 +28,9 @@ from memctl.models.sparse.access import zeros
 
 
 class SlotIndex(Protocol):
+    def describe(self) -> str:
+        """The search in a few words, for ``describe_backend``."""
+
     def reset(self, batch_size: int, num_slots: int, word_size: int) -> None: ...
 
     def update(self, rows: Tensor, values: Tensor) -> None:
@@ -59,12 +63,8 @@ class ExactIndex:
     def reset(self, batch_size: int, num_slots: int, word_size: int) -> None:
         if self.written is not None and self.written.shape == (batch_size, num_slots):
             assert self._log is not None and self._counts is not None
-            used = int(self._counts.max())
-            if used:
-                logged = self._log[:, :used]
-                positions = torch.arange(used, device=logged.device)
-                logged = torch.where(positions < self._counts.unsqueeze(1), logged, logged[:, :1])
-                self.written.scatter_(1, logged, False)
+            if self.most_written():
+                self.written.scatter_(1, self.written_slots(), False)
             self._counts.zero_()
             self._pointer.zero_()
         else:
@@ -99,6 +99,22 @@ class ExactIndex:
         log.scatter_(1, torch.where(new, positions, capacity), ordered)
         written.scatter_(1, ordered, True)
         counts += fresh
+
+    def describe(self) -> str:
+        return "exact search"
+
+    def most_written(self) -> int:
+        """The most rows any batch element has written since the reset."""
+        return 0 if self._counts is None else int(self._counts.max())
+
+    def written_slots(self) -> Tensor:
+        """The slots each element has written since the reset, ``[B, most_written()]``
+        long, an element with fewer padded with its first slot."""
+        assert self._log is not None and self._counts is not None
+        most = self.most_written()
+        logged = self._log[:, :most]
+        positions = torch.arange(most, device=logged.device)
+        return torch.where(positions < self._counts.unsqueeze(1), logged, logged[:, :1])
 
     def candidates(self, keys: Tensor, k: int) -> Tensor:
         self._allocate(keys.device)
@@ -138,14 +154,17 @@ class ExactIndex:
         return pool.gather(1, order).unsqueeze(1).expand(batch, heads, width)
 
 
-def build_index(kind: str, memory_size: int, rebuild_every: int = 1000) -> SlotIndex:
+def build_index(
+    kind: str, memory_size: int, peek: Callable[[Tensor], Tensor], rebuild_every: int = 1000
+) -> SlotIndex:
     """``model.index`` -> a fresh index: ``exact``: ``ExactIndex``; ``faiss``:
-    ``faiss_index.FaissIndex`` (rebuilt every ``rebuild_every`` steps); ``auto``: faiss for
-    a memory of ``faiss_index.FAISS_MIN_ROWS`` slots or more, where it beats the exact
-    search once the memory fills (until its first rebuild it searches every written row
-    exactly, so a short episode gets the exact top K from it too), else exact."""
+    ``faiss_index.FaissIndex`` (rebuilt every ``rebuild_every`` steps); ``auto``:
+    ``faiss_index.AutoIndex``, exact until an episode has written
+    ``faiss_index.FAISS_MIN_ROWS`` rows, where faiss starts to beat the exact search,
+    then faiss; plain exact for a memory of fewer slots. ``peek``: the memory's current
+    contents of slots ``[B, J]`` -> ``[B, J, M]``, from which the switch builds faiss."""
     if kind in ("auto", "exact", "faiss"):
         from memctl.models.sparse import faiss_index  # faiss itself loads on first use
 
-        return faiss_index.choose_index(kind, memory_size, memory_size, ExactIndex, rebuild_every)
+        return faiss_index.choose_index(kind, memory_size, peek, rebuild_every)
     raise UserError(f"model.index: {kind!r} is not one of auto, exact, faiss")

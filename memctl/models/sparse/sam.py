@@ -42,7 +42,7 @@ from memctl.models import addressing
 from memctl.models.base import ModelConfig
 from memctl.models.controllers import ControllerState, layered_controllers, require_positive
 from memctl.models.sparse.access import SparseMemory
-from memctl.models.sparse.index import ExactIndex, build_index
+from memctl.models.sparse.index import build_index
 from memctl.models.sparse.usage import NEVER, LeastRecentlyUsed
 from memctl.registry import MODELS
 
@@ -160,7 +160,7 @@ class SparseAccess(nn.Module):
         self.interface = nn.Linear(input_size, sum(self.sizes))
         self.index_kind = index
         self.memory = SparseMemory(memory_size, word_size)
-        self.index = build_index(index, memory_size, rebuild_every)
+        self.index = build_index(index, memory_size, self.memory.peek, rebuild_every)
         self.usage = LeastRecentlyUsed(memory_size)
 
     def initial_state(
@@ -392,9 +392,7 @@ class SAMCore(nn.Module):
     def describe_backend(self, batch_size: int) -> str:
         """The one implementation, and the search ``model.index`` chose (``base.py``'s
         contract)."""
-        index = self.memories[0].index
-        search = "exact" if isinstance(index, ExactIndex) else "faiss"
-        return f"sparse access in place, {search} search"
+        return f"sparse access in place, {self.memories[0].index.describe()}"
 
 
 class SAMConfig(ModelConfig):
@@ -412,7 +410,8 @@ class SAMConfig(ModelConfig):
         "auto",
         description="the slot search: exact (top K over the rows written since the episode "
         "began and K never-written ones, exact whatever N), faiss (an inverted-file index per "
-        "batch element, candidates rescored exactly), auto (faiss from 2^17 slots, else exact)",
+        "batch element, candidates rescored exactly), auto (exact until an episode has "
+        "written 2^17 rows, then faiss)",
     )
     rebuild_every: int = Field(
         1000, ge=1, description="faiss: steps between rebuilds of the index's lists"
