@@ -6,19 +6,26 @@ level, so every batch is as long as training ever gets), runs warm-up steps, the
 
     python benchmarks/throughput.py recipes/copy_lstm.yaml recipes/ntm_copy.yaml \
         --device cuda --out benchmarks/throughput_cuda.json
+
+``--vary KEY=V1,V2,...`` measures each recipe at each value of one field, each point in
+its own process (so each peak memory is its own), ``--rounds`` times in alternation (on
+a shared machine only ratios within one round compare):
+
+    python benchmarks/throughput.py recipes/sam_copy.yaml --device cpu \
+        --vary model.memory_size=1024,262144 --rounds 3 --out benchmarks/sam_copy_slots.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import multiprocessing
 import resource
 import time
 from pathlib import Path
 
 import torch
-from machine import cpu_name, synchronizer
+from machine import cpu_name, describe_machine, synchronizer
 
 from memctl.lifecycle import seed_everything
 from memctl.recipe import load_recipe
@@ -74,17 +81,35 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override"
     )
+    parser.add_argument("--vary", metavar="KEY=V1,V2,...", help="one field's values")
+    parser.add_argument("--rounds", type=int, default=1, help="with --vary: alternations")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.vary is None:
+        points = [(path, args.set) for path in args.recipes]
+    else:
+        key, _, values = args.vary.partition("=")
+        points = [
+            (path, [*args.set, f"{key}={value}"])
+            for _ in range(args.rounds)
+            for path in args.recipes
+            for value in values.split(",")
+        ]
     results = []
-    for path in args.recipes:
-        result = measure(path, args.device, args.steps, args.warmup, args.set)
+    spawn = multiprocessing.get_context("spawn")
+    for path, overrides in points:
+        point = (path, args.device, args.steps, args.warmup, overrides)
+        if args.vary is None:
+            result = measure(*point)
+        else:
+            with spawn.Pool(1) as pool:
+                result = pool.apply(measure, point)
         print(json.dumps(result), flush=True)
         results.append(result)
     if args.out:
         saved = {
+            "machine": describe_machine(torch.get_num_threads()),
             "torch": torch.__version__,
-            "python": platform.python_version(),
             "results": results,
         }
         args.out.write_text(json.dumps(saved, indent=2) + "\n")
