@@ -1,16 +1,19 @@
-"""What machine a benchmark ran on, for the saved results, and the timed loop the
-benchmarks share."""
+"""What machine a benchmark ran on, for the saved results, and the timed loop and the
+one-process-per-point runner the benchmarks share."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 from memctl.lifecycle import cpu_name
 
-__all__ = ["cpu_name", "time_steps"]
+__all__ = ["cpu_name", "run_in_process", "time_steps"]
 
 
 def time_steps(step: Callable[[], object], steps: int, warmup: int) -> tuple[list[float], float]:
@@ -46,3 +49,21 @@ def synchronizer(device: str) -> Callable[[], object]:
     import torch
 
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def run_in_process(script: str, spec: dict, timeout: float) -> dict:
+    """One point in a fresh process of ``script --worker SPEC`` with ``spec["threads"]``
+    OpenMP threads (and ``OMP_WAIT_POLICY=PASSIVE`` unless set): the spec updated with
+    the JSON the worker prints last. A failure is a result too: the spec with an
+    ``error``."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    command = [sys.executable, script, "--worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1]
+        return {**spec, "error": last[-300:]}
+    return {**spec, **json.loads(done.stdout.strip().splitlines()[-1])}

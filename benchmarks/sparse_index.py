@@ -35,12 +35,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from machine import describe_machine
+from machine import describe_machine, run_in_process
 
 HEADS, K, WRITES = 4, 4, 17
 METHODS = ("topk", "faiss_flat", "approximate")
@@ -145,21 +143,6 @@ def worker(spec: dict) -> dict:
     return result
 
 
-def run_point(spec: dict, timeout: float) -> dict:
-    """One (method, N, batch) in a fresh process; a failure is a result too."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    command = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1]
-        return {**spec, "error": last[-300:]}
-    return {**spec, **json.loads(done.stdout.strip().splitlines()[-1])}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -184,7 +167,7 @@ def main() -> None:
                 spec = dict(method=method, slots=2**exponent, batch=batch, word=args.word)
                 spec.update(steps=args.steps, threads=args.threads)
                 spec.update(rebuild_every=args.rebuild_every)
-                row = run_point(spec, 1800)
+                row = run_in_process(__file__, spec, 1800)
                 print(json.dumps(row), flush=True)
                 results.append(row)
     report = {

@@ -41,12 +41,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from machine import describe_machine
+from machine import describe_machine, run_in_process
 
 BATCH, STEPS, WORD, HEADS, K, CONTROLLER, FEATURES = 8, 100, 32, 4, 4, 64, 16
 CASES = ("memory", "sam", "sdnc")
@@ -210,21 +208,6 @@ def worker(spec: dict) -> dict:
     return result
 
 
-def run_point(spec: dict, timeout: float) -> dict:
-    """One (case, N) in a fresh process; a failure is a result too."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    command = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1]
-        return {**spec, "error": last[-300:]}
-    return {**spec, **json.loads(done.stdout.strip().splitlines()[-1])}
-
-
 def registered(case: str) -> bool:
     if case == "memory":
         return True
@@ -257,7 +240,7 @@ def main() -> None:
         spec = dict(case=case, slots=slots, batch=BATCH, steps=STEPS, word=WORD)
         spec.update(read_heads=HEADS, sparse_reads=K, threads=args.threads)
         spec.update(repeats=1 if case == "dnc" else args.repeats)
-        row = run_point(spec, 1800)
+        row = run_in_process(__file__, spec, 1800)
         row["load_average"] = os.getloadavg()
         print(json.dumps(row), flush=True)
         results.append(row)
