@@ -48,7 +48,7 @@ import time
 import venv
 from pathlib import Path
 
-from machine import describe_machine, synchronizer, time_steps
+from machine import describe_machine, run_in_process, synchronizer, time_steps
 
 PEER_PACKAGES = ["torch==2.13.0", "dnc==1.1.0"]
 COPY = dict(
@@ -159,23 +159,13 @@ def worker(spec: dict) -> None:
 
 def run_case(python: str, spec: dict, timeout: float) -> dict:
     """One case in a fresh process; a failure (memory limit, timeout) is a result too."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-    policy = spec.get("omp_wait_policy")
-    if policy == "default":
-        env.pop("OMP_WAIT_POLICY", None)
-    elif policy is not None:
-        env["OMP_WAIT_POLICY"] = policy
+    policy = spec.get("omp_wait_policy")  # None: as this process has it
+    environment: dict[str, str | None] = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+    if policy is not None:
+        environment["OMP_WAIT_POLICY"] = None if policy == "default" else policy
     if spec.get("mode") in ("torch", "step", "sequence"):
-        env["MEMCTL_NATIVE"] = "0"
-    command = [python, __file__, "--worker", json.dumps(spec)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1]
-        return {**spec, "error": last[-300:]}
-    return {**spec, **json.loads(done.stdout.strip().splitlines()[-1])}
+        environment["MEMCTL_NATIVE"] = "0"
+    return run_in_process(__file__, spec, timeout, python, environment)
 
 
 def copy_summary(results: list[dict]) -> dict:

@@ -51,14 +51,26 @@ def synchronizer(device: str) -> Callable[[], object]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def run_in_process(script: str, spec: dict, timeout: float) -> dict:
-    """One point in a fresh process of ``script --worker SPEC`` with ``spec["threads"]``
-    OpenMP threads (and ``OMP_WAIT_POLICY=PASSIVE`` unless set): the spec updated with
-    the JSON the worker prints last. A failure is a result too: the spec with an
+def run_in_process(
+    script: str,
+    spec: dict,
+    timeout: float,
+    python: str = sys.executable,
+    environment: dict[str, str | None] | None = None,
+) -> dict:
+    """One point in a fresh process of ``python script --worker SPEC`` with
+    ``spec["threads"]`` OpenMP threads, ``OMP_WAIT_POLICY=PASSIVE`` unless set, and the
+    ``environment`` changes (None: unset): the spec updated with the JSON the worker
+    prints last. A failure (memory limit, timeout) is a result too: the spec with an
     ``error``."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    command = [sys.executable, script, "--worker", json.dumps(spec)]
+    for name, value in (environment or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    command = [python, script, "--worker", json.dumps(spec)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
