@@ -140,3 +140,33 @@ def test_sampling_is_deterministic_for_a_generator(name):
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first.inputs, other.inputs)
     assert task.level_field == "n" and task.primary_metric == "accuracy"
+
+
+@pytest.mark.parametrize("n", [1, 5, 100])
+def test_add_in_columns_gives_bit_i_of_both_numbers_on_step_i(n):
+    task = make("add", n=n, min_n=1, layout="columns")
+    inputs, targets, mask = task.sample(
+        64, torch.Generator().manual_seed(n), max_level=n, min_level=1
+    )
+    assert inputs.shape == (2 * n + 1, 64, task.input_size) and task.input_size == 4
+    for b in range(64):
+        data = inputs[:n, b, 2].nonzero().flatten().tolist()
+        bits = len(data)  # this sequence's n
+        assert 1 <= bits <= n and data == list(range(bits))
+        assert inputs[bits:n, b].abs().sum() == 0  # padding after the data
+        a, b_number = decode(inputs[:bits, b, 0].tolist()), decode(inputs[:bits, b, 1].tolist())
+        go = inputs[:, b, 3].nonzero().flatten().tolist()
+        assert go == list(range(n, n + bits + 1)) and mask[:, b].nonzero().flatten().tolist() == go
+        assert decode(targets[go, b, 0].tolist()) == a + b_number
+        assert targets[:, b][mask[:, b] == 0].abs().sum() == 0
+
+
+def test_add_in_columns_has_the_same_numbers_as_in_symbols():
+    sampled = {
+        layout: make("add", n=7, layout=layout).sample(
+            32, torch.Generator().manual_seed(2), max_level=7, min_level=1
+        )
+        for layout in ("symbols", "columns")
+    }
+    answers = {layout: batch.targets[batch.mask > 0] for layout, batch in sampled.items()}
+    assert torch.equal(answers["symbols"], answers["columns"])

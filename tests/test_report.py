@@ -259,3 +259,18 @@ def test_results_sweeps_run_their_recipe_as_shipped_over_their_seeds(tmp_path: P
         first = plan.trials[0].recipe.model_copy(update={"name": shipped.name})
         assert first.resolved() == shipped.resolved()  # seed 0 is the recipe itself
     assert list(tmp_path.iterdir()) == []  # planning writes nothing
+
+
+@pytest.mark.parametrize("task", ["sort", "reverse", "search", "merge", "add"])
+def test_ham_baselines_train_on_the_ham_recipes_task_curriculum_and_budget(task: str):
+    # the HAM paper's comparison: the baselines see the same data for as long
+    def load(name: str) -> dict:
+        return validate_recipe(yaml.safe_load((RECIPES / f"{name}.yaml").read_text()), name)
+
+    ham = load(f"ham_{task}").resolved()
+    for baseline in (f"lstm_{task}", f"lstm_attention_{task}"):
+        other = load(baseline).resolved()
+        for section in ("task", "curriculum", "eval", "seed"):
+            assert other[section] == ham[section], (baseline, section)
+        assert other["train"]["steps"] == ham["train"]["steps"], baseline
+        assert other["train"]["batch_size"] == ham["train"]["batch_size"], baseline

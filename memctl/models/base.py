@@ -44,12 +44,23 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 
 
 class ModelConfig(BaseModel):
     """Base of every model's config: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def readout_layer(hidden: int, output_size: int, readout_hidden: int) -> nn.Module:
+    """Logits from the hidden state: linear, or with ``readout_hidden > 0`` through one ReLU
+    layer of that width (``U_2 ReLU(U_1 h + c_1) + c_2``)."""
+    if readout_hidden == 0:
+        return nn.Linear(hidden, output_size)
+    return nn.Sequential(
+        nn.Linear(hidden, readout_hidden), nn.ReLU(), nn.Linear(readout_hidden, output_size)
+    )
 
 
 def detach_state(state: Any) -> Any:

@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from memctl.models.base import ModelConfig
+from memctl.models.base import ModelConfig, readout_layer
 from memctl.models.lstm import LSTMState
 from memctl.registry import MODELS
 
@@ -134,16 +134,6 @@ def input_layer(input_size: int, size: int, embedding: int) -> nn.Module:
     if embedding == 0:
         return nn.Linear(input_size, size)
     return nn.Sequential(nn.Linear(input_size, embedding, bias=False), nn.Linear(embedding, size))
-
-
-def readout_layer(hidden: int, output_size: int, readout_hidden: int) -> nn.Module:
-    """Logits from the hidden state: linear, or with ``readout_hidden > 0`` through one ReLU
-    layer of that width (``U_2 ReLU(U_1 h + c_1) + c_2``)."""
-    if readout_hidden == 0:
-        return nn.Linear(hidden, output_size)
-    return nn.Sequential(
-        nn.Linear(hidden, readout_hidden), nn.ReLU(), nn.Linear(readout_hidden, output_size)
-    )
 
 
 class _ReluRNN(nn.Module):

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from memctl.models.base import ModelConfig
+from memctl.models.base import ModelConfig, readout_layer
 from memctl.models.ham_tree import HardTree
 from memctl.registry import MODELS
 
@@ -68,6 +68,12 @@ class HAMConfig(ModelConfig):
     tree_size: int = Field(20, ge=1, description="width of every tree node")
     controller_size: int = Field(20, ge=1, description="width of the controller signal")
     mlp_hidden: int = Field(20, ge=1, description="hidden units of EMBED/JOIN/SEARCH/WRITE")
+    readout_hidden: int = Field(
+        0,
+        ge=0,
+        description="ReLU layer of this many units between [signal, read] and the outputs "
+        "(0: linear)",
+    )
     min_leaves: int = Field(
         1,
         ge=1,
@@ -244,6 +250,7 @@ class HAM(nn.Module):
         if input_size < 3:
             raise ValueError(f"HAM needs item channels plus is_data and is_go, got {input_size}")
         self.config = config
+        self.output_size = output_size
         width, signal, hidden = config.tree_size, config.controller_size, config.mlp_hidden
         self.embed = MLP(input_size - 2, hidden, width, squash=True)
         self.empty_leaf = nn.Parameter(torch.zeros(width))
@@ -252,10 +259,10 @@ class HAM(nn.Module):
         self.write = MLP(width + signal, hidden, width, squash=True)
         if config.controller == "lstm":
             self.controller = nn.LSTMCell(input_size + width, signal)
-            self.readout = nn.Linear(signal + width, output_size)
+            self.readout = readout_layer(signal + width, output_size, config.readout_hidden)
         else:
             self.signal = nn.Linear(input_size, signal)
-            self.readout = nn.Linear(width, output_size)
+            self.readout = readout_layer(width, output_size, config.readout_hidden)
         if config.mode == "hard":
             self.baseline = nn.Linear(signal, 1)
         self.paths: PathTrace | None = None
@@ -323,7 +330,7 @@ class HAM(nn.Module):
         if hard:
             tree = HardTree(tree) if path_backend else tree.clone()  # hard writes are in place
         greedy = not self.training
-        outputs = [inputs.new_zeros(start, inputs.shape[1], self.readout.out_features)]
+        outputs = [inputs.new_zeros(start, inputs.shape[1], self.output_size)]
         log_probs, entropies, baselines = [], [], []
         leaf_rows = slice(tree.shape[1] // 2, None)
         for step in range(start, steps):

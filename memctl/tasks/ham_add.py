@@ -16,9 +16,24 @@ become its leaves, go steps its memory accesses), as in ``ham_tasks.py``:
 ``N`` is the batch's largest n; shorter sequences are padded after their data and after
 their answers, and only the answers are scored (sigmoid cross-entropy on the one output
 bit). The curriculum parameter is ``n``.
+
+``layout: columns`` gives the two numbers a bit position at a time instead: data step i
+holds ``a_i`` and ``b_i`` (n data steps, each one HAM leaf, the columns of the written
+sum), with the same answers:
+
+    step          0 .. n-1          n .. N-1    N .. N+n        .. 2N
+    inputs[:2]    a_i, b_i          0           0               0
+    inputs[2]     1 (is_data)       0           0               0
+    inputs[3]     0                 0           1 (is_go)       0
+    targets       -                 -           c_1 .. c_(n+1)  -
+
+With one memory access per answer, the symbol layout asks a hard HAM for two leaves
+(``a_i`` and ``b_i``) at once; in columns each answer needs one leaf, the next one.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -33,6 +48,11 @@ class AddConfig(TaskConfig):
     type: str = "add"
     min_n: int = Field(1, ge=1, description="fewest bits per number in a mixed batch")
     n: int = Field(8, ge=1, description="bits per number: the curriculum parameter")
+    layout: Literal["symbols", "columns"] = Field(
+        "symbols",
+        description="symbols: a_1 .. a_n + b_1 .. b_n = one symbol a step; columns: "
+        "a_i and b_i together on step i",
+    )
 
     ordered_fields = (("min_n", "n"),)
 
@@ -42,8 +62,12 @@ class AddTask(Task):
     level_field = "n"
     primary_metric = "accuracy"
     higher_is_better = True
-    input_size = 4 + 2  # the symbols, is_data, is_go
     output_size = 1
+
+    def __init__(self, config: AddConfig) -> None:
+        super().__init__(config)
+        # the symbols or the two bits, then is_data, is_go
+        self.input_size = (4 if config.layout == "symbols" else 2) + 2
 
     @property
     def min_level(self) -> int:
@@ -65,6 +89,8 @@ class AddTask(Task):
             digit_sum = bits[0, i] + bits[1, i] + carry
             answer[i], carry = digit_sum % 2, digit_sum // 2
         answer[most] = carry
+        if self.config.layout == "columns":
+            return self._columns(bits, counts, answer)
 
         data_steps, answer_steps = 2 * most + 2, most + 1
         symbols = torch.full((data_steps, batch_size), -1, dtype=torch.long)
@@ -92,4 +118,20 @@ class AddTask(Task):
         targets[data_steps:, :, 0] = (answer * is_answer).float()
         mask = torch.zeros(steps, batch_size)
         mask[data_steps:] = is_answer.float()
+        return Batch(inputs, targets, mask)
+
+    def _columns(self, bits: torch.Tensor, counts: torch.Tensor, answer: torch.Tensor) -> Batch:
+        """The columns layout: ``bits`` ``[2, N, B]`` (zero past each n), ``answer``
+        ``[N + 1, B]``."""
+        most, batch_size = bits.shape[1:]
+        present = torch.arange(most).unsqueeze(1) < counts  # [N, B]
+        is_answer = torch.arange(most + 1).unsqueeze(1) <= counts  # n + 1 answers
+        inputs = torch.zeros(2 * most + 1, batch_size, self.input_size)
+        inputs[:most, :, :2] = bits.permute(1, 2, 0).float()
+        inputs[:most, :, 2] = present.float()
+        inputs[most:, :, 3] = is_answer.float()
+        targets = torch.zeros(2 * most + 1, batch_size, 1)
+        targets[most:, :, 0] = (answer * is_answer).float()
+        mask = torch.zeros(2 * most + 1, batch_size)
+        mask[most:] = is_answer.float()
         return Batch(inputs, targets, mask)
