@@ -35,6 +35,7 @@ SMALL_VARIANTS = [
     ("fw_assoc", ["curriculum.type=fixed", "task.pairs=2", "train.batch_size=64"], 400, 1.8),
     ("ntm_associative_recall_small", ["task.max_items=2"], 400, 2.5),
     ("ham_stack", ["curriculum.max=3", "model.min_leaves=4"], 300, 3),
+    ("ham_reverse", ["curriculum.max=4", "eval.lengths=[8]"], 300, 10),
 ]
 
 
