@@ -89,10 +89,14 @@ class AddTask(Task):
             digit_sum = bits[0, i] + bits[1, i] + carry
             answer[i], carry = digit_sum % 2, digit_sum // 2
         answer[most] = carry
-        if self.config.layout == "columns":
-            return self._columns(bits, counts, answer)
+        layout = self._symbols if self.config.layout == "symbols" else self._columns
+        return self._answering(layout(bits, counts), answer, counts)
 
-        data_steps, answer_steps = 2 * most + 2, most + 1
+    def _symbols(self, bits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The data steps of the symbol layout, ``[2N + 2, B, input_size]``, from ``bits``
+        ``[2, N, B]`` (zero past each n)."""
+        most, batch_size = bits.shape[1:]
+        data_steps = 2 * most + 2
         symbols = torch.full((data_steps, batch_size), -1, dtype=torch.long)
         step = torch.arange(data_steps).unsqueeze(1)  # [2N+2, 1]
         batch_index = torch.arange(batch_size)
@@ -106,32 +110,30 @@ class AddTask(Task):
         symbols[counts, batch_index] = PLUS
         symbols[2 * counts + 1, batch_index] = EQUALS
         is_data = symbols >= 0
-
-        steps = data_steps + answer_steps
-        is_answer = torch.arange(answer_steps).unsqueeze(1) <= counts  # n + 1 answers
-        inputs = torch.zeros(steps, batch_size, self.input_size)
+        data = torch.zeros(data_steps, batch_size, self.input_size)
         one_hot = torch.nn.functional.one_hot(symbols.clamp_min(0), 4).float()
-        inputs[:data_steps, :, :4] = one_hot * is_data.unsqueeze(-1)
-        inputs[:data_steps, :, 4] = is_data.float()
-        inputs[data_steps:, :, 5] = is_answer.float()
-        targets = torch.zeros(steps, batch_size, 1)
-        targets[data_steps:, :, 0] = (answer * is_answer).float()
-        mask = torch.zeros(steps, batch_size)
-        mask[data_steps:] = is_answer.float()
-        return Batch(inputs, targets, mask)
+        data[:, :, :4] = one_hot * is_data.unsqueeze(-1)
+        data[:, :, 4] = is_data.float()
+        return data
 
-    def _columns(self, bits: torch.Tensor, counts: torch.Tensor, answer: torch.Tensor) -> Batch:
-        """The columns layout: ``bits`` ``[2, N, B]`` (zero past each n), ``answer``
-        ``[N + 1, B]``."""
+    def _columns(self, bits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The data steps of the columns layout, ``[N, B, input_size]``."""
         most, batch_size = bits.shape[1:]
-        present = torch.arange(most).unsqueeze(1) < counts  # [N, B]
-        is_answer = torch.arange(most + 1).unsqueeze(1) <= counts  # n + 1 answers
-        inputs = torch.zeros(2 * most + 1, batch_size, self.input_size)
-        inputs[:most, :, :2] = bits.permute(1, 2, 0).float()
-        inputs[:most, :, 2] = present.float()
-        inputs[most:, :, 3] = is_answer.float()
-        targets = torch.zeros(2 * most + 1, batch_size, 1)
-        targets[most:, :, 0] = (answer * is_answer).float()
-        mask = torch.zeros(2 * most + 1, batch_size)
-        mask[most:] = is_answer.float()
+        data = torch.zeros(most, batch_size, self.input_size)
+        data[:, :, :2] = bits.permute(1, 2, 0).float()
+        data[:, :, 2] = (torch.arange(most).unsqueeze(1) < counts).float()
+        return data
+
+    def _answering(self, data: torch.Tensor, answer: torch.Tensor, counts: torch.Tensor) -> Batch:
+        """``data`` ``[D, B, I]`` followed by the N + 1 go steps that answer ``answer``
+        ``[N + 1, B]``, the first n + 1 of each sequence scored."""
+        answer_steps, batch_size = answer.shape
+        is_answer = torch.arange(answer_steps).unsqueeze(1) <= counts  # n + 1 answers
+        go = torch.zeros(answer_steps, batch_size, self.input_size)
+        go[:, :, -1] = is_answer.float()
+        inputs = torch.cat((data, go))
+        targets = torch.zeros(inputs.shape[0], batch_size, 1)
+        targets[len(data) :, :, 0] = (answer * is_answer).float()
+        mask = torch.zeros(inputs.shape[0], batch_size)
+        mask[len(data) :] = is_answer.float()
         return Batch(inputs, targets, mask)
