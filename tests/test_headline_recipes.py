@@ -36,6 +36,8 @@ SMALL_VARIANTS = [
     ("ntm_associative_recall_small", ["task.max_items=2"], 400, 2.5),
     ("ham_stack", ["curriculum.max=3", "model.min_leaves=4"], 300, 3),
     ("ham_reverse", ["curriculum.max=4", "eval.lengths=[8]"], 300, 10),
+    # hard attention (REINFORCE) at n = 2: loss 0.68 to 0.12 in 800 steps
+    ("ham_sort", ["curriculum.type=fixed", "task.n=2", "eval.lengths=[2]"], 800, 3),
 ]
 
 
