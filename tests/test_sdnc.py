@@ -23,6 +23,7 @@ from memctl.models.sparse.sdnc import (
     SDNCModel,
     SparseLink,
     _Slots,
+    _SlotTable,
     merge_top,
     precedence_update,
 )
@@ -158,19 +159,25 @@ def test_first_copies_and_slot_lookups_match_loops():
     values = torch.rand(BATCH, 10, generator=generator, dtype=torch.float64)
     queries = torch.randint(0, 9, (BATCH, 3, 4), generator=generator)
     first = first_copies(rows)
-    table = _Slots(rows)
-    at, found = table.find(queries)
-    taken = table.take(values, queries)
     for b in range(BATCH):
         listed = rows[b].tolist()
         assert first[b].tolist() == [listed.index(r) == i for i, r in enumerate(listed)]
-        for index in np.ndindex(3, 4):
-            query = int(queries[b][index])
-            assert bool(found[b][index]) == (query in listed)
-            position = listed.index(query) if query in listed else 0
-            assert int(at[b][index]) == position
-            expected = float(values[b, position]) if query in listed else 0.0
-            assert float(taken[b][index]) == expected
+    slot_table = torch.zeros(BATCH, 9, dtype=torch.int64)
+    for table in (_Slots(rows), _SlotTable(slot_table, rows)):
+        at, found = table.find(queries)
+        contains = table.contains(queries)
+        taken = table.take(values, queries)
+        for b in range(BATCH):
+            listed = rows[b].tolist()
+            for index in np.ndindex(3, 4):
+                query = int(queries[b][index])
+                assert bool(found[b][index]) == bool(contains[b][index]) == (query in listed)
+                position = listed.index(query) if query in listed else 0
+                assert int(at[b][index]) == position
+                expected = float(values[b, position]) if query in listed else 0.0
+                assert float(taken[b][index]) == expected
+    table.empty()
+    assert not slot_table.any()  # emptied for the next step's list
 
 
 def test_merge_top_sums_repeats_and_pads():
