@@ -163,7 +163,7 @@ def test_first_copies_and_slot_lookups_match_loops():
         listed = rows[b].tolist()
         assert first[b].tolist() == [listed.index(r) == i for i, r in enumerate(listed)]
     slot_table = torch.zeros(BATCH, 9, dtype=torch.int64)
-    for table in (_Slots(rows), _SlotTable(slot_table, rows)):
+    for table in (_Slots(rows), _SlotTable(slot_table).fill(rows)):
         at, found = table.find(queries)
         contains = table.contains(queries)
         taken = table.take(values, queries)

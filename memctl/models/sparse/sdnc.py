@@ -29,9 +29,9 @@ candidates (its entries and the precedence's columns), a precedence column's
 ``J K_L + K_L`` (the written rows' kept entries in it and its other rows' entries), and
 the other entries of the touched rows and columns, decayed or dropped by a prune. Which
 written row or precedence slot a slot is and its write weight are gathers from tables of
-N + 1 entries that a step fills and empties in O(J) (``_SlotTable``); whether an entry
-outlived a prune is a binary search in a sorted list (``_Slots``; an entry ``(i, j)`` is
-the number ``i (N + 1) + j``): ``O(J K_L log(J K_L))`` a step, whatever N. The rows are
+N + 1 entries that a step refills in O(J) (``_SlotTable``); whether an entry outlived a
+prune is a binary search in a sorted list (``_Slots``; an entry ``(i, j)`` is the number
+``i (N + 1) + j``): ``O(J K_L log(J K_L))`` a step, whatever N. The rows are
 assigned back, so gradients flow through the touched rows only and nothing of N rows is
 saved for backward. Empty entries name slot N and hold 0.
 
@@ -42,6 +42,7 @@ support stays fixed.
 
 from __future__ import annotations
 
+import abc
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -112,21 +113,13 @@ def precedence_update(
     )
 
 
-class _Slots:
-    """Look-ups in a list of slots (or other keys) per batch element, ``[B, L]`` long:
-    sorted once, each look-up a binary search."""
+class _Lookups(abc.ABC):
+    """Look-ups in a list of slots (or other keys) per batch element, ``[B, L]`` long."""
 
-    def __init__(self, keys: torch.Tensor) -> None:
-        self.sorted, self.order = keys.sort(stable=True, dim=1)
-
+    @abc.abstractmethod
     def find(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries ``[B, ...]`` -> (the position in the list of each one's first copy,
         whether it is there), both ``[B, ...]``; the position is 0 where it is not."""
-        flat = queries.reshape(queries.shape[0], -1).contiguous()
-        at = torch.searchsorted(self.sorted, flat).clamp_(max=self.sorted.shape[1] - 1)
-        found = self.sorted.gather(1, at) == flat
-        position = torch.where(found, self.order.gather(1, at), 0)
-        return position.view(queries.shape), found.view(queries.shape)
 
     def contains(self, queries: torch.Tensor) -> torch.Tensor:
         """Whether each of ``queries`` ``[B, ...]`` is in the list -> bool ``[B, ...]``."""
@@ -140,35 +133,47 @@ class _Slots:
         return torch.where(found, got, 0)
 
 
-class _SlotTable:
-    """``_Slots``' look-ups for a list of slots in ``[0, N]`` ``[B, L]``, by a table
-    ``[B, N + 1]`` of each slot's first position in the list plus one (0: not listed),
-    filled and emptied in O(L): each look-up a gather, whatever N."""
+class _Slots(_Lookups):
+    """A list sorted once, each look-up a binary search."""
 
-    def __init__(self, table: torch.Tensor, slots: torch.Tensor) -> None:
-        self.table, self.slots = table, slots
-        positions = torch.arange(1, slots.shape[1] + 1, device=slots.device)
-        table.scatter_reduce_(1, slots, positions.expand_as(slots), "amin", include_self=False)
+    def __init__(self, keys: torch.Tensor) -> None:
+        self.sorted, self.order = keys.sort(stable=True, dim=1)
 
     def find(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """As ``_Slots.find``."""
+        flat = queries.reshape(queries.shape[0], -1).contiguous()
+        at = torch.searchsorted(self.sorted, flat).clamp_(max=self.sorted.shape[1] - 1)
+        found = self.sorted.gather(1, at) == flat
+        position = torch.where(found, self.order.gather(1, at), 0)
+        return position.view(queries.shape), found.view(queries.shape)
+
+
+class _SlotTable(_Lookups):
+    """A list of slots in ``[0, N]``, by a table ``[B, N + 1]`` of each slot's first
+    position in the list plus one (0: not listed): ``fill`` first empties the previous
+    list's entries, so a refill costs O(L) and each look-up is a gather, whatever N."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table
+        self.slots: torch.Tensor | None = None
+
+    def fill(self, slots: torch.Tensor) -> _SlotTable:
+        """Make ``slots`` ``[B, L]`` the list; returns the table."""
+        self.empty()
+        positions = torch.arange(1, slots.shape[1] + 1, device=slots.device)
+        self.table.scatter_reduce_(1, slots, positions.expand_as(slots), "amin", include_self=False)
+        self.slots = slots
+        return self
+
+    def empty(self) -> None:
+        """Clear the list's entries from the table."""
+        if self.slots is not None:
+            self.table.scatter_(1, self.slots, 0)
+            self.slots = None
+
+    def find(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         listed = self.table.gather(1, queries.reshape(queries.shape[0], -1))
         found = listed > 0
         return (listed - 1).clamp_(min=0).view(queries.shape), found.view(queries.shape)
-
-    def contains(self, queries: torch.Tensor) -> torch.Tensor:
-        """As ``_Slots.contains``."""
-        return self.table.gather(1, queries.reshape(queries.shape[0], -1)).view(queries.shape) > 0
-
-    def take(self, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """As ``_Slots.take``."""
-        at, found = self.find(queries)
-        got = values.gather(1, at.reshape(at.shape[0], -1)).view(at.shape)
-        return torch.where(found, got, 0)
-
-    def empty(self) -> None:
-        """Clear the list's slots from the table."""
-        self.table.scatter_(1, self.slots, 0)
 
 
 def _take(lists: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -198,7 +203,9 @@ class SparseLink:
         # rows), so that an empty entry (slot N) is 0 and the buffer lazily zeroed pages.
         self._entries: torch.Tensor | None = None
         self._touched: list[torch.Tensor] = []
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # long [B, N + 1] each
+        # the written rows' and the precedence's slots, on long [B, N + 1] tables
+        self._written: _SlotTable | None = None
+        self._preceding: _SlotTable | None = None
 
     def reset(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Empty the link (O(slots touched since the last reset)); returns its token."""
@@ -208,7 +215,8 @@ class SparseLink:
         if entries is None or entries.shape != shape or entries.device != device:
             self._entries = zeros(shape, device, torch.int64)
             table = (batch, self.num_slots + 1)
-            self._tables = (zeros(table, device, torch.int64), zeros(table, device, torch.int64))
+            self._written = _SlotTable(zeros(table, device, torch.int64))
+            self._preceding = _SlotTable(zeros(table, device, torch.int64))
         elif self._touched:
             entries.view(-1, shape[2]).index_fill_(0, torch.cat(self._touched), 0)
         self._touched = []
@@ -258,120 +266,110 @@ class SparseLink:
         same = write_rows.unsqueeze(2) == write_rows.unsqueeze(1)  # [B, J, J]
         totals = (same.to(write_weights.dtype) @ write_weights.unsqueeze(2)).squeeze(2)
         first_write = first_copies(write_rows)
-        assert self._tables is not None
-        written = _SlotTable(self._tables[0], write_rows)
-        preceding = _SlotTable(self._tables[1], precedence_rows)
-        try:
-            live_precedence = (precedence_rows != empty).unsqueeze(2)
+        assert self._written is not None and self._preceding is not None
+        written, preceding = self._written.fill(write_rows), self._preceding.fill(precedence_rows)
+        live_precedence = (precedence_rows != empty).unsqueeze(2)
 
-            # The written rows: their entries and the precedence's columns, updated; each keeps
-            # its K_L largest.
-            old_columns, old_values = entries[:, :writes, :keep], values[:, :writes, :keep]
-            row_weights = totals.unsqueeze(2)  # [B, J, 1]
-            decayed = (1 - row_weights - written.take(totals, old_columns)) * old_values
-            decayed = decayed + row_weights * preceding.take(precedence, old_columns)
-            gained_columns = precedence_rows.unsqueeze(1).expand(-1, writes, -1)
-            gained = (
-                (gained_columns != empty)
-                & (gained_columns != write_rows.unsqueeze(2))
-                & ~(gained_columns.unsqueeze(3) == old_columns.unsqueeze(2)).any(3)
-            )
-            row_slots, row_values, row_kept = _keep_largest(
-                torch.cat([old_columns, gained_columns], 2),
-                torch.cat([decayed, row_weights * precedence.unsqueeze(1)], 2),
-                torch.cat([old_columns != empty, gained], 2),
-                keep,
-            )
+        # The written rows: their entries and the precedence's columns, updated; each keeps
+        # its K_L largest.
+        old_columns, old_values = entries[:, :writes, :keep], values[:, :writes, :keep]
+        row_weights = totals.unsqueeze(2)  # [B, J, 1]
+        decayed = (1 - row_weights - written.take(totals, old_columns)) * old_values
+        decayed = decayed + row_weights * preceding.take(precedence, old_columns)
+        gained_columns = precedence_rows.unsqueeze(1).expand(-1, writes, -1)
+        gained = (
+            (gained_columns != empty)
+            & (gained_columns != write_rows.unsqueeze(2))
+            & ~(gained_columns.unsqueeze(3) == old_columns.unsqueeze(2)).any(3)
+        )
+        row_slots, row_values, row_kept = _keep_largest(
+            torch.cat([old_columns, gained_columns], 2),
+            torch.cat([decayed, row_weights * precedence.unsqueeze(1)], 2),
+            torch.cat([old_columns != empty, gained], 2),
+            keep,
+        )
 
-            # The precedence's columns: the written rows' kept entries in them (each written
-            # slot once) and the other rows' entries, decayed; each keeps its K_L largest.
-            others = entries[:, writes : writes + keep, keep:]  # [B, K_L, K_L]
-            other_values = values[:, writes : writes + keep, keep:]
-            column_weights = written.take(totals, precedence_rows).unsqueeze(2)
-            in_column = row_slots.flatten(1).unsqueeze(1) == precedence_rows.unsqueeze(2)
-            in_column = in_column & (row_kept & first_write.unsqueeze(2)).flatten(1).unsqueeze(1)
-            column_slots, column_values, column_kept = _keep_largest(
-                torch.cat(
-                    [
-                        write_rows.repeat_interleave(keep, 1).unsqueeze(1).expand_as(in_column),
-                        others,
-                    ],
-                    2,
-                ),
-                torch.cat(
-                    [
-                        row_values.flatten(1).unsqueeze(1).expand_as(in_column),
-                        (1 - column_weights) * other_values,
-                    ],
-                    2,
-                ),
-                torch.cat([in_column, (others != empty) & ~written.contains(others)], 2)
-                & live_precedence,
-                keep,
-            )
-            column_keys = self._key(column_slots, precedence_rows.unsqueeze(2))
-            columns_kept = _Slots(torch.where(column_kept, column_keys, -1).flatten(1))
+        # The precedence's columns: the written rows' kept entries in them (each written
+        # slot once) and the other rows' entries, decayed; each keeps its K_L largest.
+        others = entries[:, writes : writes + keep, keep:]  # [B, K_L, K_L]
+        other_values = values[:, writes : writes + keep, keep:]
+        column_weights = written.take(totals, precedence_rows).unsqueeze(2)
+        in_column = row_slots.flatten(1).unsqueeze(1) == precedence_rows.unsqueeze(2)
+        in_column = in_column & (row_kept & first_write.unsqueeze(2)).flatten(1).unsqueeze(1)
+        column_slots, column_values, column_kept = _keep_largest(
+            torch.cat(
+                [write_rows.repeat_interleave(keep, 1).unsqueeze(1).expand_as(in_column), others],
+                2,
+            ),
+            torch.cat(
+                [
+                    row_values.flatten(1).unsqueeze(1).expand_as(in_column),
+                    (1 - column_weights) * other_values,
+                ],
+                2,
+            ),
+            torch.cat([in_column, (others != empty) & ~written.contains(others)], 2)
+            & live_precedence,
+            keep,
+        )
+        column_keys = self._key(column_slots, precedence_rows.unsqueeze(2))
+        columns_kept = _Slots(torch.where(column_kept, column_keys, -1).flatten(1))
 
-            def survives(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-                """Whether entries (rows, columns) of L outlive the precedence columns' prune."""
-                return ~preceding.contains(columns) | columns_kept.contains(
-                    self._key(rows, columns)
-                )
+        def survives(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+            """Whether entries (rows, columns) of L outlive the precedence columns' prune."""
+            return ~preceding.contains(columns) | columns_kept.contains(self._key(rows, columns))
 
-            row_kept = row_kept & survives(write_rows.unsqueeze(2), row_slots)
-            row_values = row_values * row_kept
-            row_slots = torch.where(row_kept, row_slots, empty)
-            row_keys = torch.where(row_kept, self._key(write_rows.unsqueeze(2), row_slots), -1)
-            rows_kept = _Slots(row_keys.flatten(1))
-            column_values = column_values * column_kept
-            column_slots = torch.where(column_kept, column_slots, empty)
+        row_kept = row_kept & survives(write_rows.unsqueeze(2), row_slots)
+        row_values = row_values * row_kept
+        row_slots = torch.where(row_kept, row_slots, empty)
+        row_keys = torch.where(row_kept, self._key(write_rows.unsqueeze(2), row_slots), -1)
+        rows_kept = _Slots(row_keys.flatten(1))
+        column_values = column_values * column_kept
+        column_slots = torch.where(column_kept, column_slots, empty)
 
-            # Each touched slot's row of L: a written row's anew, else its entries decayed by
-            # their columns' writes, less those the columns' prune dropped; its column of L: a
-            # precedence column's anew, else its entries in written rows as those rows kept
-            # them, the others decayed by the slot's write.
-            slots = touched.unsqueeze(2)
-            at, is_written = written.find(touched)
-            old_columns, old_values = entries[..., :keep], values[..., :keep]
-            kept = (old_columns != empty) & survives(slots, old_columns)
-            is_written = is_written.unsqueeze(2)
-            new_row_slots = torch.where(
-                is_written, _take(row_slots, at), torch.where(kept, old_columns, empty)
-            )
-            new_row_values = torch.where(
-                is_written,
-                _take(row_values, at),
-                (1 - written.take(totals, old_columns)) * old_values * kept,
-            )
-            old_rows, old_values = entries[..., keep:], values[..., keep:]
-            kept_at, found = rows_kept.find(self._key(old_rows, slots))
-            from_written = written.contains(old_rows)
-            kept = (old_rows != empty) & (found | ~from_written)
-            decayed = torch.where(
-                from_written,
-                row_values.flatten(1).gather(1, kept_at.flatten(1)).view_as(kept_at),
-                (1 - written.take(totals, slots)) * old_values,
-            )
-            at, is_preceding = preceding.find(touched)
-            is_preceding = is_preceding.unsqueeze(2)
-            new_column_slots = torch.where(
-                is_preceding, _take(column_slots, at), torch.where(kept, old_rows, empty)
-            )
-            new_column_values = torch.where(is_preceding, _take(column_values, at), decayed * kept)
+        # Each touched slot's row of L: a written row's anew, else its entries decayed by
+        # their columns' writes, less those the columns' prune dropped; its column of L: a
+        # precedence column's anew, else its entries in written rows as those rows kept
+        # them, the others decayed by the slot's write.
+        slots = touched.unsqueeze(2)
+        at, is_written = written.find(touched)
+        old_columns, old_values = entries[..., :keep], values[..., :keep]
+        kept = (old_columns != empty) & survives(slots, old_columns)
+        is_written = is_written.unsqueeze(2)
+        new_row_slots = torch.where(
+            is_written, _take(row_slots, at), torch.where(kept, old_columns, empty)
+        )
+        new_row_values = torch.where(
+            is_written,
+            _take(row_values, at),
+            (1 - written.take(totals, old_columns)) * old_values * kept,
+        )
+        old_rows, old_values = entries[..., keep:], values[..., keep:]
+        kept_at, found = rows_kept.find(self._key(old_rows, slots))
+        from_written = written.contains(old_rows)
+        kept = (old_rows != empty) & (found | ~from_written)
+        decayed = torch.where(
+            from_written,
+            row_values.flatten(1).gather(1, kept_at.flatten(1)).view_as(kept_at),
+            (1 - written.take(totals, slots)) * old_values,
+        )
+        at, is_preceding = preceding.find(touched)
+        is_preceding = is_preceding.unsqueeze(2)
+        new_column_slots = torch.where(
+            is_preceding, _take(column_slots, at), torch.where(kept, old_rows, empty)
+        )
+        new_column_values = torch.where(is_preceding, _take(column_values, at), decayed * kept)
 
-            token = self.values.assign(
-                token, touched, torch.cat([new_row_values, new_column_values], 2)
-            )
-            flat = self.values.flat(touched)
-            assert self._entries is not None
-            self._entries.view(-1, 2 * keep)[flat] = empty - torch.cat(
-                [new_row_slots, new_column_slots], 2
-            ).flatten(0, 1)
-            self._touched.append(flat)
-            return token
-        finally:
-            written.empty()
-            preceding.empty()
+        token = self.values.assign(
+            token, touched, torch.cat([new_row_values, new_column_values], 2)
+        )
+        flat = self.values.flat(touched)
+        assert self._entries is not None
+        self._entries.view(-1, 2 * keep)[flat] = empty - torch.cat(
+            [new_row_slots, new_column_slots], 2
+        ).flatten(0, 1)
+        self._touched.append(flat)
+        return token
 
     def directional(
         self, token: torch.Tensor, read_rows: torch.Tensor, read_weights: torch.Tensor
