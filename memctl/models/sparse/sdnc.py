@@ -176,6 +176,19 @@ class _SlotTable(_Lookups):
         return (listed - 1).clamp_(min=0).view(queries.shape), found.view(queries.shape)
 
 
+def _distinct(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """``slots`` ``[B, U]`` in ``[0, N)`` -> each batch element's distinct slots, ascending,
+    then repeats of its largest, ``[B, min(U, N)]``: the same set in fewer lines where U
+    exceeds N (a repeated slot is computed once per line; its first copy is assigned)."""
+    if slots.shape[1] <= num_slots:
+        return slots
+    ordered = slots.sort(dim=1).values
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    distinct = ordered[:, -1:].expand(-1, num_slots).clone()
+    return distinct.scatter_(1, new.cumsum(1) - 1, ordered)
+
+
 def _take(lists: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """Lines ``at`` ``[B, U]`` of ``lists`` ``[B, L, C]`` -> ``[B, U, C]``."""
     return lists.gather(1, at.unsqueeze(2).expand(-1, -1, lists.shape[2]))
@@ -252,15 +265,18 @@ class SparseLink:
         owned = torch.cat(
             [write_rows, torch.where(precedence_rows == empty, 0, precedence_rows)], 1
         )
-        touched = torch.cat(
+        owned_entries = self.entries_of(owned)
+        reached = torch.cat(
             [
-                owned,
-                self.entries_of(owned)[..., keep:].flatten(1),  # the owned columns' rows
-                self.entries_of(write_rows)[..., :keep].flatten(1),  # the written rows' columns
+                owned_entries[..., keep:].flatten(1),  # the owned columns' rows
+                owned_entries[:, :writes, :keep].flatten(1),  # the written rows' columns
             ],
             1,
         )
-        touched = torch.where(touched == empty, 0, touched)
+        # the owned slots first (the lines below slice them by position), then the others
+        touched = torch.cat(
+            [owned, _distinct(torch.where(reached == empty, 0, reached), self.num_slots)], 1
+        )
         values, token = self.values.gather(token, touched)  # [B, U, 2 K_L]
         entries = self.entries_of(touched)
         same = write_rows.unsqueeze(2) == write_rows.unsqueeze(1)  # [B, J, J]
