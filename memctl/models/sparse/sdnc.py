@@ -24,7 +24,7 @@ of N rows of ``2 K_L`` numbers: row ``s`` holds the values of row ``s`` of ``L``
 entries' columns in a long buffer beside it) and the values of column ``s`` (their rows
 likewise), both views of one matrix. A step gathers the rows of the slots it touches
 (the J written rows, the precedence's slots, and the slots their entries name:
-``O(J K_L)``) and computes only the entries that can change: a written row's ``2 K_L``
+``O(J K_L)``; those named are deduplicated when they outnumber N) and computes only the entries that can change: a written row's ``2 K_L``
 candidates (its entries and the precedence's columns), a precedence column's
 ``J K_L + K_L`` (the written rows' kept entries in it and its other rows' entries), and
 the other entries of the touched rows and columns, decayed or dropped by a prune. Which
