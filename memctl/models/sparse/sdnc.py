@@ -24,10 +24,11 @@ of N rows of ``2 K_L`` numbers: row ``s`` holds the values of row ``s`` of ``L``
 entries' columns in a long buffer beside it) and the values of column ``s`` (their rows
 likewise), both views of one matrix. A step gathers the rows of the slots it touches
 (the J written rows, the precedence's slots, and the slots their entries name:
-``O(J K_L)``; those named are deduplicated when they outnumber N) and computes only the entries that can change: a written row's ``2 K_L``
-candidates (its entries and the precedence's columns), a precedence column's
-``J K_L + K_L`` (the written rows' kept entries in it and its other rows' entries), and
-the other entries of the touched rows and columns, decayed or dropped by a prune. Which
+``O(J K_L)``, those named deduplicated) and computes only the entries that can change:
+a written row's ``2 K_L`` candidates (its entries and the precedence's columns), a
+precedence column's ``J K_L + K_L`` (the written rows' kept entries in it and its other
+rows' entries), and the other entries of the touched rows and columns, decayed or
+dropped by a prune. Which
 written row or precedence slot a slot is and its write weight are gathers from tables of
 N + 1 entries that a step refills in O(J) (``_SlotTable``); whether an entry outlived a
 prune is a binary search in a sorted list (``_Slots``; an entry ``(i, j)`` is the number
@@ -176,17 +177,18 @@ class _SlotTable(_Lookups):
         return (listed - 1).clamp_(min=0).view(queries.shape), found.view(queries.shape)
 
 
-def _distinct(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """``slots`` ``[B, U]`` in ``[0, N)`` -> each batch element's distinct slots, ascending,
-    then repeats of its largest, ``[B, min(U, N)]``: the same set in fewer lines where U
-    exceeds N (a repeated slot is computed once per line; its first copy is assigned)."""
-    if slots.shape[1] <= num_slots:
-        return slots
+def _distinct(slots: torch.Tensor) -> torch.Tensor:
+    """``slots`` ``[B, U]`` -> each batch element's distinct slots, ascending, then
+    repeats of its largest, ``[B, U']`` with U' the most distinct slots of an element: the
+    same sets in fewer lines (a repeated slot is computed once per line; its first copy
+    is assigned)."""
     ordered = slots.sort(dim=1).values
     new = torch.ones_like(ordered, dtype=torch.bool)
     new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    distinct = ordered[:, -1:].expand(-1, num_slots).clone()
-    return distinct.scatter_(1, new.cumsum(1) - 1, ordered)
+    position = new.cumsum(1) - 1
+    width = int(position[:, -1].max()) + 1
+    distinct = ordered[:, -1:].expand(-1, width).clone()
+    return distinct.scatter_(1, position, ordered)
 
 
 def _take(lists: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -274,9 +276,7 @@ class SparseLink:
             1,
         )
         # the owned slots first (the lines below slice them by position), then the others
-        touched = torch.cat(
-            [owned, _distinct(torch.where(reached == empty, 0, reached), self.num_slots)], 1
-        )
+        touched = torch.cat([owned, _distinct(torch.where(reached == empty, 0, reached))], 1)
         values, token = self.values.gather(token, touched)  # [B, U, 2 K_L]
         entries = self.entries_of(touched)
         same = write_rows.unsqueeze(2) == write_rows.unsqueeze(1)  # [B, J, J]
