@@ -75,12 +75,19 @@ def zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> t
     return torch.frombuffer(pages, dtype=dtype).view(shape)  # the tensor keeps the mapping
 
 
-def first_copies(rows: torch.Tensor) -> torch.Tensor:
-    """Whether each of ``rows`` ``[B, J]`` is its value's first copy in its batch element
-    -> bool ``[B, J]`` (a sort, not a ``[B, J, J]`` comparison)."""
+def sorted_runs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows`` ``[B, J]`` sorted in each batch element (stably) -> (the sorted values,
+    their positions in ``rows``, whether each sorted value is its value's first), ``[B, J]``."""
     ordered, order = rows.sort(stable=True, dim=1)
     first = torch.ones_like(rows, dtype=torch.bool)
     first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    return ordered, order, first
+
+
+def first_copies(rows: torch.Tensor) -> torch.Tensor:
+    """Whether each of ``rows`` ``[B, J]`` is its value's first copy in its batch element
+    -> bool ``[B, J]`` (a sort, not a ``[B, J, J]`` comparison)."""
+    _, order, first = sorted_runs(rows)
     return torch.empty_like(first).scatter_(1, order, first)
 
 

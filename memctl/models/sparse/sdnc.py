@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from memctl.models.sparse.access import SparseMemory, first_copies, zeros
+from memctl.models.sparse.access import SparseMemory, first_copies, sorted_runs, zeros
 from memctl.models.sparse.sam import (
     Index,
     SAMConfig,
@@ -182,9 +182,7 @@ def _distinct(slots: torch.Tensor) -> torch.Tensor:
     repeats of its largest, ``[B, U']`` with U' the most distinct slots of an element: the
     same sets in fewer lines (a repeated slot is computed once per line; its first copy
     is assigned)."""
-    ordered = slots.sort(dim=1).values
-    new = torch.ones_like(ordered, dtype=torch.bool)
-    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ordered, _, new = sorted_runs(slots)
     position = new.cumsum(1) - 1
     width = int(position[:, -1].max()) + 1
     distinct = ordered[:, -1:].expand(-1, width).clone()
