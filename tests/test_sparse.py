@@ -19,7 +19,7 @@ import torch
 from memctl.errors import UserError
 from memctl.models import addressing, detach_state
 from memctl.models.addressing import EPSILON
-from memctl.models.sparse.access import MemoryMovedOn, zeros
+from memctl.models.sparse.access import MemoryMovedOn, SparseMemory, zeros
 from memctl.models.sparse.faiss_index import AutoIndex, FaissIndex
 from memctl.models.sparse.index import ExactIndex
 from memctl.models.sparse.sam import (
@@ -171,6 +171,47 @@ def test_least_recently_used_matches_the_loop_reference():
         assert (
             usage.usage(torch.arange(slots).expand(batch, slots)).tolist() == (step - last).tolist()
         )
+
+
+def test_least_recently_used_keeps_a_bounded_queue_over_a_long_episode():
+    """3,000 steps of 4 accesses (12,000 queue entries an element) on 9 slots: the queue
+    drops the steps its heads have passed instead of growing, the least used slot still
+    matches the loop reference, and a reset clears every slot accessed."""
+    slots, count, batch = 9, 4, 3
+    usage = LeastRecentlyUsed(slots, window=2)
+    usage.reset(batch, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(7)
+    last = np.full((batch, slots), NEVER)
+    for step in range(3000):
+        expected = [np_least_recent(last[b]) for b in range(batch)]
+        assert usage.least_recent().tolist() == expected, step
+        rows = torch.randint(0, slots, (batch, count), generator=generator)
+        weights = torch.rand(batch, count, generator=generator, dtype=torch.float64) * 0.01
+        accessed = usage.update(rows, weights)
+        for b in range(batch):
+            for j in range(count):
+                if accessed[b, j]:
+                    last[b, rows[b, j]] = step
+    assert usage._queue.shape[1] <= 2048
+    assert (usage.last_access.numpy() == last).all()
+    usage.reset(batch, torch.device("cpu"))
+    assert (usage.last_access == NEVER).all()
+
+
+def test_a_long_episode_keeps_the_assigned_rows_compact_and_reset_clears_them():
+    memory = SparseMemory(50, 2)
+    token = memory.reset(3, torch.device("cpu"), torch.float64)
+    generator = torch.Generator().manual_seed(8)
+    for _ in range(3000):
+        rows = torch.randint(0, 50, (3, 2), generator=generator)
+        token = memory.assign(
+            token, rows, torch.rand(3, 2, 2, generator=generator, dtype=torch.float64) + 1
+        )
+    assert len(memory._assigned) < 1024
+    assert sum(map(len, memory._assigned)) <= 3 * 50 + 1024 * 6  # not 3,000 steps of 6
+    assert (memory.buffer != 0).any(-1).sum() == 150  # every slot written
+    memory.reset(3, torch.device("cpu"), torch.float64)
+    assert (memory.buffer == 0).all()
 
 
 def test_reset_clears_only_what_was_touched():

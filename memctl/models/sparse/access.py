@@ -51,6 +51,9 @@ from typing import Any
 
 import torch
 
+# Assignments after which the rows assigned since the reset are merged into distinct rows.
+ASSIGNED_COMPACT_EVERY = 1024
+
 
 class MemoryMovedOn(RuntimeError):
     """Backward through steps of a sparse memory that has since moved on to a new segment,
@@ -177,6 +180,14 @@ class SparseMemory:
         self._token = token
         return token
 
+    def _record_assigned(self, flat: torch.Tensor) -> None:
+        """Remember rows assigned for ``reset``; every ``ASSIGNED_COMPACT_EVERY`` lists
+        they are merged into one of distinct rows, so a long episode keeps at most the
+        rows it touched (not one list a step)."""
+        self._assigned.append(flat)
+        if len(self._assigned) >= ASSIGNED_COMPACT_EVERY:
+            self._assigned = [torch.cat(self._assigned).unique()]
+
     def _operation(self) -> tuple[int, int]:
         self._operations += 1
         return self.segment, self._operations
@@ -230,7 +241,7 @@ class _Assign(torch.autograd.Function):
         ctx.segment, ctx.operation = memory._operation()
         ctx.first = first_copies(rows).unsqueeze(2)  # [B, J, 1]
         memory._rows(memory.buffer).index_copy_(0, ctx.flat, values.reshape(-1, memory.word_size))
-        memory._assigned.append(ctx.flat)
+        memory._record_assigned(ctx.flat)
         memory.version += 1
         return torch.zeros_like(token)
 

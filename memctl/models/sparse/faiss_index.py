@@ -3,30 +3,37 @@ batch element.
 
 Rae et al. 2016, "Scaling Memory-Augmented Neural Networks with Sparse Reads and Writes"
 (arXiv 1610.09027), section 3.5: the K rows a head reads are the K nearest its key, found
-in an approximate index that is updated for the rows written each step and rebuilt
-from scratch periodically. Here the index is faiss's inverted file (``IndexIVFFlat``)
-under the inner product of unit rows, so its ranking is the cosine similarity of
-``addressing.cosine_similarity`` (rows are scaled by the same ``inverse_norms``, with
-its epsilon). The caller rescores the candidates exactly on the live memory and takes
-the top k, so the index only has to bring the right slots among its candidates.
+in an approximate index that is rebuilt from scratch periodically. Here the index is
+faiss's inverted file with rows stored as 8-bit codes (``IndexIVFScalarQuantizer``,
+``QT_8bit``) under the inner product of unit rows, so its ranking is, to the codes'
+precision, the cosine similarity of ``addressing.cosine_similarity`` (rows are scaled by
+the same ``inverse_norms``, with its epsilon). The caller rescores the candidates exactly
+on the live memory and takes the top k, so the index only has to bring the right slots
+among its candidates.
 
-What each part of the candidates covers, for batch element b and head h:
+The faiss index is a snapshot: built from the live memory every ``rebuild_every`` steps
+and not changed between rebuilds. What each part of the candidates covers, for batch
+element b and head h:
 
-- ``k`` slots from the faiss index, which holds every row written since the last
-  rebuild at its current value (``update_vectors``, O(rows written) a step through the
-  index's hash-table map from slot to entry): approximate, through ``nprobe`` of
-  ``nlist`` inverted lists;
-- the exact top ``k`` of the rows written since the last rebuild, kept here as a
-  buffer of at most ``rebuild_every * J`` unit rows (J distinct rows written a step),
-  so nothing just written is missed, whichever inverted list it went to;
+- ``4 k`` slots from the faiss index, through ``nprobe`` of its ``nlist`` inverted
+  lists (approximate, and ranked by the codes: the caller's exact rescoring of four
+  times k puts the right k first unless codes and rows disagree by more than the gap
+  down to the 4 k-th), less those written since the snapshot (their stored rows are
+  stale: the next part scores them);
+- the exact top ``k`` of the rows written since the snapshot, kept here at their
+  current values as a buffer of at most ``rebuild_every * J`` unit rows (J distinct rows
+  written a step), so nothing written since is missed or scored on an old value;
 - ``k`` slots never written since ``reset``: they are zero and score exactly 0, so
   any k of them stand for all of them (found by a cursor that passes each slot once,
   O(1) a step amortised).
 
-Every ``rebuild_every`` steps the index is rebuilt from its own rows: the inverted
-lists' centroids are trained again (spherical k-means on a sample pooled over the
-batch, shared by the batch's indices) and every row is assigned again, so the lists
-follow the memory as it fills up and changes. The buffer of recent rows empties.
+So a step's update touches no faiss structure (O(J) numpy), and the index holds one
+byte per number of every row (a quarter of a float32 copy) with no map from slot to
+entry. Every ``rebuild_every`` steps the index is built again from every written row's
+current value, read from the memory in chunks: the inverted lists' centroids and the
+codes' ranges are trained again (spherical k-means on a sample pooled over the batch,
+shared by the batch's indices) and every row is assigned again, so the lists follow the
+memory as it fills up and changes. The buffer of recent rows empties.
 
 faiss is imported on first use, so ``import memctl`` does not import it. faiss and torch
 each bring an OpenMP runtime; the ``memctl`` command sets ``OMP_WAIT_POLICY=PASSIVE``
@@ -39,7 +46,7 @@ step, ``C`` candidates.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -63,6 +70,12 @@ PROBE_FRACTION = 1 / 16
 # k-means sample per list and iterations of each rebuild's training.
 TRAIN_ROWS_PER_LIST = 16
 TRAIN_ITERATIONS = 10
+# The 8-bit codes span each number's range over the training sample widened by this
+# fraction of it on each side, so that rows outside the sample are rarely clipped.
+CODE_RANGE_MARGIN = 0.2
+# Slots an element a rebuild reads from the memory at a time (the rows of 8 elements, 16 MB
+# at words of 32, where the whole memory may be gigabytes).
+READ_CHUNK = 16_384
 
 # Written rows from which `model.index: auto` switches from the exact search to faiss: from
 # 2^17 rows of a full memory of random unit rows (word 32, 4 heads), the faiss index's
@@ -93,17 +106,19 @@ def probe_count(lists: int) -> int:
 
 
 class FaissIndex:
-    """One faiss inverted-file index per batch element, updated for the rows written each
-    step and rebuilt every ``rebuild_every`` steps (see the module docstring).
+    """One faiss inverted-file index per batch element, a snapshot of the memory taken at
+    every ``rebuild_every``-th step, and the exact search of the rows written since (see
+    the module docstring). ``peek``: the memory's current contents of slots ``[B, J]`` ->
+    ``[B, J, M]``, from which each rebuild reads every written row.
 
-    Candidates are distinct slots within each ``[b, h]``: ``C = 3 k``, or all N slots
-    where N <= 3 k.
+    Candidates are distinct slots within each ``[b, h]``: ``C = 6 k``, or all N slots
+    where N <= 6 k.
     """
 
-    def __init__(self, rebuild_every: int = 1000) -> None:
+    def __init__(self, peek: Callable[[Tensor], Tensor], rebuild_every: int = 1000) -> None:
         if rebuild_every < 1:
             raise ValueError(f"rebuild_every must be >= 1, got {rebuild_every}")
-        self.rebuild_every = rebuild_every
+        self.peek, self.rebuild_every = peek, rebuild_every
         self.written: np.ndarray | None = None  # [B, N] bool
 
     def describe(self) -> str:
@@ -112,79 +127,86 @@ class FaissIndex:
     def reset(self, batch_size: int, num_slots: int, word_size: int) -> None:
         """Empty the index. The two ``[B, N]`` arrays are allocated as lazily zeroed pages
         (``access.zeros``) when the sizes change, else cleared at the slots written since
-        the last reset (O(rows written))."""
+        the last reset (those in the snapshot and those written since it)."""
         shape = (batch_size, num_slots)
         if self.written is None or self.written.shape != shape:
             cpu = torch.device("cpu")
             self.written = zeros(shape, cpu, torch.bool).numpy()
             # Rows written since the last rebuild: 1 + buffer position of each slot (0: none).
             self.recent_position = zeros(shape, cpu, torch.int32).numpy()
-        elif self.updated:
-            slots = np.concatenate(self.updated, axis=1)
-            np.put_along_axis(self.written, slots, False, axis=1)
-            np.put_along_axis(self.recent_position, slots, 0, axis=1)
+        else:
+            for b in range(self.batch_size):
+                recent = self.recent_slots[b, : self.recent_count[b]]
+                self.written[b, self.indexed[b]] = False
+                self.written[b, recent] = False
+                self.recent_position[b, recent] = 0
         self.batch_size, self.num_slots, self.word_size = batch_size, num_slots, word_size
         self.indices: list[Any] = [None] * batch_size
-        self.updated: list[np.ndarray] = []  # the slots of every update since reset
+        self.indexed: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * batch_size
         # Every slot below the cursor is written or in the pool of unwritten slots.
         self.cursor = np.zeros(batch_size, dtype=np.int64)
         self.pool: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * batch_size
-        self.recent_slots: np.ndarray | None = None
-        self.recent_rows: np.ndarray | None = None
+        self.recent_slots = np.zeros((batch_size, 0), dtype=np.int64)
+        self.recent_rows = np.zeros((batch_size, 0, word_size), dtype=np.float32)
         self.recent_count = np.zeros(batch_size, dtype=np.int64)
         self.steps = 0
 
     def update(self, rows: Tensor, values: Tensor) -> None:
         slots = rows.detach().to("cpu", torch.int64).numpy()
-        self.updated.append(slots)
         unit = unit_rows(values)
+        order = np.arange(slots.shape[1])[::-1]  # the last of repeated slots is the new value
         for b in range(self.batch_size):
-            # The last of repeated slots is the row's new value.
-            order = np.arange(slots.shape[1])[::-1]
             batch_slots, first = np.unique(slots[b, order], return_index=True)
-            batch_rows = unit[b, order[first]]
-            self._remember(b, batch_slots, batch_rows)
-            index = self.indices[b]
-            if index is not None:
-                known = self.written[b, batch_slots]
-                if known.any():
-                    index.update_vectors(batch_slots[known], batch_rows[known])
-                if not known.all():
-                    index.add_with_ids(batch_rows[~known], batch_slots[~known])
+            self._remember(b, batch_slots, unit[b, order[first]])
             self.written[b, batch_slots] = True
         self.steps += 1
         if self.steps % self.rebuild_every == 0:
             self.rebuild()
 
+    def adopt(self, written: Tensor) -> None:
+        """Index a memory written without this index (``written`` ``[B, N]`` bool: the
+        slots written since the reset): a rebuild from those slots' live rows."""
+        np.copyto(self.written, written.to("cpu").numpy())
+        self.rebuild()
+
     def candidates(self, keys: Tensor, k: int) -> Tensor:
         batch, heads, _ = keys.shape
-        if self.num_slots <= 3 * k:
+        if self.num_slots <= 6 * k:
             return torch.arange(self.num_slots, device=keys.device).expand(batch, heads, -1)
         unit_keys = unit_rows(keys)
         parts = [self._recent_top(unit_keys, k)]
         unwritten = np.stack([self._unwritten(b, k) for b in range(batch)])
         parts.append(unwritten[:, None].repeat(heads, 1))
         if self.indices[0] is None:
-            parts.append(np.full((batch, heads, k), -1, dtype=np.int64))
+            parts.append(np.full((batch, heads, 4 * k), -1, dtype=np.int64))
         else:
-            parts.append(
-                np.stack([self.indices[b].search(unit_keys[b], k)[1] for b in range(batch)])
-            )
+            found = np.stack([self.indices[b].search(unit_keys[b], 4 * k)[1] for b in range(batch)])
+            # Slots written since the snapshot: their current rows are the recent buffer's.
+            stale = np.take_along_axis(
+                self.recent_position[:, None, :], np.maximum(found, 0).reshape(batch, 1, -1), 2
+            ).reshape(found.shape)
+            parts.append(np.where(stale > 0, -1, found))
         return torch.from_numpy(self._distinct(np.concatenate(parts, axis=2))).to(keys.device)
 
     def rebuild(self) -> None:
         """Build every element's index again from the rows it holds (their current
-        values), with newly trained lists; the buffer of recent rows empties."""
+        values, read from the memory), with newly trained lists; the buffer of recent
+        rows empties."""
         import faiss
 
         slots = [np.flatnonzero(self.written[b]) for b in range(self.batch_size)]
         if not any(map(len, slots)):
             return  # nothing written yet: nothing to index
-        rows = [self._rows(b, s) for b, s in enumerate(slots)]
         lists = list_count(max(len(s) for s in slots))
-        template = faiss.IndexIVFFlat(
-            faiss.IndexFlatIP(self.word_size), self.word_size, lists, faiss.METRIC_INNER_PRODUCT
+        template = faiss.IndexIVFScalarQuantizer(
+            faiss.IndexFlatIP(self.word_size),
+            self.word_size,
+            lists,
+            faiss.ScalarQuantizer.QT_8bit,
+            faiss.METRIC_INNER_PRODUCT,
         )
+        template.sq.rangestat = faiss.ScalarQuantizer.RS_minmax
+        template.sq.rangestat_arg = CODE_RANGE_MARGIN
         template.cp.spherical = True
         template.cp.niter = TRAIN_ITERATIONS
         template.cp.min_points_per_centroid = 1
@@ -192,63 +214,62 @@ class FaissIndex:
         template.cp.seed = self.steps
         template.cp.verbose = False
         # Every stride-th row of every element: at least lists * TRAIN_ROWS_PER_LIST rows.
-        stride = max(1, sum(map(len, rows)) // (lists * TRAIN_ROWS_PER_LIST))
-        sample = np.concatenate([r[::stride] for r in rows])
-        template.train(sample)
+        stride = max(1, sum(map(len, slots)) // (lists * TRAIN_ROWS_PER_LIST))
+        sampled = [s[::stride] for s in slots]
+        template.train(np.concatenate([r for _, r in self._contents(sampled)]))
         template.nprobe = probe_count(lists)
-        for b in range(self.batch_size):
-            index = faiss.clone_index(template)
-            index.set_direct_map_type(faiss.DirectMap.Hashtable)
-            if len(slots[b]):
-                index.add_with_ids(rows[b], slots[b])
-            self.indices[b] = index
+        self.indices = [faiss.clone_index(template) for _ in range(self.batch_size)]
+        for (b, start), rows in self._contents(slots, READ_CHUNK):
+            self.indices[b].add_with_ids(rows, slots[b][start : start + len(rows)])
+        self.indexed = slots
         for b in range(self.batch_size):
             self.recent_position[b, self.recent_slots[b, : self.recent_count[b]]] = 0
         self.recent_count[:] = 0
-        self.recent_rows = self.recent_slots = None
 
-    def _rows(self, b: int, slots: np.ndarray) -> np.ndarray:
-        """The current unit rows of written slots: from the recent buffer where they were
-        written since the last rebuild, else from the index."""
-        rows = np.empty((len(slots), self.word_size), dtype=np.float32)
-        position = self.recent_position[b, slots] - 1
-        recent = position >= 0
-        if recent.any():
-            rows[recent] = self.recent_rows[b, position[recent]]
-        if not recent.all():
-            rows[~recent] = self.indices[b].reconstruct_batch(slots[~recent])
-        return rows
-
-    def _grow_recent(self, needed: int) -> None:
-        """Room for ``needed`` recent rows in every element's buffer (at most N)."""
-        capacity = 0 if self.recent_rows is None else self.recent_rows.shape[1]
-        if needed <= capacity:
-            return
-        capacity = min(self.num_slots, max(needed, 2 * capacity))
-        rows = np.zeros((self.batch_size, capacity, self.word_size), dtype=np.float32)
-        slots = np.zeros((self.batch_size, capacity), dtype=np.int64)
-        if self.recent_rows is not None:
-            old = self.recent_rows.shape[1]
-            rows[:, :old], slots[:, :old] = self.recent_rows, self.recent_slots
-        self.recent_rows, self.recent_slots = rows, slots
+    def _contents(
+        self, slots: list[np.ndarray], chunk: int | None = None
+    ) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        """The current unit rows of each element's ``slots``, read from the memory
+        ``chunk`` slots an element at a time: ((element, first position), rows)."""
+        most = max(map(len, slots))
+        chunk = chunk or max(most, 1)
+        padded = np.zeros((self.batch_size, most), dtype=np.int64)
+        for b, s in enumerate(slots):
+            padded[b, : len(s)] = s
+        for start in range(0, most, chunk):
+            block = unit_rows(self.peek(torch.from_numpy(padded[:, start : start + chunk])))
+            for b, s in enumerate(slots):
+                if start < len(s):
+                    yield (b, start), block[b, : len(s) - start]
 
     def _remember(self, b: int, slots: np.ndarray, rows: np.ndarray) -> None:
+        """Put element b's rows of ``slots`` in the recent buffer (growing it by doubling,
+        at most to N)."""
         position = self.recent_position[b, slots] - 1
         new = position < 0
         count = self.recent_count[b]
-        self._grow_recent(count + new.sum())
-        fresh = np.arange(count, count + new.sum())
+        needed = count + new.sum()
+        capacity = self.recent_rows.shape[1]
+        if needed > capacity:
+            capacity = min(self.num_slots, max(needed, 2 * capacity))
+            shape = (self.batch_size, capacity)
+            rows_grown = np.zeros((*shape, self.word_size), dtype=np.float32)
+            slots_grown = np.zeros(shape, dtype=np.int64)
+            old = self.recent_rows.shape[1]
+            rows_grown[:, :old], slots_grown[:, :old] = self.recent_rows, self.recent_slots
+            self.recent_rows, self.recent_slots = rows_grown, slots_grown
+        fresh = np.arange(count, needed)
         position[new] = fresh
         self.recent_position[b, slots[new]] = fresh + 1
         self.recent_slots[b, fresh] = slots[new]
         self.recent_rows[b, position] = rows
-        self.recent_count[b] = count + new.sum()
+        self.recent_count[b] = needed
 
     def _recent_top(self, unit_keys: np.ndarray, k: int) -> np.ndarray:
         """The exact top k (or all) of the rows written since the last rebuild, ``[B, H,
         k]``, -1 where an element has fewer."""
         batch, heads, _ = unit_keys.shape
-        count = int(self.recent_count.max()) if self.recent_rows is not None else 0
+        count = int(self.recent_count.max())
         if count == 0:
             return np.full((batch, heads, k), -1, dtype=np.int64)
         rows = torch.from_numpy(self.recent_rows[:, :count])
@@ -295,7 +316,7 @@ class AutoIndex:
     """``model.index: auto``: the exact search (``ExactIndex``, whose cost grows with the
     rows written) until some batch element has written ``threshold`` rows since the reset,
     then a ``FaissIndex`` built from the rows written so far at their current values
-    (``peek``) and rebuilt every ``rebuild_every`` steps from there. Each reset starts
+    (read with ``peek``) and rebuilt every ``rebuild_every`` steps from there. Each reset starts
     exact again, so an episode that writes fewer rows never pays for faiss."""
 
     def __init__(
@@ -304,8 +325,8 @@ class AutoIndex:
         rebuild_every: int = 1000,
         threshold: int = FAISS_MIN_ROWS,
     ) -> None:
-        self.exact, self.peek, self.threshold = ExactIndex(), peek, threshold
-        self.faiss = FaissIndex(rebuild_every)
+        self.exact, self.threshold = ExactIndex(), threshold
+        self.faiss = FaissIndex(peek, rebuild_every)
         self.active: SlotIndex = self.exact
 
     def describe(self) -> str:
@@ -321,10 +342,8 @@ class AutoIndex:
     def update(self, rows: Tensor, values: Tensor) -> None:
         self.active.update(rows, values)
         if self.active is self.exact and self.exact.most_written() >= self.threshold:
-            slots = self.exact.written_slots()
             self.faiss.reset(*self.sizes)
-            self.faiss.update(slots, self.peek(slots))
-            self.faiss.rebuild()
+            self.faiss.adopt(self.exact.written)
             self.active = self.faiss
 
     def candidates(self, keys: Tensor, k: int) -> Tensor:
@@ -344,4 +363,4 @@ def choose_index(
         return ExactIndex()
     if kind == "auto":
         return AutoIndex(peek, rebuild_every)
-    return FaissIndex(rebuild_every)
+    return FaissIndex(peek, rebuild_every)

@@ -49,6 +49,7 @@ class LeastRecentlyUsed:
         self._queue: torch.Tensor | None = None  # [B, capacity] int32
         self._length = 0
         self._block = 0
+        self._first_step = 0
 
     def reset(self, batch_size: int, device: torch.device) -> None:
         """A new episode: nothing accessed (O(slots accessed) once allocated)."""
@@ -62,7 +63,7 @@ class LeastRecentlyUsed:
             stamps.scatter_(1, entries.clamp(min=0), 0)
         self._pointer = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._head = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.time, self._length, self._block = 0, 0, 0
+        self.time, self._length, self._block, self._first_step = 0, 0, 0, 0
 
     @property
     def last_access(self) -> torch.Tensor:
@@ -104,7 +105,7 @@ class LeastRecentlyUsed:
             positions = head.unsqueeze(1) + offsets
             inside = positions < self._length
             entries = queue.gather(1, positions.clamp(max=queue.shape[1] - 1)).long()
-            steps = torch.div(positions, block, rounding_mode="floor")
+            steps = torch.div(positions, block, rounding_mode="floor") + self._first_step
             current = inside & (entries >= 0)
             current &= stamps.gather(1, entries.clamp(min=0)) == steps + 1
             found = current.any(1)
@@ -115,6 +116,26 @@ class LeastRecentlyUsed:
         first = current.long().argmax(1, keepdim=True)
         self._head = torch.where(exhausted, head + first.squeeze(1), head)
         return entries.gather(1, first).squeeze(1)
+
+    def _compact(self) -> None:
+        """Drop the queue's steps that every element's head has passed: their entries are
+        stale (each slot's current entry is at or after the head), so neither the search
+        nor ``reset`` needs them. Keeps the queue to the steps since the least recently
+        used slot's last access, however long the episode."""
+        assert self._queue is not None and self._head is not None
+        if not self._block:
+            return
+        block = self._length // self._block
+        dropped = int(self._head.min()) // block
+        if not dropped:
+            return
+        start = dropped * block
+        kept = self._length - start
+        self._queue[:, :kept] = self._queue[:, start : self._length].clone()
+        self._queue[:, kept : self._length] = NEVER
+        self._head = self._head - start
+        self._length, self._block = kept, self._block - dropped
+        self._first_step += dropped
 
     def update(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Record a step's accesses: ``rows`` ``[B, L]`` (may repeat) with their read or
@@ -131,6 +152,8 @@ class LeastRecentlyUsed:
         repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
         entries = torch.where(accessed.gather(1, order) & ~repeated, ordered, NEVER)
         count = rows.shape[1]
+        if self._length + count > queue.shape[1]:
+            self._compact()
         if self._length + count > queue.shape[1]:
             grown = queue.new_full((queue.shape[0], 2 * queue.shape[1] + count), NEVER)
             grown[:, : self._length] = queue[:, : self._length]
