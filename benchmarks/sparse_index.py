@@ -14,7 +14,8 @@ used one). For each search, in its own process per (N, batch):
                  caller's exact rescoring of the candidates on the live memory
 ``update_ms``    one step's write of 17 rows into the search (topk: none, it reads the
                  memory; faiss flat: overwriting its stored rows; the approximate index:
-                 ``FaissIndex.update``, without its periodic rebuild)
+                 ``FaissIndex.update``, its buffer of recent rows, without its periodic
+                 rebuild)
 ``query_ms_before_rebuild``  the approximate index's query just before its next
                  rebuild, when its exact search over the rows written since the last
                  one is largest (``recent_rows_before_rebuild`` rows an element)
@@ -76,11 +77,10 @@ def worker(spec: dict) -> dict:
         stored = [faiss.rev_swig_ptr(f.get_xb(), slots * word) for f in flats]
         stored = [np.asarray(s).reshape(slots, word) for s in stored]
     elif method == "approximate":
-        index = FaissIndex(rebuild_every=spec["rebuild_every"])
+        index = FaissIndex(lambda wanted: memory[lanes, wanted], spec["rebuild_every"])
         index.reset(batch, slots, word)
-        index.update(torch.arange(slots).expand(batch, -1), memory)
-        start = time.perf_counter()  # the first update only fills the buffer of recent rows
-        index.rebuild()
+        start = time.perf_counter()
+        index.adopt(torch.ones(batch, slots, dtype=torch.bool))  # a rebuild from every row
     build_s = time.perf_counter() - start
 
     def query(step: int) -> torch.Tensor:

@@ -149,17 +149,20 @@ def test_access_steps_match_the_dense_loop_reference():
     assert (last >= 0).all()  # every slot accessed: the queue found the least used
 
 
-def test_least_recently_used_matches_the_loop_reference():
+@pytest.mark.parametrize("steps", [40, 3000])
+def test_least_recently_used_matches_the_loop_reference(steps):
     """Random accesses, some below DELTA, repeated rows; a window of 2 makes both searches
-    move their window."""
+    move their window. Over 3,000 steps (12,000 queue entries an element) the queue drops
+    the steps its heads have passed instead of growing, and a reset still clears every
+    slot accessed."""
     slots, count, batch = 9, 4, 3
     usage = LeastRecentlyUsed(slots, window=2)
     usage.reset(batch, torch.device("cpu"))
     generator = torch.Generator().manual_seed(2)
     last = np.full((batch, slots), NEVER)
-    for step in range(40):
+    for step in range(steps):
         expected = [np_least_recent(last[b]) for b in range(batch)]
-        assert usage.least_recent().tolist() == expected
+        assert usage.least_recent().tolist() == expected, step
         rows = torch.randint(0, slots, (batch, count), generator=generator)
         weights = torch.rand(batch, count, generator=generator, dtype=torch.float64) * 0.01
         usage.update(rows, weights)
@@ -171,29 +174,7 @@ def test_least_recently_used_matches_the_loop_reference():
         assert (
             usage.usage(torch.arange(slots).expand(batch, slots)).tolist() == (step - last).tolist()
         )
-
-
-def test_least_recently_used_keeps_a_bounded_queue_over_a_long_episode():
-    """3,000 steps of 4 accesses (12,000 queue entries an element) on 9 slots: the queue
-    drops the steps its heads have passed instead of growing, the least used slot still
-    matches the loop reference, and a reset clears every slot accessed."""
-    slots, count, batch = 9, 4, 3
-    usage = LeastRecentlyUsed(slots, window=2)
-    usage.reset(batch, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(7)
-    last = np.full((batch, slots), NEVER)
-    for step in range(3000):
-        expected = [np_least_recent(last[b]) for b in range(batch)]
-        assert usage.least_recent().tolist() == expected, step
-        rows = torch.randint(0, slots, (batch, count), generator=generator)
-        weights = torch.rand(batch, count, generator=generator, dtype=torch.float64) * 0.01
-        accessed = usage.update(rows, weights)
-        for b in range(batch):
-            for j in range(count):
-                if accessed[b, j]:
-                    last[b, rows[b, j]] = step
     assert usage._queue.shape[1] <= 2048
-    assert (usage.last_access.numpy() == last).all()
     usage.reset(batch, torch.device("cpu"))
     assert (usage.last_access == NEVER).all()
 
