@@ -207,28 +207,49 @@ def test_reset_clears_only_what_was_touched():
     assert (access.usage.last_access == NEVER).all()
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's smaps")
+def smaps_fields(address):
+    """/proc/self/smaps' fields (kB) of the mapping holding ``address``."""
+    fields = {}
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if not head.endswith(":"):
+            low, high = (int(part, 16) for part in head.split("-"))
+            inside = low <= address < high
+        elif inside and line.endswith(" kB"):
+            fields[head[:-1]] = int(line.split()[1])
+    return fields
+
+
+needs_smaps = pytest.mark.skipif(
+    not Path("/proc/self/smaps").exists(), reason="needs Linux's smaps"
+)
+
+
+@needs_smaps
 def test_zeros_take_ram_only_at_the_pages_written():
     """A 256 MiB buffer of ``access.zeros`` with 16 rows written far apart holds about 16
     pages of 4 KiB (no transparent huge pages), and reading it all adds none."""
     buffer = zeros((8, 2**18, 32), torch.device("cpu"), torch.float32)
     buffer.view(-1, 32)[torch.arange(16) * 2**17] = 1.0
     assert buffer.sum() == 16 * 32
-
-    def mapping(address):
-        fields = {}
-        for line in Path("/proc/self/smaps").read_text().splitlines():
-            head = line.split()[0]
-            if not head.endswith(":"):
-                low, high = (int(part, 16) for part in head.split("-"))
-                inside = low <= address < high
-            elif inside and line.endswith(" kB"):
-                fields[head[:-1]] = int(line.split()[1])
-        return fields
-
-    fields = mapping(buffer.data_ptr())
+    fields = smaps_fields(buffer.data_ptr())
     assert fields["Size"] >= 2**18 and fields["AnonHugePages"] == 0
     assert fields["Rss"] <= 16 * 4 + 8, fields  # kB
+
+
+@needs_smaps
+def test_the_gradient_buffer_keeps_only_the_last_passes_rows_resident():
+    """Four backward passes through gathers of 256 rows an element, each pass's rows on
+    other pages: the gradient buffer holds about one pass's pages, not four."""
+    memory = SparseMemory(2**16, 32)
+    token = memory.reset(2, torch.device("cpu"), torch.float32)
+    for chunk in range(4):
+        rows = (torch.arange(256) * 256 + 32 * chunk).expand(2, -1)
+        values, token = memory.gather(token.detach().requires_grad_(), rows)
+        values.sum().backward()
+        assert memory._grad.view(-1, 32)[memory.flat(rows)].sum().item() == 2 * 256 * 32
+    pages = 2 * 256 * 4  # kB
+    assert smaps_fields(memory._grad.data_ptr())["Rss"] <= pages + 8
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -37,7 +37,9 @@ Bookkeeping, all O(rows touched):
   buffer has moved on) is an error. A state detached from the graph (truncated
   backpropagation) starts a new *segment*; so does a reset.
 - The gradient buffer is shared by the segment's backward passes: each pass first zeroes
-  the rows the previous one left (passes are told apart by the operations' order).
+  the rows the previous one left (passes are told apart by the operations' order); on
+  the CPU it takes a fresh mapping of lazily zeroed pages instead, so what stays resident
+  is one pass's rows, not every row a long episode's passes touched.
   Backward through a segment after the memory has moved on to a new one (a reset, a
   detached state) raises ``MemoryMovedOn``: the gradient buffer then belongs to the new
   segment.
@@ -51,6 +53,8 @@ from typing import Any
 
 import torch
 
+# Whether ``zeros`` can map lazily zeroed pages (not on Windows).
+LAZY_ZEROS = hasattr(mmap, "MAP_PRIVATE")
 # Assignments after which the rows assigned since the reset are merged into distinct rows.
 ASSIGNED_COMPACT_EVERY = 1024
 
@@ -70,7 +74,7 @@ def zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> t
     per touched region instead of a page.
     """
     size = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or size == 0 or not hasattr(mmap, "MAP_PRIVATE"):
+    if device.type != "cpu" or size == 0 or not LAZY_ZEROS:
         return torch.zeros(shape, device=device, dtype=dtype)
     pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
@@ -204,7 +208,11 @@ class SparseMemory:
         if self._grad is None:
             self._grad = zeros(tuple(self.buffer.shape), self.buffer.device, self.buffer.dtype)
         if self._last_backward is None or operation >= self._last_backward:
-            if self._dirty:
+            if self._dirty and LAZY_ZEROS and self._grad.device.type == "cpu":
+                # A fresh mapping: the old one's pages go back to the kernel, so a long
+                # episode's passes, each over other rows, do not make every row resident.
+                self._grad = zeros(tuple(self._grad.shape), self._grad.device, self._grad.dtype)
+            elif self._dirty:
                 self._rows(self._grad).index_fill_(0, torch.cat(self._dirty), 0)
             self._dirty = []
         self._last_backward = operation
