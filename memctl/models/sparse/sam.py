@@ -414,7 +414,10 @@ class SAMConfig(ModelConfig):
         "written 2^17 rows, then faiss)",
     )
     rebuild_every: int = Field(
-        1000, ge=1, description="faiss: steps between rebuilds of the index's lists"
+        1000,
+        ge=1,
+        description="faiss: steps between rebuilds of the index from the live memory (rows "
+        "written between rebuilds are searched exactly)",
     )
     controller_clip: float | None = Field(
         20.0, gt=0, description="clamp the controller output (DeepMind's 20)"
