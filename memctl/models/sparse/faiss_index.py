@@ -63,7 +63,7 @@ from memctl.models.sparse.index import ExactIndex, SlotIndex
 LISTS_PER_SQRT_ROW = 4
 MIN_ROWS_PER_LIST = 39
 # Lists searched per query: at least 256, and 1/16 of them on large indices. On random
-# unit rows of 32 numbers (the hard case: no clusters) recall@4 was 0.91 to 1.0 from
+# unit rows of 32 numbers (the hard case: no clusters) recall@4 was 0.90 to 1.0 from
 # 2^10 rows to 2^20 (benchmarks/sparse_index.json); fewer lists are faster and miss more.
 MIN_PROBES = 256
 PROBE_FRACTION = 1 / 16
@@ -79,9 +79,9 @@ READ_CHUNK = 16_384
 
 # Written rows from which `model.index: auto` switches from the exact search to faiss: from
 # 2^17 rows of a full memory of random unit rows (word 32, 4 heads), the faiss index's
-# query, update and rebuild (amortised over 1,000 steps) took at most half the time of
-# torch.topk over every row, at batch 1 and 8, with recall@4 >= 0.94
-# (benchmarks/sparse_index.json).
+# query, update and rebuild (amortised over 1,000 steps) took at most 0.53 times the time
+# of torch.topk over every row, at batch 1 and 8, with recall@4 >= 0.95; at 2^16 it was
+# slower at batch 1 (benchmarks/sparse_index.json).
 FAISS_MIN_ROWS = 2**17
 
 
