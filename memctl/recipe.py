@@ -97,6 +97,14 @@ class TrainSection(Section):
         "one backward per chunk and one optimizer step per batch; null: the whole sequence. "
         "For tasks scored along the sequence, not only at its end",
     )
+    burn_in: int = Field(
+        0,
+        ge=0,
+        description="at most this many unscored batches before each training batch, their "
+        "number drawn uniformly from 0 to it each step, run without gradient and drawn like "
+        "the batch, which starts from the state they leave (memory and controller): training "
+        "sees the memory as longer sequences leave it",
+    )
 
 
 class CurriculumSection(Section):

@@ -464,9 +464,10 @@ class Trainer:
         batch = self.task.sample(
             train.batch_size, self.data_generator, max_level=high, min_level=low
         ).to(self.device)
+        state = self._burn_in(low, high) if train.burn_in else None
         self.optimizer.zero_grad(set_to_none=True)
         if train.tbptt is None:
-            outputs, _ = self.model(batch.inputs)
+            outputs, _ = self.model(batch.inputs, state)
             loss = self.task.loss(outputs, batch)
             total = loss
             auxiliary = getattr(self.model, "auxiliary_loss", None)
@@ -474,7 +475,7 @@ class Trainer:
                 total = loss + auxiliary(self.task.sequence_losses(outputs, batch).detach())
             total.backward()
         else:
-            outputs, loss = self._truncated_backward(batch, train.tbptt)
+            outputs, loss = self._truncated_backward(batch, train.tbptt, state)
             total = loss
         max_norm = train.clip.norm if train.clip.norm is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
@@ -493,16 +494,34 @@ class Trainer:
         self.curriculum.after_step(self.step)
         return True
 
-    def _truncated_backward(self, batch: Batch, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _burn_in(self, low: int, high: int) -> Any:
+        """The state left by up to ``train.burn_in`` unscored batches (their number drawn
+        uniformly), run one after the other from a fresh state without gradient, each
+        drawn as the training batch is. The draws come after the training batch's, so a
+        recipe without burn-in draws the same training batches."""
+        train = self.recipe.train
+        count = int(torch.randint(train.burn_in + 1, (), generator=self.data_generator))
+        state = None
+        with torch.no_grad():
+            for _ in range(count):
+                inputs = self.task.sample(
+                    train.batch_size, self.data_generator, max_level=high, min_level=low
+                ).inputs.to(self.device)
+                _, state = self.model(inputs, state)
+        return detach_state(state)
+
+    def _truncated_backward(
+        self, batch: Batch, chunk: int, state: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Truncated backpropagation through time: forward and backward chunk by chunk of
-        ``chunk`` time steps, each from the previous chunk's state detached, accumulating
-        the gradients; (every chunk's outputs, detached, and the batch's loss).
+        ``chunk`` time steps, the first from ``state``, each later one from the previous
+        chunk's state detached, accumulating the gradients; (every chunk's outputs, detached, and the batch's loss).
 
         The task's loss is a mean over the scored steps, so a chunk's loss weighted by its
         share of them sums to the batch's loss; with one chunk the weight is exactly 1
         and the gradient is the untruncated one."""
         scored = batch.mask.sum().clamp_min(1)
-        state, outputs, loss = None, [], batch.mask.new_zeros(())
+        outputs, loss = [], batch.mask.new_zeros(())
         for start in range(0, batch.inputs.shape[0], chunk):
             piece = Batch(*(part[start : start + chunk] for part in batch))
             piece_outputs, state = self.model(piece.inputs, state)
