@@ -515,7 +515,8 @@ class Trainer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Truncated backpropagation through time: forward and backward chunk by chunk of
         ``chunk`` time steps, the first from ``state``, each later one from the previous
-        chunk's state detached, accumulating the gradients; (every chunk's outputs, detached, and the batch's loss).
+        chunk's state detached, accumulating the gradients; (every chunk's outputs,
+        detached, and the batch's loss).
 
         The task's loss is a mean over the scored steps, so a chunk's loss weighted by its
         share of them sums to the batch's loss; with one chunk the weight is exactly 1
