@@ -4,8 +4,6 @@ learning smoke test."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -367,14 +365,14 @@ def test_no_python_loop_over_batch_outputs_are_independent_per_sequence():
 @pytest.mark.slow
 def test_fast_weights_learn_associative_retrieval_quickly():
     """Smoke test: on K = 2 pairs the loss falls from chance (ln 10 = 2.30) to near ln 2
-    (the answer is one of the two values) in a few hundred steps, well under a minute."""
+    (the answer is one of the two values) in a few hundred steps."""
     torch.manual_seed(0)
     task = AssociativeRetrievalTask(AssociativeRetrievalConfig(pairs=2))
     config = FastWeightsConfig(hidden=32, attend_current=False)
     model = FastWeightsRNN(config, task.input_size, task.output_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
-    start, losses = time.monotonic(), []
+    losses = []
     for _ in range(300):
         batch = task.sample(64, generator, max_level=2, min_level=2)
         loss = task.loss(model(batch.inputs)[0], batch)
@@ -382,7 +380,6 @@ def test_fast_weights_learn_associative_retrieval_quickly():
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert time.monotonic() - start < 60
     assert np.mean(losses[:10]) > 2.0
     assert np.mean(losses[-20:]) < 0.4 * np.mean(losses[:10])
 
