@@ -461,9 +461,7 @@ class Trainer:
         train = self.recipe.train
         level = self.curriculum.level
         low, high = self.curriculum.batch_levels(self.data_generator)
-        batch = self.task.sample(
-            train.batch_size, self.data_generator, max_level=high, min_level=low
-        ).to(self.device)
+        batch = self._sample(low, high)
         state = self._burn_in(low, high) if train.burn_in else None
         self.optimizer.zero_grad(set_to_none=True)
         if train.tbptt is None:
@@ -494,20 +492,23 @@ class Trainer:
         self.curriculum.after_step(self.step)
         return True
 
+    def _sample(self, low: int, high: int) -> Batch:
+        """A training batch of levels ``low``..``high``, on the device."""
+        return self.task.sample(
+            self.recipe.train.batch_size, self.data_generator, max_level=high, min_level=low
+        ).to(self.device)
+
     def _burn_in(self, low: int, high: int) -> Any:
         """The state left by up to ``train.burn_in`` unscored batches (their number drawn
         uniformly), run one after the other from a fresh state without gradient, each
         drawn as the training batch is. The draws come after the training batch's, so a
         recipe without burn-in draws the same training batches."""
-        train = self.recipe.train
-        count = int(torch.randint(train.burn_in + 1, (), generator=self.data_generator))
+        bound = self.recipe.train.burn_in + 1
+        count = int(torch.randint(bound, (), generator=self.data_generator))
         state = None
         with torch.no_grad():
             for _ in range(count):
-                inputs = self.task.sample(
-                    train.batch_size, self.data_generator, max_level=high, min_level=low
-                ).inputs.to(self.device)
-                _, state = self.model(inputs, state)
+                _, state = self.model(self._sample(low, high).inputs, state)
         return detach_state(state)
 
     def _truncated_backward(
