@@ -276,3 +276,43 @@ def test_reset_clears_what_the_episode_wrote_and_searches_as_a_new_index():
             write(index, memory, rows, values)
         keys = torch.randn(batch, heads, word, generator=generator, dtype=torch.float64)
         assert torch.equal(used.candidates(keys, k), fresh.candidates(keys, k))
+
+
+def test_snapshot_refreshes_and_trains_again_as_the_memory_fills_and_turns_over():
+    """Every rebuild_every steps the rows written since replace their snapshot entries
+    under the lists trained before (a refresh: the faiss index finds a rewritten slot at
+    its new row and not at its old one), and the lists are trained again once an
+    element's rows have doubled since the last training, or as many rows as it saw have
+    been refreshed in since."""
+    generator = torch.Generator().manual_seed(6)
+    slots, word, written = 4_000, 16, 400
+    memory = torch.zeros(1, slots, word)
+    index = FaissIndex(reader(memory), rebuild_every=1)
+    index.reset(1, slots, word)
+    first = torch.arange(written)[None]
+    write(index, memory, first, torch.randn(1, written, word, generator=generator))
+    assert index.trained_rows == written and index.indices[0].nlist == list_count(written)
+    trained = index.indices[0]
+
+    rows = torch.arange(0, 100)[None]  # rewritten: a refresh
+    old = memory[:, :100].clone()
+    write(index, memory, rows, torch.randn(1, 100, word, generator=generator))
+    assert index.indices[0] is trained and index.indices[0].ntotal == written
+    assert index.recent_count.max() == 0
+    found = index.indices[0].search(unit_rows(memory[0, :100]), 1)[1][:, 0]
+    assert (found == rows[0].numpy()).mean() >= 0.9
+    stale = index.indices[0].search(unit_rows(old[0]), 1)[1][:, 0] == rows[0].numpy()
+    assert stale.mean() <= 0.1  # the old rows' entries are gone (before: all found there)
+
+    rows = torch.arange(100, 300)[None]  # 300 of the 400 rows refreshed in: no training yet
+    write(index, memory, rows, torch.randn(1, 200, word, generator=generator))
+    assert index.indices[0] is trained
+    rows = torch.arange(300, 400)[None]  # 400: the memory turned over once
+    write(index, memory, rows, torch.randn(1, 100, word, generator=generator))
+    assert index.indices[0] is not trained and index.trained_rows == written
+    trained = index.indices[0]
+
+    rows = torch.arange(written, 2 * written)[None]  # new rows: 800, twice the training's
+    write(index, memory, rows, torch.randn(1, written, word, generator=generator))
+    assert index.indices[0] is not trained and index.trained_rows == 2 * written
+    assert index.indices[0].nlist == list_count(2 * written) > list_count(written)

@@ -39,7 +39,9 @@ Bookkeeping, all O(rows touched):
 - The gradient buffer is shared by the segment's backward passes: each pass first zeroes
   the rows the previous one left (passes are told apart by the operations' order); on
   the CPU it takes a fresh mapping of lazily zeroed pages instead, so what stays resident
-  is one pass's rows, not every row a long episode's passes touched.
+  is one pass's rows, not every row a long episode's passes touched, and it lets that
+  mapping go when the pass reaches the segment's first operation that autograd tracks
+  (the last whose backward runs), so the next forward does not hold it.
   Backward through a segment after the memory has moved on to a new one (a reset, a
   detached state) raises ``MemoryMovedOn``: the gradient buffer then belongs to the new
   segment.
@@ -116,6 +118,7 @@ class SparseMemory:
         self._token: torch.Tensor | None = None
         self._operations = 0
         self._last_backward: int | None = None
+        self._first_tracked: int | None = None  # the segment's first operation with a backward
 
     @property
     def batch_size(self) -> int:
@@ -137,8 +140,7 @@ class SparseMemory:
             self._rows(self.buffer).index_fill_(0, torch.cat(self._assigned), 0)
         self._assigned = []
         self.version += 1
-        self.segment += 1
-        self._last_backward = None
+        self._new_segment()
         self._token = torch.zeros((), device=device, dtype=dtype)
         return self._token
 
@@ -152,9 +154,13 @@ class SparseMemory:
                 "the latest state or start a new sequence"
             )
         if token is not self._token:
-            self.segment += 1
-            self._last_backward = None
+            self._new_segment()
             self._token = token
+
+    def _new_segment(self) -> None:
+        self.segment += 1
+        self._last_backward = None
+        self._first_tracked = None
 
     def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.view(-1, self.word_size)
@@ -192,8 +198,11 @@ class SparseMemory:
         if len(self._assigned) >= ASSIGNED_COMPACT_EVERY:
             self._assigned = [torch.cat(self._assigned).unique()]
 
-    def _operation(self) -> tuple[int, int]:
+    def _operation(self, tracked: bool) -> tuple[int, int]:
+        """(segment, number) of a new operation; ``tracked``: autograd will run its backward."""
         self._operations += 1
+        if tracked and self._first_tracked is None:
+            self._first_tracked = self._operations
         return self.segment, self._operations
 
     def _begin_backward(self, segment: int, operation: int) -> torch.Tensor:
@@ -218,12 +227,20 @@ class SparseMemory:
         self._last_backward = operation
         return self._grad
 
+    def _end_backward(self, operation: int) -> None:
+        """After ``operation``'s backward: on the CPU, where the pass has reached the
+        segment's first tracked operation, drop the gradient buffer (the next pass maps a
+        fresh one)."""
+        lazy = LAZY_ZEROS and self._grad is not None and self._grad.device.type == "cpu"
+        if lazy and operation == self._first_tracked:
+            self._grad, self._dirty, self._last_backward = None, [], None
+
 
 class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, token: torch.Tensor, memory: SparseMemory, rows: torch.Tensor) -> Any:
         ctx.memory, ctx.flat, ctx.shape = memory, memory.flat(rows), rows.shape
-        ctx.segment, ctx.operation = memory._operation()
+        ctx.segment, ctx.operation = memory._operation(ctx.needs_input_grad[0])
         values = memory._rows(memory.buffer).index_select(0, ctx.flat)
         return values.view(*rows.shape, memory.word_size), torch.zeros_like(token)
 
@@ -233,6 +250,7 @@ class _Gather(torch.autograd.Function):
         grad = memory._begin_backward(ctx.segment, ctx.operation)
         memory._rows(grad).index_add_(0, ctx.flat, grad_values.reshape(-1, memory.word_size))
         memory._dirty.append(ctx.flat)
+        memory._end_backward(ctx.operation)
         return torch.zeros_like(grad_token), None, None
 
 
@@ -246,7 +264,7 @@ class _Assign(torch.autograd.Function):
         values: torch.Tensor,
     ) -> torch.Tensor:
         ctx.memory, ctx.flat, ctx.shape = memory, memory.flat(rows), values.shape
-        ctx.segment, ctx.operation = memory._operation()
+        ctx.segment, ctx.operation = memory._operation(any(ctx.needs_input_grad))
         ctx.first = first_copies(rows).unsqueeze(2)  # [B, J, 1]
         memory._rows(memory.buffer).index_copy_(0, ctx.flat, values.reshape(-1, memory.word_size))
         memory._record_assigned(ctx.flat)
@@ -260,4 +278,5 @@ class _Assign(torch.autograd.Function):
         rows = memory._rows(grad)
         grad_values = rows.index_select(0, ctx.flat).view(ctx.shape) * ctx.first
         rows.index_fill_(0, ctx.flat, 0)
+        memory._end_backward(ctx.operation)
         return torch.zeros_like(grad_token), None, None, grad_values

@@ -29,11 +29,19 @@ element b and head h:
 
 So a step's update touches no faiss structure (O(J) numpy), and the index holds one
 byte per number of every row (a quarter of a float32 copy) with no map from slot to
-entry. Every ``rebuild_every`` steps the index is built again from every written row's
-current value, read from the memory in chunks: the inverted lists' centroids and the
-codes' ranges are trained again (spherical k-means on a sample pooled over the batch,
-shared by the batch's indices) and every row is assigned again, so the lists follow the
-memory as it fills up and changes. The buffer of recent rows empties.
+entry. Every ``rebuild_every`` steps the snapshot takes in the rows written since: it
+is either refreshed or rebuilt, and the buffer of recent rows empties.
+
+- A refresh removes those slots' entries and adds their current rows (the buffer's) under
+  the lists and codes' ranges trained before: O(rows written since) a batch element
+  plus one pass over its inverted lists' ids.
+- A rebuild trains the inverted lists' centroids and the codes' ranges again (spherical
+  k-means on a sample pooled over the batch, shared by the batch's indices) and assigns
+  every written row again at its current value, read from the memory in chunks. It
+  happens at the first snapshot, once an element's rows have doubled since the last
+  training (so the number of lists follows a filling memory), and once as many rows as
+  that training saw have been refreshed in since (so the lists follow a full memory as
+  its contents change).
 
 faiss is imported on first use, so ``import memctl`` does not import it. faiss and torch
 each bring an OpenMP runtime; the ``memctl`` command sets ``OMP_WAIT_POLICY=PASSIVE``
@@ -150,6 +158,8 @@ class FaissIndex:
         self.recent_rows = np.zeros((batch_size, 0, word_size), dtype=np.float32)
         self.recent_count = np.zeros(batch_size, dtype=np.int64)
         self.steps = 0
+        # Rows an element held at the last training, and rows refreshed in since then.
+        self.trained_rows, self.refreshed = 0, 0
 
     def update(self, rows: Tensor, values: Tensor) -> None:
         slots = rows.detach().to("cpu", torch.int64).numpy()
@@ -161,7 +171,36 @@ class FaissIndex:
             self.written[b, batch_slots] = True
         self.steps += 1
         if self.steps % self.rebuild_every == 0:
+            self.take_in()
+
+    def take_in(self) -> None:
+        """Bring the rows written since the snapshot into it: a rebuild when there is no
+        snapshot yet, when an element's snapshot and recent rows together reach twice the
+        rows of the last training, or when the rows refreshed in since it reach that
+        number (the module docstring); else a refresh."""
+        if self.indices[0] is None:
             self.rebuild()
+            return
+        held = max(self.indices[b].ntotal + self.recent_count[b] for b in range(self.batch_size))
+        turned_over = self.refreshed + int(self.recent_count.max()) >= self.trained_rows
+        if held >= 2 * self.trained_rows or turned_over:
+            self.rebuild()
+        else:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Move the rows written since the snapshot into it: their old entries removed,
+        their current rows added under the trained lists and ranges; the buffer of recent
+        rows empties."""
+        for b in range(self.batch_size):
+            count = self.recent_count[b]
+            slots = np.ascontiguousarray(self.recent_slots[b, :count])
+            self.indices[b].remove_ids(slots)
+            self.indices[b].add_with_ids(np.ascontiguousarray(self.recent_rows[b, :count]), slots)
+            self.indexed[b] = np.concatenate([self.indexed[b], slots])  # repeats: for reset
+            self.recent_position[b, slots] = 0
+        self.refreshed += int(self.recent_count.max())
+        self.recent_count[:] = 0
 
     def adopt(self, written: Tensor) -> None:
         """Index a memory written without this index (``written`` ``[B, N]`` bool: the
@@ -222,6 +261,7 @@ class FaissIndex:
         for (b, start), rows in self._contents(slots, READ_CHUNK):
             self.indices[b].add_with_ids(rows, slots[b][start : start + len(rows)])
         self.indexed = slots
+        self.trained_rows, self.refreshed = max(map(len, slots)), 0
         for b in range(self.batch_size):
             self.recent_position[b, self.recent_slots[b, : self.recent_count[b]]] = 0
         self.recent_count[:] = 0

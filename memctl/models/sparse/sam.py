@@ -416,8 +416,9 @@ class SAMConfig(ModelConfig):
     rebuild_every: int = Field(
         1000,
         ge=1,
-        description="faiss: steps between rebuilds of the index from the live memory (rows "
-        "written between rebuilds are searched exactly)",
+        description="faiss: steps between updates of the index's snapshot with the rows "
+        "written since (searched exactly until then); its lists are trained again as the "
+        "memory fills and turns over",
     )
     controller_clip: float | None = Field(
         20.0, gt=0, description="clamp the controller output (DeepMind's 20)"
