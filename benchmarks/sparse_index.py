@@ -17,9 +17,15 @@ used one). For each search, in its own process per (N, batch):
                  ``FaissIndex.update``, its buffer of recent rows, without its periodic
                  rebuild)
 ``query_ms_before_rebuild``  the approximate index's query just before its next
-                 rebuild, when its exact search over the rows written since the last
-                 one is largest (``recent_rows_before_rebuild`` rows an element)
-``step_ms``      query + update + build amortised over ``--rebuild-every`` steps
+                 snapshot update, when its exact search over the rows written since the
+                 last one is largest (``recent_rows_before_rebuild`` rows an element)
+``refresh_s``    the approximate index's snapshot update then (``FaissIndex.refresh``:
+                 those rows' entries replaced under the trained lists)
+``step_ms``      query + update + build amortised over ``--rebuild-every`` steps (a
+                 rebuild at every update)
+``step_ms_refreshed``  the approximate index's query + update + refresh amortised over
+                 ``--rebuild-every`` steps + build amortised over the steps until as
+                 many rows as it holds have been refreshed in (when it trains again)
 ``recall_at_4``  the fraction of the exact top 4 found, over every query timed
 
 Timings are medians of ``--steps`` steps after 2 untimed ones. Results are saved as JSON
@@ -139,7 +145,20 @@ def worker(spec: dict) -> dict:
             query(step)
             full.append(time.perf_counter() - begin)
         result["query_ms_before_rebuild"] = round(1000 * statistics.median(full), 4)
-        result["recent_rows_before_rebuild"] = int(index.recent_count.max())
+        recent = int(index.recent_count.max())
+        result["recent_rows_before_rebuild"] = recent
+        begin = time.perf_counter()
+        index.refresh()
+        refresh_s = time.perf_counter() - begin
+        turnover_steps = spec["rebuild_every"] * slots / recent
+        result["refresh_s"] = round(refresh_s, 4)
+        result["step_ms_refreshed"] = round(
+            query_ms
+            + update_ms
+            + 1000 * refresh_s / spec["rebuild_every"]
+            + 1000 * build_s / turnover_steps,
+            4,
+        )
     return result
 
 

@@ -13,7 +13,9 @@ process:
               and fills up (SAM writes a least-used row each step)
 
 Reported per case: ``step_ms`` (wall seconds per time step over all timed chunks, and
-``chunk_ms`` the chunks' median, first and last), ``rss_before_mb`` (resident memory
+``chunk_ms`` the chunks' median, first and last), ``search_ms`` and ``index_update_ms``
+(the part of ``step_ms`` in the slot index's ``candidates`` and ``update``, the latter
+with the snapshot's refreshes and rebuilds), ``rss_before_mb`` (resident memory
 once the model is built), ``peak_rss_mb`` and ``memory_tensor_mb`` (the ``[B, N, 32]``
 float32 memory). The comparisons: ``long`` step time over ``episodic``'s, and ``long``'s
 peak against ``episodic``'s peak plus twice the memory tensor. The search is
@@ -31,12 +33,27 @@ import json
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from machine import describe_machine, run_in_process
 from sparse_speed import resident_mb
 
 BATCH, WORD, HEADS, K, CONTROLLER, FEATURES = 8, 32, 4, 4, 64, 16
+
+
+def timed(method: Callable, spent: dict[str, float], name: str) -> Callable:
+    """``method``, adding its wall seconds to ``spent[name]``."""
+
+    def run(*args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return method(*args)
+        finally:
+            spent[name] += time.perf_counter() - start
+
+    return run
 
 
 def worker(spec: dict) -> dict:
@@ -57,12 +74,18 @@ def worker(spec: dict) -> dict:
         index=spec["index"],
     )
     model = entry.cls(config, FEATURES, FEATURES)
+    spent = {"candidates": 0.0, "update": 0.0}
+    for access in model.memories:
+        for name in spent:
+            setattr(access.index, name, timed(getattr(access.index, name), spent, name))
     chunk, steps = spec["chunk"], spec["steps"]
     chunks = steps // chunk if spec["case"] == "long" else spec["episodes"]
     before = resident_mb()
     state, times = None, []
     for number in range(chunks + 1):  # the first untimed
         x = torch.randn(chunk, BATCH, FEATURES)
+        if number == 1:
+            spent.update(candidates=0.0, update=0.0)
         start = time.perf_counter()
         output, state = model(x, state if spec["case"] == "long" else None)
         output.square().mean().backward()
@@ -74,6 +97,8 @@ def worker(spec: dict) -> dict:
         "backend": model.describe_backend(BATCH),
         "timed_chunks": len(times),
         "step_ms": round(1000 * sum(times) / (len(times) * chunk), 3),
+        "search_ms": round(1000 * spent["candidates"] / (len(times) * chunk), 3),
+        "index_update_ms": round(1000 * spent["update"] / (len(times) * chunk), 3),
         "chunk_ms": {
             "median": round(1000 * statistics.median(times), 1),
             "first": round(1000 * times[0], 1),
