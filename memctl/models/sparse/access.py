@@ -217,7 +217,7 @@ class SparseMemory:
         if self._grad is None:
             self._grad = zeros(tuple(self.buffer.shape), self.buffer.device, self.buffer.dtype)
         if self._last_backward is None or operation >= self._last_backward:
-            if self._dirty and LAZY_ZEROS and self._grad.device.type == "cpu":
+            if self._dirty and self._lazy_grad():
                 # A fresh mapping: the old one's pages go back to the kernel, so a long
                 # episode's passes, each over other rows, do not make every row resident.
                 self._grad = zeros(tuple(self._grad.shape), self._grad.device, self._grad.dtype)
@@ -227,12 +227,16 @@ class SparseMemory:
         self._last_backward = operation
         return self._grad
 
+    def _lazy_grad(self) -> bool:
+        """Whether the gradient buffer is lazily zeroed pages (on the CPU), so that a fresh
+        one costs nothing until written."""
+        return LAZY_ZEROS and self._grad is not None and self._grad.device.type == "cpu"
+
     def _end_backward(self, operation: int) -> None:
         """After ``operation``'s backward: on the CPU, where the pass has reached the
         segment's first tracked operation, drop the gradient buffer (the next pass maps a
         fresh one)."""
-        lazy = LAZY_ZEROS and self._grad is not None and self._grad.device.type == "cpu"
-        if lazy and operation == self._first_tracked:
+        if operation == self._first_tracked and self._lazy_grad():
             self._grad, self._dirty, self._last_backward = None, [], None
 
 

@@ -198,9 +198,8 @@ class FaissIndex:
             self.indices[b].remove_ids(slots)
             self.indices[b].add_with_ids(np.ascontiguousarray(self.recent_rows[b, :count]), slots)
             self.indexed[b] = np.concatenate([self.indexed[b], slots])  # repeats: for reset
-            self.recent_position[b, slots] = 0
         self.refreshed += int(self.recent_count.max())
-        self.recent_count[:] = 0
+        self._empty_recent()
 
     def adopt(self, written: Tensor) -> None:
         """Index a memory written without this index (``written`` ``[B, N]`` bool: the
@@ -262,6 +261,10 @@ class FaissIndex:
             self.indices[b].add_with_ids(rows, slots[b][start : start + len(rows)])
         self.indexed = slots
         self.trained_rows, self.refreshed = max(map(len, slots)), 0
+        self._empty_recent()
+
+    def _empty_recent(self) -> None:
+        """Empty the buffer of rows written since the snapshot (now in it)."""
         for b in range(self.batch_size):
             self.recent_position[b, self.recent_slots[b, : self.recent_count[b]]] = 0
         self.recent_count[:] = 0
