@@ -237,12 +237,21 @@ def test_zeros_take_ram_only_at_the_pages_written():
     assert fields["Rss"] <= 16 * 4 + 8, fields  # kB
 
 
-def test_a_backward_pass_lets_the_gradient_buffer_go_at_its_end():
-    """Each backward pass ends at its segment's first tracked operation and drops the
-    gradient buffer there (the next pass maps a fresh one), so the next chunk's forward
-    holds none of its pages; each pass's gradients are still whole."""
+def test_a_backward_pass_keeps_a_gradient_of_the_touched_rows_and_lets_it_go_at_its_end():
+    """Each backward pass keeps a gradient buffer of the rows its segment touched (256 of
+    2^16 an element), not of the memory, and drops it at its segment's first tracked
+    operation, so the next chunk's forward holds none of it; each pass's gradients are
+    still whole."""
     memory = SparseMemory(2**16, 32)
     token = memory.reset(2, torch.device("cpu"), torch.float32)
+    end_backward = memory._end_backward
+    held = []
+
+    def record(operation):
+        held.append(tuple(memory._grad.shape))
+        end_backward(operation)
+
+    memory._end_backward = record
     for chunk in range(4):
         weight = torch.ones(1, requires_grad=True)
         rows = (torch.arange(256) * 256 + 32 * chunk).expand(2, -1)
@@ -254,6 +263,7 @@ def test_a_backward_pass_lets_the_gradient_buffer_go_at_its_end():
         (values * (chunk + 1)).sum().backward()
         assert memory._grad is None
         assert weight.grad.item() == 2 * 256 * 32 * (chunk + 1)
+    assert held == [(2 * 256, 32)] * 8
 
 
 @pytest.mark.parametrize("seed", range(4))

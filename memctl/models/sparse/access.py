@@ -12,9 +12,10 @@ one buffer in place, and autograd sees two operations on it, each a
 - ``assign(rows, values)``: overwrite ``rows`` with ``values`` ``[B, J, M]`` (computed in
   plain autograd from gathered rows).
 
-Backward never reads the buffer. It keeps a gradient buffer of the memory's shape:
-``dL/dM`` for the memory as it stood at the point backward has reached, nonzero only on
-touched rows, and the operations' backwards run in reverse time order. ``gather``'s adds
+Backward never reads the buffer. It keeps a gradient buffer of the rows the segment's
+tracked operations touched (``[U, M]``, found with a sorted list of those rows): ``dL/dM``
+for the memory as it stood at the point backward has reached, on those rows (every other
+row's is zero), and the operations' backwards run in reverse time order. ``gather``'s adds
 its rows' gradients into it; ``assign``'s takes its rows' gradients out (they are
 ``dL/d values``) and sets those rows to zero (their earlier contents reach the loss only
 through the gathers before the assignment, whose backwards run next). A token, a 0-d
@@ -23,8 +24,7 @@ order, so autograd runs their backwards in exactly the reverse order. The gather
 that autograd keeps are the journal of old values, and the assigned rows (kept here) the
 journal of writes: so nothing is restored, the buffer holds the sequence's end state
 through and after backward (truncated backpropagation carries it on), and nothing of N
-rows is saved for backward. A row's gradient stays in the gradient buffer from the step
-that last read it back to the step that assigned it, so untouched rows cost nothing.
+rows is saved for backward or allocated by it.
 
 Bookkeeping, all O(rows touched):
 
@@ -36,15 +36,12 @@ Bookkeeping, all O(rows touched):
   made at and the token; a step from a state whose version is not the memory's (the
   buffer has moved on) is an error. A state detached from the graph (truncated
   backpropagation) starts a new *segment*; so does a reset.
-- The gradient buffer is shared by the segment's backward passes: each pass first zeroes
-  the rows the previous one left (passes are told apart by the operations' order); on
-  the CPU it takes a fresh mapping of lazily zeroed pages instead, so what stays resident
-  is one pass's rows, not every row a long episode's passes touched, and it lets that
-  mapping go when the pass reaches the segment's first operation that autograd tracks
-  (the last whose backward runs), so the next forward does not hold it.
-  Backward through a segment after the memory has moved on to a new one (a reset, a
-  detached state) raises ``MemoryMovedOn``: the gradient buffer then belongs to the new
-  segment.
+- Each backward pass makes a fresh gradient buffer over the rows touched so far (passes
+  are told apart by the operations' order) and drops it when it reaches the segment's
+  first operation that autograd tracks (the last whose backward runs), so the next
+  forward holds none of it. Backward through a segment after the memory has moved on to
+  a new one (a reset, a detached state) raises ``MemoryMovedOn``: the gradient buffer
+  then belongs to the new segment.
 """
 
 from __future__ import annotations
@@ -112,9 +109,10 @@ class SparseMemory:
         self.buffer: torch.Tensor | None = None  # [B, N, M]
         self.version = 0
         self.segment = 0
-        self._grad: torch.Tensor | None = None  # [B, N, M], dL/dM during backward
+        self._grad: torch.Tensor | None = None  # [U, M], dL/dM of touched rows in backward
+        self._grad_rows: torch.Tensor | None = None  # [U], the flat rows it holds, sorted
         self._assigned: list[torch.Tensor] = []  # flat rows assigned since reset
-        self._dirty: list[torch.Tensor] = []  # flat rows the gradient buffer may hold
+        self._touched: list[torch.Tensor] = []  # flat rows of the segment's tracked operations
         self._token: torch.Tensor | None = None
         self._operations = 0
         self._last_backward: int | None = None
@@ -135,7 +133,7 @@ class SparseMemory:
             or buffer.device != device
             or buffer.dtype != dtype
         ):
-            self.buffer, self._grad, self._dirty = zeros(shape, device, dtype), None, []
+            self.buffer = zeros(shape, device, dtype)
         elif self._assigned:
             self._rows(self.buffer).index_fill_(0, torch.cat(self._assigned), 0)
         self._assigned = []
@@ -159,8 +157,12 @@ class SparseMemory:
 
     def _new_segment(self) -> None:
         self.segment += 1
-        self._last_backward = None
         self._first_tracked = None
+        self._touched = []
+        self._drop_grad()
+
+    def _drop_grad(self) -> None:
+        self._grad, self._grad_rows, self._last_backward = None, None, None
 
     def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.view(-1, self.word_size)
@@ -191,69 +193,68 @@ class SparseMemory:
         return token
 
     def _record_assigned(self, flat: torch.Tensor) -> None:
-        """Remember rows assigned for ``reset``; every ``ASSIGNED_COMPACT_EVERY`` lists
-        they are merged into one of distinct rows, so a long episode keeps at most the
-        rows it touched (not one list a step)."""
-        self._assigned.append(flat)
-        if len(self._assigned) >= ASSIGNED_COMPACT_EVERY:
-            self._assigned = [torch.cat(self._assigned).unique()]
+        """Remember rows assigned for ``reset``."""
+        _remember(self._assigned, flat)
 
-    def _operation(self, tracked: bool) -> tuple[int, int]:
-        """(segment, number) of a new operation; ``tracked``: autograd will run its backward."""
+    def _operation(self, tracked: bool, flat: torch.Tensor) -> tuple[int, int]:
+        """(segment, number) of a new operation on the flat rows ``flat``; ``tracked``:
+        autograd will run its backward."""
         self._operations += 1
-        if tracked and self._first_tracked is None:
-            self._first_tracked = self._operations
+        if tracked:
+            if self._first_tracked is None:
+                self._first_tracked = self._operations
+            _remember(self._touched, flat)
         return self.segment, self._operations
 
-    def _begin_backward(self, segment: int, operation: int) -> torch.Tensor:
-        """The gradient buffer, clean for a new backward pass."""
+    def _begin_backward(
+        self, segment: int, operation: int, flat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the gradient buffer, clean for a new backward pass, and the positions of the
+        flat rows ``flat`` in it)."""
         if segment != self.segment:
             raise MemoryMovedOn(
                 "sparse memory: backward through steps the memory has moved on from (it was "
                 "reset, or continued from a detached state, since); call backward before the "
                 "next sequence or chunk"
             )
-        assert self.buffer is not None
-        if self._grad is None:
-            self._grad = zeros(tuple(self.buffer.shape), self.buffer.device, self.buffer.dtype)
-        if self._last_backward is None or operation >= self._last_backward:
-            if self._dirty and self._lazy_grad():
-                # A fresh mapping: the old one's pages go back to the kernel, so a long
-                # episode's passes, each over other rows, do not make every row resident.
-                self._grad = zeros(tuple(self._grad.shape), self._grad.device, self._grad.dtype)
-            elif self._dirty:
-                self._rows(self._grad).index_fill_(0, torch.cat(self._dirty), 0)
-            self._dirty = []
+        if self._grad is None or self._last_backward is None or operation >= self._last_backward:
+            assert self.buffer is not None
+            rows = torch.cat(self._touched).unique()
+            self._touched, self._grad_rows = [rows], rows
+            self._grad = self.buffer.new_zeros(len(rows), self.word_size)
         self._last_backward = operation
-        return self._grad
-
-    def _lazy_grad(self) -> bool:
-        """Whether the gradient buffer is lazily zeroed pages (on the CPU), so that a fresh
-        one costs nothing until written."""
-        return LAZY_ZEROS and self._grad is not None and self._grad.device.type == "cpu"
+        assert self._grad_rows is not None
+        return self._grad, torch.searchsorted(self._grad_rows, flat)
 
     def _end_backward(self, operation: int) -> None:
-        """After ``operation``'s backward: on the CPU, where the pass has reached the
-        segment's first tracked operation, drop the gradient buffer (the next pass maps a
-        fresh one)."""
-        if operation == self._first_tracked and self._lazy_grad():
-            self._grad, self._dirty, self._last_backward = None, [], None
+        """After ``operation``'s backward: where the pass has reached the segment's first
+        tracked operation, drop the gradient buffer (the next pass makes a fresh one)."""
+        if operation == self._first_tracked:
+            self._drop_grad()
+
+
+def _remember(lists: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Append ``flat`` rows to ``lists``; every ``ASSIGNED_COMPACT_EVERY`` lists they are
+    merged into one of distinct rows, so a long episode keeps at most the rows it touched
+    (not one list a step)."""
+    lists.append(flat)
+    if len(lists) >= ASSIGNED_COMPACT_EVERY:
+        lists[:] = [torch.cat(lists).unique()]
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, token: torch.Tensor, memory: SparseMemory, rows: torch.Tensor) -> Any:
         ctx.memory, ctx.flat, ctx.shape = memory, memory.flat(rows), rows.shape
-        ctx.segment, ctx.operation = memory._operation(ctx.needs_input_grad[0])
+        ctx.segment, ctx.operation = memory._operation(ctx.needs_input_grad[0], ctx.flat)
         values = memory._rows(memory.buffer).index_select(0, ctx.flat)
         return values.view(*rows.shape, memory.word_size), torch.zeros_like(token)
 
     @staticmethod
     def backward(ctx: Any, grad_values: torch.Tensor, grad_token: torch.Tensor) -> Any:
         memory: SparseMemory = ctx.memory
-        grad = memory._begin_backward(ctx.segment, ctx.operation)
-        memory._rows(grad).index_add_(0, ctx.flat, grad_values.reshape(-1, memory.word_size))
-        memory._dirty.append(ctx.flat)
+        grad, positions = memory._begin_backward(ctx.segment, ctx.operation, ctx.flat)
+        grad.index_add_(0, positions, grad_values.reshape(-1, memory.word_size))
         memory._end_backward(ctx.operation)
         return torch.zeros_like(grad_token), None, None
 
@@ -268,7 +269,7 @@ class _Assign(torch.autograd.Function):
         values: torch.Tensor,
     ) -> torch.Tensor:
         ctx.memory, ctx.flat, ctx.shape = memory, memory.flat(rows), values.shape
-        ctx.segment, ctx.operation = memory._operation(any(ctx.needs_input_grad))
+        ctx.segment, ctx.operation = memory._operation(any(ctx.needs_input_grad), ctx.flat)
         ctx.first = first_copies(rows).unsqueeze(2)  # [B, J, 1]
         memory._rows(memory.buffer).index_copy_(0, ctx.flat, values.reshape(-1, memory.word_size))
         memory._record_assigned(ctx.flat)
@@ -278,9 +279,8 @@ class _Assign(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_token: torch.Tensor) -> Any:
         memory: SparseMemory = ctx.memory
-        grad = memory._begin_backward(ctx.segment, ctx.operation)
-        rows = memory._rows(grad)
-        grad_values = rows.index_select(0, ctx.flat).view(ctx.shape) * ctx.first
-        rows.index_fill_(0, ctx.flat, 0)
+        grad, positions = memory._begin_backward(ctx.segment, ctx.operation, ctx.flat)
+        grad_values = grad.index_select(0, positions).view(ctx.shape) * ctx.first
+        grad.index_fill_(0, positions, 0)
         memory._end_backward(ctx.operation)
         return torch.zeros_like(grad_token), None, None, grad_values
