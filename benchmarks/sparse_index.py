@@ -177,6 +177,11 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        parser.error(
+            f"--methods: unknown {', '.join(sorted(unknown))} (known: {', '.join(METHODS)})"
+        )
     low, high = (int(n) for n in args.log2_slots.split("-"))
     load_before = os.getloadavg()
     results = []
