@@ -54,8 +54,9 @@ import torch
 
 # Whether ``zeros`` can map lazily zeroed pages (not on Windows).
 LAZY_ZEROS = hasattr(mmap, "MAP_PRIVATE")
-# Assignments after which the rows assigned since the reset are merged into distinct rows.
-ASSIGNED_COMPACT_EVERY = 1024
+# Lists of rows (assigned since the reset, touched in the segment) after which they are
+# merged into one of distinct rows.
+COMPACT_EVERY = 1024
 
 
 class MemoryMovedOn(RuntimeError):
@@ -217,13 +218,14 @@ class SparseMemory:
                 "reset, or continued from a detached state, since); call backward before the "
                 "next sequence or chunk"
             )
-        if self._grad is None or self._last_backward is None or operation >= self._last_backward:
+        # The buffer and its rows are made and dropped together with _last_backward.
+        if self._last_backward is None or operation >= self._last_backward:
             assert self.buffer is not None
             rows = torch.cat(self._touched).unique()
             self._touched, self._grad_rows = [rows], rows
             self._grad = self.buffer.new_zeros(len(rows), self.word_size)
         self._last_backward = operation
-        assert self._grad_rows is not None
+        assert self._grad is not None and self._grad_rows is not None
         return self._grad, torch.searchsorted(self._grad_rows, flat)
 
     def _end_backward(self, operation: int) -> None:
@@ -234,11 +236,11 @@ class SparseMemory:
 
 
 def _remember(lists: list[torch.Tensor], flat: torch.Tensor) -> None:
-    """Append ``flat`` rows to ``lists``; every ``ASSIGNED_COMPACT_EVERY`` lists they are
+    """Append ``flat`` rows to ``lists``; every ``COMPACT_EVERY`` lists they are
     merged into one of distinct rows, so a long episode keeps at most the rows it touched
     (not one list a step)."""
     lists.append(flat)
-    if len(lists) >= ASSIGNED_COMPACT_EVERY:
+    if len(lists) >= COMPACT_EVERY:
         lists[:] = [torch.cat(lists).unique()]
 
 
