@@ -179,6 +179,34 @@ def test_least_recently_used_matches_the_loop_reference(steps):
     assert (usage.last_access == NEVER).all()
 
 
+def test_the_access_queue_grows_to_hold_its_current_entries_and_no_further():
+    """More slots accessed than half the first queue (1,024 entries) holds: dropping the
+    stale entries is not enough, so the queue grows, keeping the search exact; over a
+    long episode it stays within about 4 N entries, two int32 numbers each."""
+    slots, count, batch, steps = 600, 8, 2, 2500
+    usage = LeastRecentlyUsed(slots)
+    usage.reset(batch, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(3)
+    last = np.full((batch, slots), NEVER)
+    for step in range(steps):
+        expected = [np_least_recent(last[b]) for b in range(batch)]
+        assert usage.least_recent().tolist() == expected, step
+        rows = torch.randint(0, slots, (batch, count), generator=generator)
+        weights = torch.rand(batch, count, generator=generator, dtype=torch.float64) * 0.02
+        usage.update(rows, weights)
+        for b in range(batch):
+            totals: dict[int, float] = {}
+            for j in range(count):
+                totals[int(rows[b, j])] = totals.get(int(rows[b, j]), 0.0) + float(weights[b, j])
+            for i, total in totals.items():
+                if total > DELTA:
+                    last[b, i] = step
+    assert 1024 < usage._queue.shape[1] <= 4 * (slots + 2 * count)
+    assert usage._queue.dtype == usage._queue_stamps.dtype == torch.int32
+    usage.reset(batch, torch.device("cpu"))
+    assert (usage.last_access == NEVER).all()
+
+
 def test_a_long_episode_keeps_the_assigned_rows_compact_and_reset_clears_them():
     memory = SparseMemory(50, 2)
     token = memory.reset(3, torch.device("cpu"), torch.float64)

@@ -15,13 +15,16 @@ and writes next. Its search touches no O(N) tensor a step:
 - While some slot was never accessed, the least recently used is the lowest such slot: a
   pointer that only moves forward past accessed slots (all slots below it are accessed).
 - After that, an access queue: every step appends its accessed slots, in ascending slot
-  order, at its step's block; an entry is current while its slot's last access is its
+  order, each with its step; an entry is current while its slot's last access is its
   step. The first current entry from the head is the least recently used slot; the head
   moves only past stale entries, each once.
 
 Both searches look at ``window`` entries at a time, so a step costs a few batched ops.
-The queue grows by ``L`` entries a step (``L`` the rows ``update`` is given, the same
-every step of an episode), int32; ``reset`` clears only the slots it names.
+The queue holds two int32 numbers an entry. When it is full its stale entries are
+dropped (each accessed slot keeps exactly one current entry, so at most N are left), and
+it doubles only when that frees less than half of it: at most about 4 N entries an
+element however long the episode, O(1) amortised a step. ``reset`` clears only the
+slots it names.
 """
 
 from __future__ import annotations
@@ -46,10 +49,9 @@ class LeastRecentlyUsed:
         self.time = 0
         self._pointer: torch.Tensor | None = None  # [B]
         self._head: torch.Tensor | None = None  # [B]
-        self._queue: torch.Tensor | None = None  # [B, capacity] int32
+        self._queue: torch.Tensor | None = None  # [B, capacity] int32 slots, NEVER: none
+        self._queue_stamps: torch.Tensor | None = None  # [B, capacity] int32, step + 1
         self._length = 0
-        self._block = 0
-        self._first_step = 0
 
     def reset(self, batch_size: int, device: torch.device) -> None:
         """A new episode: nothing accessed (O(slots accessed) once allocated)."""
@@ -58,12 +60,13 @@ class LeastRecentlyUsed:
         if stamps is None or stamps.shape != shape or stamps.device != device:
             self.stamps = zeros(shape, device, torch.long)
             self._queue = torch.full((batch_size, 1024), NEVER, dtype=torch.int32, device=device)
+            self._queue_stamps = torch.zeros_like(self._queue)
         elif self._length:
             entries = self._queue[:, : self._length].long()
             stamps.scatter_(1, entries.clamp(min=0), 0)
         self._pointer = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._head = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.time, self._length, self._block, self._first_step = 0, 0, 0, 0
+        self.time, self._length = 0, 0
 
     @property
     def last_access(self) -> torch.Tensor:
@@ -95,19 +98,23 @@ class LeastRecentlyUsed:
             return first
         return torch.where(found, first, self._queue_head(~found))
 
+    def _current(self, entries: torch.Tensor, entry_stamps: torch.Tensor) -> torch.Tensor:
+        """Whether each queue entry is its slot's last access, bool of ``entries``' shape."""
+        assert self.stamps is not None
+        held = self.stamps.gather(1, entries.long().clamp(min=0))
+        return (entries >= 0) & (held == entry_stamps.long())
+
     def _queue_head(self, exhausted: torch.Tensor) -> torch.Tensor:
         """The first current queue entry of each batch element in ``exhausted`` ``[B]``."""
-        stamps, head, queue = self.stamps, self._head, self._queue
-        assert stamps is not None and head is not None and queue is not None
-        offsets = torch.arange(self.window, device=stamps.device)
-        block = self._length // max(self._block, 1)
+        head, queue, queue_stamps = self._head, self._queue, self._queue_stamps
+        assert head is not None and queue is not None and queue_stamps is not None
+        offsets = torch.arange(self.window, device=queue.device)
         while True:
             positions = head.unsqueeze(1) + offsets
             inside = positions < self._length
-            entries = queue.gather(1, positions.clamp(max=queue.shape[1] - 1)).long()
-            steps = torch.div(positions, block, rounding_mode="floor") + self._first_step
-            current = inside & (entries >= 0)
-            current &= stamps.gather(1, entries.clamp(min=0)) == steps + 1
+            positions = positions.clamp(max=queue.shape[1] - 1)
+            entries = queue.gather(1, positions)
+            current = inside & self._current(entries, queue_stamps.gather(1, positions))
             found = current.any(1)
             searching = exhausted & ~found & (head + self.window < self._length)
             if not bool(searching.any()):
@@ -115,36 +122,39 @@ class LeastRecentlyUsed:
             head = torch.where(searching, head + self.window, head)
         first = current.long().argmax(1, keepdim=True)
         self._head = torch.where(exhausted, head + first.squeeze(1), head)
-        return entries.gather(1, first).squeeze(1)
+        return entries.gather(1, first).squeeze(1).long()
 
-    def _compact(self) -> None:
-        """Drop the queue's steps that every element's head has passed: their entries are
-        stale (each slot's current entry is at or after the head), so neither the search
-        nor ``reset`` needs them. Keeps the queue to the steps since the least recently
-        used slot's last access, however long the episode."""
-        assert self._queue is not None and self._head is not None
-        if not self._block:
-            return
-        block = self._length // self._block
-        dropped = int(self._head.min()) // block
-        if not dropped:
-            return
-        start = dropped * block
-        kept = self._length - start
-        self._queue[:, :kept] = self._queue[:, start : self._length].clone()
-        self._queue[:, kept : self._length] = NEVER
-        self._head = self._head - start
-        self._length, self._block = kept, self._block - dropped
-        self._first_step += dropped
+    def _make_room(self, count: int) -> None:
+        """Room for ``count`` more entries: the stale entries dropped, each element's
+        current ones kept in order at the front (every entry before a head is stale, so
+        the heads go to 0), and the queue doubled if that leaves it over half full."""
+        queue, queue_stamps = self._queue, self._queue_stamps
+        assert queue is not None and queue_stamps is not None
+        length = self._length
+        current = self._current(queue[:, :length], queue_stamps[:, :length])
+        kept = int(current.sum(1).max())
+        capacity = queue.shape[1]
+        if kept + count > capacity // 2:
+            capacity = 2 * capacity + count
+        # Each current entry to its rank among its element's current ones; the rest to a
+        # sink column past the kept ones, cut off below.
+        positions = torch.where(current, current.long().cumsum(1) - 1, kept)
+        for name, values, fill in (
+            ("_queue", queue, NEVER),
+            ("_queue_stamps", queue_stamps, 0),
+        ):
+            compact = values.new_full((queue.shape[0], capacity + 1), fill)
+            compact.scatter_(1, positions, torch.where(current, values[:, :length], fill))
+            setattr(self, name, compact[:, :capacity])
+        self._length = kept
+        self._head = torch.zeros_like(self._head)
 
     def update(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Record a step's accesses: ``rows`` ``[B, L]`` (may repeat) with their read or
         write ``weights`` ``[B, L]``; a slot is accessed when its weights sum above DELTA.
         Returns that per entry, bool ``[B, L]``."""
-        stamps, queue = self.stamps, self._queue
-        assert stamps is not None and queue is not None
-        if self._block and rows.shape[1] != self._length // self._block:
-            raise ValueError("LeastRecentlyUsed.update: the same number of rows every step")
+        stamps = self.stamps
+        assert stamps is not None
         same = (rows.unsqueeze(2) == rows.unsqueeze(1)).to(weights.dtype)
         accessed = torch.bmm(same, weights.unsqueeze(2)).squeeze(2) > DELTA
         ordered, order = rows.sort(1)
@@ -152,15 +162,13 @@ class LeastRecentlyUsed:
         repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
         entries = torch.where(accessed.gather(1, order) & ~repeated, ordered, NEVER)
         count = rows.shape[1]
-        if self._length + count > queue.shape[1]:
-            self._compact()
-        if self._length + count > queue.shape[1]:
-            grown = queue.new_full((queue.shape[0], 2 * queue.shape[1] + count), NEVER)
-            grown[:, : self._length] = queue[:, : self._length]
-            self._queue = queue = grown
-        queue[:, self._length : self._length + count] = entries
-        self._length += count
-        self._block += 1
+        assert self._queue is not None and self._queue_stamps is not None
+        if self._length + count > self._queue.shape[1]:
+            self._make_room(count)
+        end = self._length + count
+        self._queue[:, self._length : end] = entries
+        self._queue_stamps[:, self._length : end] = self.time + 1
+        self._length = end
         stamped = torch.where(accessed, self.time + 1, stamps.gather(1, rows))
         stamps.scatter_(1, rows, stamped)
         self.time += 1
