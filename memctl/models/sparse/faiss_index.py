@@ -157,6 +157,7 @@ class FaissIndex:
         self.recent_slots = np.zeros((batch_size, 0), dtype=np.int64)
         self.recent_rows = np.zeros((batch_size, 0, word_size), dtype=np.float32)
         self.recent_count = np.zeros(batch_size, dtype=np.int64)
+        self._scores = torch.empty(0, dtype=torch.float32)  # [B * H * capacity], _recent_top
         self.steps = 0
         # Rows an element held at the last training, and rows refreshed in since then.
         self.trained_rows, self.refreshed = 0, 0
@@ -310,15 +311,21 @@ class FaissIndex:
 
     def _recent_top(self, unit_keys: np.ndarray, k: int) -> np.ndarray:
         """The exact top k (or all) of the rows written since the last rebuild, ``[B, H,
-        k]``, -1 where an element has fewer."""
+        k]``, -1 where an element has fewer. The scores go to a buffer kept at the recent
+        buffer's capacity, so a step allocates nothing of the buffer's size (transients of
+        a size that changes every step would fragment the heap of a long episode)."""
         batch, heads, _ = unit_keys.shape
         count = int(self.recent_count.max())
         if count == 0:
             return np.full((batch, heads, k), -1, dtype=np.int64)
-        rows = torch.from_numpy(self.recent_rows[:, :count])
-        scores = torch.bmm(torch.from_numpy(unit_keys), rows.transpose(1, 2))
-        filled = torch.arange(count) < torch.from_numpy(self.recent_count).unsqueeze(1)
-        scores = scores.masked_fill(~filled.unsqueeze(1), -math.inf)
+        size = batch * heads * self.recent_rows.shape[1]
+        if self._scores.numel() < size:
+            self._scores = torch.empty(size, dtype=torch.float32)
+        scores = self._scores[: batch * heads * count].view(batch, heads, count)
+        rows = torch.from_numpy(self.recent_rows)[:, :count]
+        torch.bmm(torch.from_numpy(unit_keys), rows.transpose(1, 2), out=scores)
+        for b in np.flatnonzero(self.recent_count < count):
+            scores[b, :, self.recent_count[b] :] = -math.inf
         top = torch.topk(scores, min(k, count), dim=-1)
         position = top.indices.numpy()
         slots = np.take_along_axis(self.recent_slots[:, None, :count], position, axis=2)
