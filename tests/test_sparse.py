@@ -149,50 +149,19 @@ def test_access_steps_match_the_dense_loop_reference():
     assert (last >= 0).all()  # every slot accessed: the queue found the least used
 
 
-@pytest.mark.parametrize("steps", [40, 3000])
-def test_least_recently_used_matches_the_loop_reference(steps):
-    """Random accesses, some below DELTA, repeated rows; a window of 2 makes both searches
-    move their window. Over 3,000 steps (12,000 queue entries an element) the queue drops
-    the steps its heads have passed instead of growing, and a reset still clears every
-    slot accessed."""
-    slots, count, batch = 9, 4, 3
-    usage = LeastRecentlyUsed(slots, window=2)
+def drive_least_recently_used(slots, count, batch, steps, window, scale, seed):
+    """Random accesses of ``count`` rows a step (repeats; weights up to ``scale``, some
+    below DELTA) against the loop reference at every step: the least recently used slot
+    before the step and every slot's usage after it. Returns the LeastRecentlyUsed."""
+    usage = LeastRecentlyUsed(slots, window=window)
     usage.reset(batch, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(2)
+    generator = torch.Generator().manual_seed(seed)
     last = np.full((batch, slots), NEVER)
     for step in range(steps):
         expected = [np_least_recent(last[b]) for b in range(batch)]
         assert usage.least_recent().tolist() == expected, step
         rows = torch.randint(0, slots, (batch, count), generator=generator)
-        weights = torch.rand(batch, count, generator=generator, dtype=torch.float64) * 0.01
-        usage.update(rows, weights)
-        for b in range(batch):
-            for i in range(slots):
-                total = sum(weights[b, j].item() for j in range(count) if rows[b, j] == i)
-                if total > DELTA:
-                    last[b, i] = step
-        assert (
-            usage.usage(torch.arange(slots).expand(batch, slots)).tolist() == (step - last).tolist()
-        )
-    assert usage._queue.shape[1] <= 2048
-    usage.reset(batch, torch.device("cpu"))
-    assert (usage.last_access == NEVER).all()
-
-
-def test_the_access_queue_grows_to_hold_its_current_entries_and_no_further():
-    """More slots accessed than half the first queue (1,024 entries) holds: dropping the
-    stale entries is not enough, so the queue grows, keeping the search exact; over a
-    long episode it stays within about 4 N entries, two int32 numbers each."""
-    slots, count, batch, steps = 600, 8, 2, 2500
-    usage = LeastRecentlyUsed(slots)
-    usage.reset(batch, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(3)
-    last = np.full((batch, slots), NEVER)
-    for step in range(steps):
-        expected = [np_least_recent(last[b]) for b in range(batch)]
-        assert usage.least_recent().tolist() == expected, step
-        rows = torch.randint(0, slots, (batch, count), generator=generator)
-        weights = torch.rand(batch, count, generator=generator, dtype=torch.float64) * 0.02
+        weights = torch.rand(batch, count, generator=generator, dtype=torch.float64) * scale
         usage.update(rows, weights)
         for b in range(batch):
             totals: dict[int, float] = {}
@@ -201,9 +170,32 @@ def test_the_access_queue_grows_to_hold_its_current_entries_and_no_further():
             for i, total in totals.items():
                 if total > DELTA:
                     last[b, i] = step
+        assert (
+            usage.usage(torch.arange(slots).expand(batch, slots)).tolist() == (step - last).tolist()
+        )
+    return usage
+
+
+@pytest.mark.parametrize("steps", [40, 3000])
+def test_least_recently_used_matches_the_loop_reference(steps):
+    """Random accesses, some below DELTA, repeated rows; a window of 2 makes both searches
+    move their window. Over 3,000 steps (12,000 queue entries an element) the queue drops
+    its stale entries instead of growing, and a reset still clears every slot accessed."""
+    usage = drive_least_recently_used(9, 4, 3, steps, window=2, scale=0.01, seed=2)
+    assert usage._queue.shape[1] == 1024
+    usage.reset(3, torch.device("cpu"))
+    assert (usage.last_access == NEVER).all()
+
+
+def test_the_access_queue_grows_to_hold_its_current_entries_and_no_further():
+    """More slots accessed than half the first queue (1,024 entries) holds: dropping the
+    stale entries is not enough, so the queue grows, keeping the search exact; over a
+    long episode it stays within about 4 N entries, two int32 numbers each."""
+    slots, count = 600, 8
+    usage = drive_least_recently_used(slots, count, 2, 2500, window=64, scale=0.02, seed=3)
     assert 1024 < usage._queue.shape[1] <= 4 * (slots + 2 * count)
     assert usage._queue.dtype == usage._queue_stamps.dtype == torch.int32
-    usage.reset(batch, torch.device("cpu"))
+    usage.reset(2, torch.device("cpu"))
     assert (usage.last_access == NEVER).all()
 
 
