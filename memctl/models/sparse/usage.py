@@ -138,14 +138,13 @@ class LeastRecentlyUsed:
             capacity = 2 * capacity + count
         # Each current entry to its rank among its element's current ones; the rest to a
         # sink column past the kept ones, cut off below.
-        positions = torch.where(current, current.long().cumsum(1) - 1, kept)
-        for name, values, fill in (
-            ("_queue", queue, NEVER),
-            ("_queue_stamps", queue_stamps, 0),
-        ):
-            compact = values.new_full((queue.shape[0], capacity + 1), fill)
-            compact.scatter_(1, positions, torch.where(current, values[:, :length], fill))
-            setattr(self, name, compact[:, :capacity])
+        positions = torch.where(current, current.long().cumsum(1) - 1, capacity)
+
+        def compacted(values: torch.Tensor, fill: int) -> torch.Tensor:
+            kept_values = values.new_full((values.shape[0], capacity + 1), fill)
+            return kept_values.scatter_(1, positions, values[:, :length])[:, :capacity]
+
+        self._queue, self._queue_stamps = compacted(queue, NEVER), compacted(queue_stamps, 0)
         self._length = kept
         self._head = torch.zeros_like(self._head)
 
