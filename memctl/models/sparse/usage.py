@@ -10,7 +10,7 @@ accessed just before the episode (``t + 1`` for steps numbered from 0). The leas
 recently used slot ``argmax_i U_t(i)`` (ties: the lowest slot index) is where SAM erases
 and writes next. Its search touches no O(N) tensor a step:
 
-- ``stamps`` ``[B, N]``: one more than the step of each slot's last access, 0 for never
+- ``stamps`` ``[B, N]`` int32: one more than the step of each slot's last access, 0 for never
   (so the tensor starts as lazily zeroed pages, ``access.zeros``).
 - While some slot was never accessed, the least recently used is the lowest such slot: a
   pointer that only moves forward past accessed slots (all slots below it are accessed).
@@ -45,7 +45,7 @@ class LeastRecentlyUsed:
 
     def __init__(self, num_slots: int, window: int = 64) -> None:
         self.num_slots, self.window = num_slots, window
-        self.stamps: torch.Tensor | None = None  # [B, N] long, last access + 1
+        self.stamps: torch.Tensor | None = None  # [B, N] int32, last access + 1
         self.time = 0
         self._pointer: torch.Tensor | None = None  # [B]
         self._head: torch.Tensor | None = None  # [B]
@@ -58,7 +58,7 @@ class LeastRecentlyUsed:
         shape = (batch_size, self.num_slots)
         stamps = self.stamps
         if stamps is None or stamps.shape != shape or stamps.device != device:
-            self.stamps = zeros(shape, device, torch.long)
+            self.stamps = zeros(shape, device, torch.int32)
             self._queue = torch.full((batch_size, 1024), NEVER, dtype=torch.int32, device=device)
             self._queue_stamps = torch.zeros_like(self._queue)
         elif self._length:
@@ -72,12 +72,12 @@ class LeastRecentlyUsed:
     def last_access(self) -> torch.Tensor:
         """The step of each slot's last access ``[B, N]`` (``NEVER``: none), an O(N) copy."""
         assert self.stamps is not None
-        return self.stamps - 1
+        return self.stamps.long() - 1
 
     def usage(self, rows: torch.Tensor) -> torch.Tensor:
         """``U(i)`` after the last step, for ``rows`` ``[B, J]`` -> long ``[B, J]``."""
         assert self.stamps is not None
-        return self.time - self.stamps.gather(1, rows)
+        return (self.time - self.stamps.gather(1, rows)).long()
 
     def least_recent(self) -> torch.Tensor:
         """The least recently used slot of each batch element ``[B]`` (ties: lowest index)."""
@@ -102,7 +102,7 @@ class LeastRecentlyUsed:
         """Whether each queue entry is its slot's last access, bool of ``entries``' shape."""
         assert self.stamps is not None
         held = self.stamps.gather(1, entries.long().clamp(min=0))
-        return (entries >= 0) & (held == entry_stamps.long())
+        return (entries >= 0) & (held == entry_stamps)
 
     def _queue_head(self, exhausted: torch.Tensor) -> torch.Tensor:
         """The first current queue entry of each batch element in ``exhausted`` ``[B]``."""
