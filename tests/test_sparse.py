@@ -149,11 +149,11 @@ def test_access_steps_match_the_dense_loop_reference():
     assert (last >= 0).all()  # every slot accessed: the queue found the least used
 
 
-def drive_least_recently_used(slots, count, batch, steps, window, scale, seed):
+def drive_least_recently_used(slots, count, batch, steps, window, block, scale, seed):
     """Random accesses of ``count`` rows a step (repeats; weights up to ``scale``, some
     below DELTA) against the loop reference at every step: the least recently used slot
     before the step and every slot's usage after it. Returns the LeastRecentlyUsed."""
-    usage = LeastRecentlyUsed(slots, window=window)
+    usage = LeastRecentlyUsed(slots, window=window, block=block)
     usage.reset(batch, torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
     last = np.full((batch, slots), NEVER)
@@ -180,11 +180,37 @@ def drive_least_recently_used(slots, count, batch, steps, window, scale, seed):
 def test_least_recently_used_matches_the_loop_reference(steps):
     """Random accesses, some below DELTA, repeated rows; a window of 2 makes both searches
     move their window. Over 3,000 steps (12,000 queue entries an element) the queue drops
-    its stale entries instead of growing, and a reset still clears every slot accessed."""
-    usage = drive_least_recently_used(9, 4, 3, steps, window=2, scale=0.01, seed=2)
+    its stale entries instead of growing, 7 entries at a time, and a reset still clears
+    every slot accessed."""
+    usage = drive_least_recently_used(9, 4, 3, steps, window=2, block=7, scale=0.01, seed=2)
     assert usage._queue.shape[1] == 1024
     usage.reset(3, torch.device("cpu"))
     assert (usage.last_access == NEVER).all()
+
+
+def current_entries(usage):
+    """Each batch element's current queue entries, in queue order."""
+    length = usage._length
+    queue, queue_stamps = usage._queue[:, :length], usage._queue_stamps[:, :length]
+    current = usage._current(queue, queue_stamps)
+    return [queue[b][current[b]].tolist() for b in range(len(queue))]
+
+
+def test_dropping_stale_entries_keeps_each_current_one_once_in_order():
+    """Element 0 accesses 3 slots over and over (most entries stale), element 1 a new slot
+    a step (none stale); compacted 4 entries at a time, each keeps its current entries in
+    order at the front, the rest of the kept length holds no entry."""
+    usage = LeastRecentlyUsed(40, window=4, block=4)
+    usage.reset(2, torch.device("cpu"))
+    for step in range(30):
+        rows = torch.tensor([[step % 3], [step]])
+        usage.update(rows, torch.ones(2, 1, dtype=torch.float64))
+    before = current_entries(usage)
+    usage._make_room(1)
+    after = current_entries(usage)
+    assert after == before and after[0] == [0, 1, 2] and after[1] == list(range(30))
+    assert usage._length == 30
+    assert (usage._queue[0, 3:30] == NEVER).all()
 
 
 def test_the_access_queue_grows_to_hold_its_current_entries_and_no_further():
@@ -192,7 +218,9 @@ def test_the_access_queue_grows_to_hold_its_current_entries_and_no_further():
     stale entries is not enough, so the queue grows, keeping the search exact; over a
     long episode it stays within about 4 N entries, two int32 numbers each."""
     slots, count = 600, 8
-    usage = drive_least_recently_used(slots, count, 2, 2500, window=64, scale=0.02, seed=3)
+    usage = drive_least_recently_used(
+        slots, count, 2, 2500, window=64, block=100, scale=0.02, seed=3
+    )
     assert 1024 < usage._queue.shape[1] <= 4 * (slots + 2 * count)
     assert usage._queue.dtype == usage._queue_stamps.dtype == torch.int32
     usage.reset(2, torch.device("cpu"))

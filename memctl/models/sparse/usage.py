@@ -21,7 +21,8 @@ and writes next. Its search touches no O(N) tensor a step:
 
 Both searches look at ``window`` entries at a time, so a step costs a few batched ops.
 The queue holds two int32 numbers an entry. When it is full its stale entries are
-dropped (each accessed slot keeps exactly one current entry, so at most N are left), and
+dropped in place (each accessed slot keeps exactly one current entry, so at most N are
+left; ``block`` entries are looked at a time, so no transient is the queue's size), and
 it doubles only when that frees less than half of it: at most about 4 N entries an
 element however long the episode, O(1) amortised a step. ``reset`` clears only the
 slots it names.
@@ -43,8 +44,8 @@ class LeastRecentlyUsed:
     """Each slot's last access and the least recently used slot of ``num_slots``, per
     batch element."""
 
-    def __init__(self, num_slots: int, window: int = 64) -> None:
-        self.num_slots, self.window = num_slots, window
+    def __init__(self, num_slots: int, window: int = 64, block: int = 16384) -> None:
+        self.num_slots, self.window, self.block = num_slots, window, block
         self.stamps: torch.Tensor | None = None  # [B, N] int32, last access + 1
         self.time = 0
         self._pointer: torch.Tensor | None = None  # [B]
@@ -127,25 +128,35 @@ class LeastRecentlyUsed:
     def _make_room(self, count: int) -> None:
         """Room for ``count`` more entries: the stale entries dropped, each element's
         current ones kept in order at the front (every entry before a head is stale, so
-        the heads go to 0), and the queue doubled if that leaves it over half full."""
+        the heads go to 0), and the queue doubled if that leaves it over half full.
+
+        The compaction runs in place, ``block`` entries at a time: an entry moves to its
+        rank among its element's current ones, never past its own position, so each block
+        is read (copied) before anything is written over it. The transients are a block's
+        size, not the queue's."""
         queue, queue_stamps = self._queue, self._queue_stamps
         assert queue is not None and queue_stamps is not None
-        length = self._length
-        current = self._current(queue[:, :length], queue_stamps[:, :length])
-        kept = int(current.sum(1).max())
-        capacity = queue.shape[1]
-        if kept + count > capacity // 2:
+        batch, capacity = queue.shape
+        kept = torch.zeros(batch, 1, dtype=torch.long, device=queue.device)
+        rows = torch.arange(batch, device=queue.device).unsqueeze(1) * capacity
+        for start in range(0, self._length, self.block):
+            end = min(start + self.block, self._length)
+            entries, entry_stamps = queue[:, start:end].clone(), queue_stamps[:, start:end].clone()
+            current = self._current(entries, entry_stamps)
+            ranks = kept + current.long().cumsum(1) - 1
+            targets = (rows + ranks)[current]
+            queue.view(-1)[targets] = entries[current]
+            queue_stamps.view(-1)[targets] = entry_stamps[current]
+            kept += current.sum(1, keepdim=True)
+        length = int(kept.max())
+        queue[:, :length].masked_fill_(torch.arange(length, device=queue.device) >= kept, NEVER)
+        if length + count > capacity // 2:
             capacity = 2 * capacity + count
-        # Each current entry to its rank among its element's current ones; the rest to a
-        # sink column past the kept ones, cut off below.
-        positions = torch.where(current, current.long().cumsum(1) - 1, capacity)
-
-        def compacted(values: torch.Tensor, fill: int) -> torch.Tensor:
-            kept_values = values.new_full((values.shape[0], capacity + 1), fill)
-            return kept_values.scatter_(1, positions, values[:, :length])[:, :capacity]
-
-        self._queue, self._queue_stamps = compacted(queue, NEVER), compacted(queue_stamps, 0)
-        self._length = kept
+            self._queue = queue.new_full((batch, capacity), NEVER)
+            self._queue_stamps = queue_stamps.new_zeros((batch, capacity))
+            self._queue[:, :length] = queue[:, :length]
+            self._queue_stamps[:, :length] = queue_stamps[:, :length]
+        self._length = length
         self._head = torch.zeros_like(self._head)
 
     def update(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
