@@ -20,9 +20,9 @@ pass, ``peak_rss_mb`` its peak, ``peak_above_before_mb`` the difference (what th
 needed, the touched pages of the N-sized buffers included). The N-sized buffers are the
 arrays with a dimension of N slots that the sparse models keep between steps: the memory
 ``[B, N, 32]`` float32 (its gradient in backward covers the touched rows only), the usage
-stamps ``[B, N]`` int32, the search's
-``[B, N]`` flags (and faiss's ``[B, N]`` int32 positions of recent rows), and for the
-SDNC the link's values and their gradient ``[B, N, 8]`` and its entries ``[B, N, 8]``
+stamps ``[B, N]`` int32, the search's ``[B, N]`` flags (and faiss's ``[B, N]`` int32
+written slots and positions of recent rows), and for the SDNC the link's values and their
+gradient ``[B, N, 8]`` and its entries ``[B, N, 8]``
 int64. They are allocated as lazily zeroed 4 KiB pages without transparent huge pages
 (``access.zeros``), so only the pages holding a touched slot take memory.
 ``n_buffers_mb`` is their full size, ``n_buffers_resident_mb`` the pages of theirs

@@ -4,6 +4,7 @@ brute-force top-k over the live memory."""
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,8 +251,8 @@ def test_importing_memctl_does_not_import_faiss():
 
 def test_reset_clears_what_the_episode_wrote_and_searches_as_a_new_index():
     """A reset of the same sizes clears only the written slots' flags and recent
-    positions (the arrays are reused), and the next episode's candidates are a fresh
-    index's."""
+    positions (the arrays are reused, the written slots listed once each), and the next
+    episode's candidates are a fresh index's."""
     generator = torch.Generator().manual_seed(5)
     batch, slots, word, heads, k = 2, 300, 6, 2, 3
     memories = [torch.zeros(batch, slots, word, dtype=torch.float64) for _ in range(2)]
@@ -261,11 +262,15 @@ def test_reset_clears_what_the_episode_wrote_and_searches_as_a_new_index():
     for _ in range(10):
         rows = torch.randint(0, slots, (batch, 4), generator=generator)
         write(used, first, rows, torch.randn(batch, 4, word, generator=generator).double())
-    arrays = used.written, used.recent_position
+    arrays = used.written, used.recent_position, used.written_slots
     assert used.written.any() and used.recent_position.any()
+    for b in range(batch):
+        listed = used.written_slots[b, : used.written_count[b]]
+        assert sorted(listed) == np.flatnonzero(used.written[b]).tolist()
     used.reset(batch, slots, word)
     fresh.reset(batch, slots, word)
     assert used.written is arrays[0] and used.recent_position is arrays[1]
+    assert used.written_slots is arrays[2] and not used.written_count.any()
     assert not used.written.any() and not used.recent_position.any()
     first.zero_()
     second = memories

@@ -133,24 +133,24 @@ class FaissIndex:
         return "faiss search"
 
     def reset(self, batch_size: int, num_slots: int, word_size: int) -> None:
-        """Empty the index. The two ``[B, N]`` arrays are allocated as lazily zeroed pages
-        (``access.zeros``) when the sizes change, else cleared at the slots written since
-        the last reset (those in the snapshot and those written since it)."""
+        """Empty the index. The three ``[B, N]`` arrays are allocated as lazily zeroed
+        pages (``access.zeros``) when the sizes change, else cleared at the slots written
+        since the last reset (listed in ``written_slots``)."""
         shape = (batch_size, num_slots)
         if self.written is None or self.written.shape != shape:
             cpu = torch.device("cpu")
             self.written = zeros(shape, cpu, torch.bool).numpy()
+            # The slots written since the reset, each once, in the order first written.
+            self.written_slots = zeros(shape, cpu, torch.int32).numpy()
             # Rows written since the last rebuild: 1 + buffer position of each slot (0: none).
             self.recent_position = zeros(shape, cpu, torch.int32).numpy()
         else:
             for b in range(self.batch_size):
-                recent = self.recent_slots[b, : self.recent_count[b]]
-                self.written[b, self.indexed[b]] = False
-                self.written[b, recent] = False
-                self.recent_position[b, recent] = 0
+                self.written[b, self.written_slots[b, : self.written_count[b]]] = False
+                self.recent_position[b, self.recent_slots[b, : self.recent_count[b]]] = 0
         self.batch_size, self.num_slots, self.word_size = batch_size, num_slots, word_size
         self.indices: list[Any] = [None] * batch_size
-        self.indexed: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * batch_size
+        self.written_count = np.zeros(batch_size, dtype=np.int64)
         # Every slot below the cursor is written or in the pool of unwritten slots.
         self.cursor = np.zeros(batch_size, dtype=np.int64)
         self.pool: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * batch_size
@@ -169,7 +169,7 @@ class FaissIndex:
         for b in range(self.batch_size):
             batch_slots, first = np.unique(slots[b, order], return_index=True)
             self._remember(b, batch_slots, unit[b, order[first]])
-            self.written[b, batch_slots] = True
+            self._mark_written(b, batch_slots)
         self.steps += 1
         if self.steps % self.rebuild_every == 0:
             self.take_in()
@@ -198,15 +198,24 @@ class FaissIndex:
             slots = np.ascontiguousarray(self.recent_slots[b, :count])
             self.indices[b].remove_ids(slots)
             self.indices[b].add_with_ids(np.ascontiguousarray(self.recent_rows[b, :count]), slots)
-            self.indexed[b] = np.concatenate([self.indexed[b], slots])  # repeats: for reset
         self.refreshed += int(self.recent_count.max())
         self._empty_recent()
 
     def adopt(self, written: Tensor) -> None:
         """Index a memory written without this index (``written`` ``[B, N]`` bool: the
         slots written since the reset): a rebuild from those slots' live rows."""
-        np.copyto(self.written, written.to("cpu").numpy())
+        written = written.to("cpu").numpy()
+        for b in range(self.batch_size):
+            self._mark_written(b, np.flatnonzero(written[b]))
         self.rebuild()
+
+    def _mark_written(self, b: int, slots: np.ndarray) -> None:
+        """Flag element b's ``slots`` (distinct) written, listing those written first now."""
+        new = slots[~self.written[b, slots]]
+        count = self.written_count[b]
+        self.written_slots[b, count : count + len(new)] = new
+        self.written_count[b] = count + len(new)
+        self.written[b, new] = True
 
     def candidates(self, keys: Tensor, k: int) -> Tensor:
         batch, heads, _ = keys.shape
@@ -237,6 +246,7 @@ class FaissIndex:
         if not any(map(len, slots)):
             return  # nothing written yet: nothing to index
         lists = list_count(max(len(s) for s in slots))
+        self.indices = [None] * self.batch_size  # the old indices freed before the new built
         template = faiss.IndexIVFScalarQuantizer(
             faiss.IndexFlatIP(self.word_size),
             self.word_size,
@@ -260,7 +270,6 @@ class FaissIndex:
         self.indices = [faiss.clone_index(template) for _ in range(self.batch_size)]
         for (b, start), rows in self._contents(slots, READ_CHUNK):
             self.indices[b].add_with_ids(rows, slots[b][start : start + len(rows)])
-        self.indexed = slots
         self.trained_rows, self.refreshed = max(map(len, slots)), 0
         self._empty_recent()
 
