@@ -111,6 +111,36 @@ def test_rebuild_trains_when_one_element_holds_most_rows():
     assert [index.indices[b].ntotal for b in (0, 1)] == [slots, 1]
 
 
+def test_a_rebuild_read_in_blocks_indexes_each_written_row_once_at_its_value(monkeypatch):
+    """Reading the memory a few slots at a time builds the index a single read builds:
+    every written slot once, scored on its current row."""
+    from memctl.models.sparse import faiss_index
+
+    generator = torch.Generator().manual_seed(9)
+    batch, slots, word = 3, 400, 6
+    memory = torch.zeros(batch, slots, word)
+    built = []
+    for chunk in (slots, 7):
+        monkeypatch.setattr(faiss_index, "READ_CHUNK", chunk)
+        index = FaissIndex(reader(memory), rebuild_every=10**6)
+        index.reset(batch, slots, word)
+        generator.manual_seed(9)
+        for _ in range(30):
+            rows = torch.randint(0, slots, (batch, 5), generator=generator)
+            write(index, memory, rows, torch.randn(batch, 5, word, generator=generator))
+        index.rebuild()
+        built.append(index)
+    keys = unit_rows(torch.randn(batch, 2, word, generator=generator))
+    for b in range(batch):
+        whole, blocks = (index.indices[b] for index in built)
+        assert whole.ntotal == blocks.ntotal == built[0].written[b].sum()
+        whole.nprobe = blocks.nprobe = whole.nlist
+        found = [index.search(keys[b], whole.ntotal) for index in (whole, blocks)]
+        assert sorted(found[1][1][0]) == np.flatnonzero(built[0].written[b]).tolist()
+        np.testing.assert_array_equal(found[0][0], found[1][0])
+        np.testing.assert_array_equal(found[0][1], found[1][1])
+
+
 def test_rebuild_before_any_write_builds_nothing():
     index = FaissIndex(reader(torch.zeros(2, 100, 4)), rebuild_every=1)
     index.reset(2, 100, 4)

@@ -81,9 +81,10 @@ TRAIN_ITERATIONS = 10
 # The 8-bit codes span each number's range over the training sample widened by this
 # fraction of it on each side, so that rows outside the sample are rarely clipped.
 CODE_RANGE_MARGIN = 0.2
-# Slots an element a rebuild reads from the memory at a time (the rows of 8 elements, 16 MB
-# at words of 32, where the whole memory may be gigabytes).
-READ_CHUNK = 16_384
+# Slots an element a rebuild reads from the memory at a time (the rows of 8 elements, 4 MB
+# at words of 32, where the whole memory may be gigabytes; a rebuild may run while a
+# chunk's graph is alive, so its transients add to the peak).
+READ_CHUNK = 4096
 
 # Written rows from which `model.index: auto` switches from the exact search to faiss: from
 # 2^17 rows of a full memory of random unit rows (word 32, 4 heads), the faiss index's
@@ -242,10 +243,10 @@ class FaissIndex:
         rows empties."""
         import faiss
 
-        slots = [np.flatnonzero(self.written[b]) for b in range(self.batch_size)]
-        if not any(map(len, slots)):
+        slots = [self.written_slots[b, :count] for b, count in enumerate(self.written_count)]
+        if not self.written_count.any():
             return  # nothing written yet: nothing to index
-        lists = list_count(max(len(s) for s in slots))
+        lists = list_count(int(self.written_count.max()))
         self.indices = [None] * self.batch_size  # the old indices freed before the new built
         template = faiss.IndexIVFScalarQuantizer(
             faiss.IndexFlatIP(self.word_size),
@@ -263,14 +264,14 @@ class FaissIndex:
         template.cp.seed = self.steps
         template.cp.verbose = False
         # Every stride-th row of every element: at least lists * TRAIN_ROWS_PER_LIST rows.
-        stride = max(1, sum(map(len, slots)) // (lists * TRAIN_ROWS_PER_LIST))
+        stride = max(1, int(self.written_count.sum()) // (lists * TRAIN_ROWS_PER_LIST))
         sampled = [s[::stride] for s in slots]
         template.train(np.concatenate([r for _, r in self._contents(sampled)]))
         template.nprobe = probe_count(lists)
         self.indices = [faiss.clone_index(template) for _ in range(self.batch_size)]
         for (b, start), rows in self._contents(slots, READ_CHUNK):
-            self.indices[b].add_with_ids(rows, slots[b][start : start + len(rows)])
-        self.trained_rows, self.refreshed = max(map(len, slots)), 0
+            self.indices[b].add_with_ids(rows, slots[b][start : start + len(rows)].astype(np.int64))
+        self.trained_rows, self.refreshed = int(self.written_count.max()), 0
         self._empty_recent()
 
     def _empty_recent(self) -> None:
@@ -286,14 +287,15 @@ class FaissIndex:
         ``chunk`` slots an element at a time: ((element, first position), rows)."""
         most = max(map(len, slots))
         chunk = chunk or max(most, 1)
-        padded = np.zeros((self.batch_size, most), dtype=np.int64)
-        for b, s in enumerate(slots):
-            padded[b, : len(s)] = s
         for start in range(0, most, chunk):
-            block = unit_rows(self.peek(torch.from_numpy(padded[:, start : start + chunk])))
+            block = np.zeros((self.batch_size, min(chunk, most - start)), dtype=np.int64)
+            for b, s in enumerate(slots):
+                part = s[start : start + chunk]
+                block[b, : len(part)] = part
+            rows = unit_rows(self.peek(torch.from_numpy(block)))
             for b, s in enumerate(slots):
                 if start < len(s):
-                    yield (b, start), block[b, : len(s) - start]
+                    yield (b, start), rows[b, : len(s) - start]
 
     def _remember(self, b: int, slots: np.ndarray, rows: np.ndarray) -> None:
         """Put element b's rows of ``slots`` in the recent buffer (growing it by doubling,
