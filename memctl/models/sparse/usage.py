@@ -23,8 +23,9 @@ Both searches look at ``window`` entries at a time, so a step costs a few batche
 The queue holds two int32 numbers an entry. When it is full its stale entries are
 dropped in place (each accessed slot keeps exactly one current entry, so at most N are
 left; ``block`` entries are looked at a time, so no transient is the queue's size), and
-it doubles only when that frees less than half of it: at most about 4 N entries an
-element however long the episode, O(1) amortised a step. ``reset`` clears only the
+it doubles only when that leaves it over three quarters full: at most about 8 N / 3
+entries an element however long the episode, O(1) amortised a step (a compaction of C
+entries comes after at least C / 4 appended). ``reset`` clears only the
 slots it names.
 """
 
@@ -128,7 +129,8 @@ class LeastRecentlyUsed:
     def _make_room(self, count: int) -> None:
         """Room for ``count`` more entries: the stale entries dropped, each element's
         current ones kept in order at the front (every entry before a head is stale, so
-        the heads go to 0), and the queue doubled if that leaves it over half full.
+        the heads go to 0), and the queue doubled if that leaves it over three quarters
+        full.
 
         The compaction runs in place, ``block`` entries at a time: an entry moves to its
         rank among its element's current ones, never past its own position, so each block
@@ -150,7 +152,7 @@ class LeastRecentlyUsed:
             kept += current.sum(1, keepdim=True)
         length = int(kept.max())
         queue[:, :length].masked_fill_(torch.arange(length, device=queue.device) >= kept, NEVER)
-        if length + count > capacity // 2:
+        if 4 * (length + count) > 3 * capacity:
             capacity = 2 * capacity + count
             self._queue = queue.new_full((batch, capacity), NEVER)
             self._queue_stamps = queue_stamps.new_zeros((batch, capacity))
