@@ -4,9 +4,11 @@ The recipe model ``model.type: sam`` (one LSTM layer of 64, input and output 16,
 8, words of 32, 4 read heads, K = 4) at N = 2^17 slots, two cases, each in its own
 process:
 
-``episodic``  episodes of ``--chunk`` steps (1,000), each from a reset memory, one
-              forward + backward each: what ``train.tbptt: null`` does on sequences of
-              that length
+``episodic``  ``--episodes`` episodes (20) of ``--chunk`` steps (1,000), each from a
+              reset memory, one forward + backward each: what ``train.tbptt: null`` does
+              on sequences of that length. The process's peak grows over the first
+              episodes (the heap's free space between allocations settles) and stays
+              from about the 20th, so that is the peak of training on such episodes
 ``long``      one episode of ``--steps`` steps (100,000) cut into chunks of ``--chunk``,
               each chunk's forward + backward starting from the previous chunk's state
               detached, as ``train.tbptt: 1000`` does: the memory carries across chunks
@@ -110,6 +112,31 @@ def worker(spec: dict) -> dict:
     }
 
 
+def markdown(report: dict) -> str:
+    """The docs' table of a saved run: a row per case, then the two comparisons."""
+    lines = [
+        "| case | step | in the search | in the index's updates | peak memory |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for case, row in report["results"].items():
+        if case == "episodic":
+            what = f"episodic, {row['timed_chunks']} x {row['chunk']:,} steps"
+        else:
+            what = f"long, {row['steps']:,} steps"
+        lines.append(
+            f"| {what} | {row['step_ms']:.3g} ms | {row['search_ms']:.3g} ms"
+            f" | {row['index_update_ms']:.2g} ms | {row['peak_rss_mb']:,} MB |"
+        )
+    if "long_over_episodic_step_time" in report:
+        lines += [
+            "",
+            f"- long over episodic step time: {report['long_over_episodic_step_time']:.2f}",
+            f"- long peak over episodic peak: {report['long_peak_over_episodic_peak_mb']:,} MB"
+            f" (twice the memory tensor: {report['twice_the_memory_tensor_mb']:.0f} MB)",
+        ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -117,10 +144,16 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=2**17, help="N")
     parser.add_argument("--steps", type=int, default=100_000, help="the long episode's T")
     parser.add_argument("--chunk", type=int, default=1000, help="train.tbptt's chunk")
-    parser.add_argument("--episodes", type=int, default=5, help="timed short episodes")
+    parser.add_argument("--episodes", type=int, default=20, help="timed short episodes")
     parser.add_argument("--index", default="faiss", choices=("exact", "faiss", "auto"))
     parser.add_argument("--out", type=Path, default=None, help="save results as JSON")
+    parser.add_argument(
+        "--markdown", type=Path, metavar="JSON", help="print the docs' table of a saved run"
+    )
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return

@@ -49,6 +49,7 @@ from machine import describe_machine, run_in_process
 
 BATCH, STEPS, WORD, HEADS, K, CONTROLLER, FEATURES = 8, 100, 32, 4, 4, 64, 16
 CASES = ("memory", "sam", "sdnc")
+LABELS = {"memory": "memory alone", "sam": "SAM", "sdnc": "SDNC"}
 
 
 def resident_mb() -> float:
@@ -218,6 +219,76 @@ def registered(case: str) -> bool:
     return case in MODELS.names()
 
 
+def megabytes(value: float) -> str:
+    """A size in MB as the docs print it: 3 significant figures below 100, whole above."""
+    return f"{value:,.0f} MB" if value >= 100 else f"{value:.2g} MB"
+
+
+def markdown(report: dict, dense: dict | None = None) -> str:
+    """The docs' table of a saved run: a row per N, the sparse cases' step time and peak
+    above the N-sized buffers, the buffers' size and resident pages, then the ratios
+    between the largest and smallest N and against the dense DNC (this run's, and the
+    forward + backward points of ``dense``, a saved ``dnc_speed.py`` run)."""
+    rows = {(row["case"], row["slots"]): row for row in report["results"] if "error" not in row}
+    cases = [case for case in CASES if any(case == c for c, _ in rows)]
+    sizes = sorted({slots for case, slots in rows if case in cases})
+    header = ["N", "search"]
+    header += [f"{LABELS[case]}: {what}" for case in cases for what in ("step", "above buffers")]
+    header += [
+        f"{LABELS[case]}'s N-sized buffers: size / resident" for case in cases if case != "memory"
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|---:|---|" + "---:|" * (len(header) - 2)]
+    for slots in sizes:
+        cells = [f"2^{slots.bit_length() - 1}", search(slots)]
+        for case in cases:
+            row = rows.get((case, slots))
+            cells += (
+                [f"{row['step_ms']:.3g} ms", megabytes(row["peak_above_buffers_mb"])]
+                if row
+                else ["", ""]
+            )
+        for case in cases:
+            row = rows.get((case, slots))
+            if case != "memory":
+                cells.append(
+                    f"{megabytes(row['n_buffers_mb'])} / {megabytes(row['n_buffers_resident_mb'])}"
+                    if row
+                    else ""
+                )
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    low, high = sizes[0], sizes[-1]
+    for case in cases:
+        if (case, low) in rows and (case, high) in rows:
+            first, last = rows[(case, low)], rows[(case, high)]
+            above = [rows[(case, n)]["peak_above_buffers_mb"] for n in sizes if (case, n) in rows]
+            ratio = last["step_ms"] / first["step_ms"]
+            lines.append(
+                f"- {LABELS[case]}: a step at N = {high:,} took {ratio:.2f} times that at {low:,};"
+                f" peak above the buffers {min(above):.0f} to"
+                f" {max(above):.0f} MB; buffers resident at {high:,}:"
+                f" {megabytes(last['n_buffers_resident_mb'])} of {megabytes(last['n_buffers_mb'])}"
+            )
+    points = [("this run's dense DNC", row) for (case, _), row in rows.items() if case == "dnc"]
+    points += [
+        (f"the dense DNC of the saved run ({row['threads']} threads)", row)
+        for row in (dense or {}).get("results", [])
+        if row.get("case") == "forward_backward" and "seconds" in row
+    ]
+    for where, point in sorted(points, key=lambda item: item[1]["slots"]):
+        for sparse in cases:
+            row = rows.get((sparse, point["slots"]))
+            if row:
+                lines.append(
+                    f"- {where} at N = {point['slots']:,}: {point['seconds']:.3g} s and"
+                    f" {point['peak_rss_mb']:,} MB peak; {LABELS[sparse]}: {row['seconds']:.3g} s"
+                    f" ({point['seconds'] / row['seconds']:.0f} times faster) and"
+                    f" {row['peak_rss_mb']:,} MB ({point['peak_rss_mb'] / row['peak_rss_mb']:.0f}"
+                    " times less)"
+                )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -227,7 +298,17 @@ def main() -> None:
     parser.add_argument("--dense-slots", default="1024", help="the dense DNC's N, comma list")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per point")
     parser.add_argument("--out", type=Path, default=None, help="save results as JSON")
+    parser.add_argument(
+        "--markdown", type=Path, metavar="JSON", help="print the docs' table of a saved run"
+    )
+    parser.add_argument(
+        "--dense", type=Path, metavar="JSON", help="with --markdown: a saved dnc_speed.py run"
+    )
     args = parser.parse_args()
+    if args.markdown:
+        dense = json.loads(args.dense.read_text()) if args.dense else None
+        print(markdown(json.loads(args.markdown.read_text()), dense))
+        return
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return
