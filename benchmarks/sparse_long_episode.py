@@ -22,7 +22,8 @@ once the model is built), ``peak_rss_mb`` and ``memory_tensor_mb`` (the ``[B, N,
 float32 memory). The comparisons: ``long`` step time over ``episodic``'s, and ``long``'s
 peak against ``episodic``'s peak plus twice the memory tensor. The search is
 ``--index`` (faiss by default: ``auto`` stays exact unless an episode writes 2^17 rows,
-which a 100,000-step one does not).
+which a 100,000-step one does not), its snapshot updated every ``--rebuild-every``
+steps (``model.rebuild_every``, 1,000).
 
     OMP_NUM_THREADS=1 python benchmarks/sparse_long_episode.py --threads 1 \\
         --out benchmarks/sparse_long_episode.json
@@ -74,6 +75,7 @@ def worker(spec: dict) -> dict:
         read_heads=HEADS,
         sparse_reads=K,
         index=spec["index"],
+        rebuild_every=spec["rebuild_every"],
     )
     model = entry.cls(config, FEATURES, FEATURES)
     spent = {"candidates": 0.0, "update": 0.0}
@@ -146,6 +148,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1000, help="train.tbptt's chunk")
     parser.add_argument("--episodes", type=int, default=20, help="timed short episodes")
     parser.add_argument("--index", default="faiss", choices=("exact", "faiss", "auto"))
+    parser.add_argument(
+        "--rebuild-every", type=int, default=1000, help="model.rebuild_every: snapshot updates"
+    )
     parser.add_argument("--out", type=Path, default=None, help="save results as JSON")
     parser.add_argument(
         "--markdown", type=Path, metavar="JSON", help="print the docs' table of a saved run"
@@ -161,6 +166,7 @@ def main() -> None:
     for case in ("episodic", "long"):
         spec = dict(case=case, slots=args.slots, steps=args.steps, chunk=args.chunk)
         spec.update(episodes=args.episodes, index=args.index, threads=args.threads)
+        spec.update(rebuild_every=args.rebuild_every)
         results[case] = run_in_process(__file__, spec, 7200)
         print(json.dumps(results[case]), flush=True)
     episodic, long = results["episodic"], results["long"]
