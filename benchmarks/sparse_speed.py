@@ -239,22 +239,18 @@ def markdown(report: dict, dense: dict | None = None) -> str:
     ]
     lines = ["| " + " | ".join(header) + " |", "|---:|---|" + "---:|" * (len(header) - 2)]
     for slots in sizes:
-        cells = [f"2^{slots.bit_length() - 1}", search(slots)]
+        cells, buffers = [f"2^{slots.bit_length() - 1}", search(slots)], []
         for case in cases:
-            row = rows.get((case, slots))
+            row = rows.get((case, slots), {})
             cells += (
                 [f"{row['step_ms']:.3g} ms", megabytes(row["peak_above_buffers_mb"])]
                 if row
                 else ["", ""]
             )
-        for case in cases:
-            row = rows.get((case, slots))
             if case != "memory":
-                cells.append(
-                    f"{megabytes(row['n_buffers_mb'])} / {megabytes(row['n_buffers_resident_mb'])}"
-                    if row
-                    else ""
-                )
+                sizes_mb = (row["n_buffers_mb"], row["n_buffers_resident_mb"]) if row else ()
+                buffers.append(" / ".join(map(megabytes, sizes_mb)))
+        cells += buffers
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     low, high = sizes[0], sizes[-1]
