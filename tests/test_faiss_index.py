@@ -201,6 +201,28 @@ def test_updates_after_rebuild_are_seen():
     assert index.recent_count.max() == 1
 
 
+def test_the_recent_buffer_is_reserved_once_for_a_snapshot_interval():
+    """The first update reserves the rows ``rebuild_every`` steps can write (at most N);
+    no later step copies the buffer to grow it."""
+    generator = torch.Generator().manual_seed(5)
+    batch, slots, word, written = 2, 1_000, 8, 3
+    memory = torch.randn(batch, slots, word, generator=generator)
+    index = FaissIndex(reader(memory), rebuild_every=50)
+    index.reset(batch, slots, word)
+    buffers = []
+    for _ in range(49):
+        rows = torch.randint(0, slots, (batch, written), generator=generator)
+        write(index, memory, rows, torch.randn(batch, written, word, generator=generator))
+        buffers.append((index.recent_rows, index.recent_slots))
+    assert all(rows is buffers[0][0] and slots_ is buffers[0][1] for rows, slots_ in buffers)
+    assert index.recent_rows.shape == (batch, 50 * written, word)
+    assert index.recent_count.max() > 0
+    index = FaissIndex(reader(memory), rebuild_every=10**6)
+    index.reset(batch, slots, word)
+    write(index, memory, torch.arange(written).expand(batch, -1), memory[:, :written])
+    assert index.recent_slots.shape == (batch, slots)
+
+
 def test_snapshot_entries_written_since_are_left_to_the_recent_search():
     """The faiss snapshot still finds a rewritten slot by its old row; the candidates
     leave it out there, so it is found only where its current row ranks it."""

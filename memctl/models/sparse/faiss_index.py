@@ -167,6 +167,7 @@ class FaissIndex:
         slots = rows.detach().to("cpu", torch.int64).numpy()
         unit = unit_rows(values)
         order = np.arange(slots.shape[1])[::-1]  # the last of repeated slots is the new value
+        self._reserve(self.rebuild_every * slots.shape[1])
         for b in range(self.batch_size):
             batch_slots, first = np.unique(slots[b, order], return_index=True)
             self._remember(b, batch_slots, unit[b, order[first]])
@@ -297,22 +298,28 @@ class FaissIndex:
                 if start < len(s):
                     yield (b, start), rows[b, : len(s) - start]
 
+    def _reserve(self, rows: int) -> None:
+        """Room in the recent buffer for ``rows`` rows an element (at most N). ``update``
+        reserves the rows a snapshot interval can write, ``rebuild_every * J``, at the first
+        step, in lazily zeroed pages (``access.zeros``): the buffer takes RAM only for the
+        rows written, and a long episode never copies it to grow it, nor leaves its old
+        copies' gaps in the heap."""
+        capacity, old = min(self.num_slots, rows), self.recent_rows.shape[1]
+        if capacity <= old:
+            return
+        cpu, shape = torch.device("cpu"), (self.batch_size, capacity)
+        rows_grown = zeros((*shape, self.word_size), cpu, torch.float32).numpy()
+        slots_grown = zeros(shape, cpu, torch.int64).numpy()
+        rows_grown[:, :old], slots_grown[:, :old] = self.recent_rows, self.recent_slots
+        self.recent_rows, self.recent_slots = rows_grown, slots_grown
+
     def _remember(self, b: int, slots: np.ndarray, rows: np.ndarray) -> None:
-        """Put element b's rows of ``slots`` in the recent buffer (growing it by doubling,
-        at most to N)."""
+        """Put element b's rows of ``slots`` in the recent buffer."""
         position = self.recent_position[b, slots] - 1
         new = position < 0
         count = self.recent_count[b]
         needed = count + new.sum()
-        capacity = self.recent_rows.shape[1]
-        if needed > capacity:
-            capacity = min(self.num_slots, max(needed, 2 * capacity))
-            shape = (self.batch_size, capacity)
-            rows_grown = np.zeros((*shape, self.word_size), dtype=np.float32)
-            slots_grown = np.zeros(shape, dtype=np.int64)
-            old = self.recent_rows.shape[1]
-            rows_grown[:, :old], slots_grown[:, :old] = self.recent_rows, self.recent_slots
-            self.recent_rows, self.recent_slots = rows_grown, slots_grown
+        self._reserve(needed)
         fresh = np.arange(count, needed)
         position[new] = fresh
         self.recent_position[b, slots[new]] = fresh + 1
@@ -331,7 +338,7 @@ class FaissIndex:
             return np.full((batch, heads, k), -1, dtype=np.int64)
         size = batch * heads * self.recent_rows.shape[1]
         if self._scores.numel() < size:
-            self._scores = torch.empty(size, dtype=torch.float32)
+            self._scores = zeros((size,), torch.device("cpu"), torch.float32)
         scores = self._scores[: batch * heads * count].view(batch, heads, count)
         rows = torch.from_numpy(self.recent_rows)[:, :count]
         torch.bmm(torch.from_numpy(unit_keys), rows.transpose(1, 2), out=scores)
