@@ -154,8 +154,10 @@ class LeastRecentlyUsed:
         queue[:, :length].masked_fill_(torch.arange(length, device=queue.device) >= kept, NEVER)
         if 4 * (length + count) > 3 * capacity:
             capacity = 2 * capacity + count
-            self._queue = queue.new_full((batch, capacity), NEVER)
-            self._queue_stamps = queue_stamps.new_zeros((batch, capacity))
+            # Entries from _length on are never read, so the grown queue is lazily zeroed
+            # pages, outside the heap where a chunk's graph is built and freed.
+            self._queue = zeros((batch, capacity), queue.device, torch.int32)
+            self._queue_stamps = zeros((batch, capacity), queue.device, torch.int32)
             self._queue[:, :length] = queue[:, :length]
             self._queue_stamps[:, :length] = queue_stamps[:, :length]
         self._length = length
