@@ -61,8 +61,8 @@ class LeastRecentlyUsed:
         stamps = self.stamps
         if stamps is None or stamps.shape != shape or stamps.device != device:
             self.stamps = zeros(shape, device, torch.int32)
-            self._queue = torch.full((batch_size, 1024), NEVER, dtype=torch.int32, device=device)
-            self._queue_stamps = torch.zeros_like(self._queue)
+            self._queue = zeros((batch_size, 1024), device, torch.int32)
+            self._queue_stamps = zeros((batch_size, 1024), device, torch.int32)
         elif self._length:
             entries = self._queue[:, : self._length].long()
             stamps.scatter_(1, entries.clamp(min=0), 0)
@@ -154,8 +154,8 @@ class LeastRecentlyUsed:
         queue[:, :length].masked_fill_(torch.arange(length, device=queue.device) >= kept, NEVER)
         if 4 * (length + count) > 3 * capacity:
             capacity = 2 * capacity + count
-            # Entries from _length on are never read, so the grown queue is lazily zeroed
-            # pages, outside the heap where a chunk's graph is built and freed.
+            # Entries from _length on are never read (nor filled): lazily zeroed pages,
+            # outside the heap where a chunk's graph is built and freed.
             self._queue = zeros((batch, capacity), queue.device, torch.int32)
             self._queue_stamps = zeros((batch, capacity), queue.device, torch.int32)
             self._queue[:, :length] = queue[:, :length]
